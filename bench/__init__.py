@@ -1,0 +1,1 @@
+"""Benchmarks of the relay (run them as scripts: ``python bench/ingress.py``)."""

@@ -1,0 +1,370 @@
+"""Ingress throughput: the relay beside two bare aiohttp+Redis handlers, per AOF durability mode.
+
+Runs, for each durability mode of the embedded server (AOF appendfsync everysec and always):
+
+  (a) relay, single requests: PUT /ingress/2.2.1/locations/FR/AB1/{id}, 1.3 KB GIREVE-valid Location
+      (examples/location.json, compact), a different id per request, Bearer token;
+  (b) relay, POST /ingress/2.2.1/batch with --batch-size Location PUTs per request (events/s);
+  (c) bare aiohttp handler, one awaited XADD per request (same body, no validation);
+  (d) bare aiohttp handler, XADDs of concurrent requests coalesced into one pipeline per round trip;
+
+and prints one table with events/s, the ratios and the targets of issue 3: (a) >= 80 % of (d),
+batch >= 40 k events/s.
+
+Method: every server runs in its own process pinned to --server-cpu; the load generator (wrk, one
+thread, --connections keep-alive connections; bench/loadgen.py if wrk is missing) is pinned to
+--load-cpu; the Redis server (relay.embedded_redis.EmbeddedRedis, unix socket, AOF) is pinned to
+the server CPU by default (--redis-cpu). Each run: FLUSHALL, start the server, warm up, count the
+stream entries, measure, wait until writes stop, count again: the check column compares the stored
+entries with the acknowledged events (a 202 must mean stored; requests cut off in flight when the
+generator stops may be stored without their 202 being read, at most one per connection).
+
+Usage: python bench/ingress.py [--duration 10] [--fsync both|always|everysec] [--profile DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+if __package__ in (None, ""):  # run as a script: python bench/ingress.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiohttp
+import redis
+
+from bench._common import (
+    REPO,
+    TOKEN,
+    Server,
+    clean_env,
+    cpu_seconds,
+    free_port,
+    location_body,
+    pin_process,
+    python,
+    reset_redis,
+    settled_entries,
+    start_server,
+)
+from bench._load import LoadResult, PythonLoad, Wrk
+from bench._profile import start_record, summarize
+from relay.embedded_redis import EmbeddedRedis
+
+Fsync = Literal["everysec", "always"]
+RUNS: dict[str, tuple[str, str]] = {
+    # key: (label, load kind)
+    "a": ("(a) relay PUT /locations (single)", "single"),
+    "b": ("(b) relay POST /batch", "batch"),
+    "c": ("(c) bare aiohttp, 1 XADD/request", "single"),
+    "d": ("(d) bare aiohttp, coalesced XADDs", "single"),
+}
+TARGET_RATIO = 0.80
+TARGET_BATCH = 40_000
+
+
+class Load(Protocol):
+    name: str
+
+    def run(self, url: str, kind: str, duration_s: int, tag: str) -> LoadResult: ...
+
+
+@dataclass
+class Row:
+    fsync: str
+    key: str
+    label: str
+    result: LoadResult
+    stored: int
+    in_flight_bound: int
+    server_cpu: float  # fraction of one core during the measurement
+    redis_cpu: float
+    gen_cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.result.events / self.result.seconds if self.result.seconds else 0.0
+
+    @property
+    def req_rate(self) -> float:
+        return (self.result.ok_requests + self.result.other) / self.result.seconds if self.result.seconds else 0.0
+
+    @property
+    def check(self) -> str:
+        extra = self.stored - self.result.events
+        if extra < 0:
+            return f"FAIL: {-extra} acknowledged, not stored"
+        if extra > self.in_flight_bound:
+            return f"FAIL: {extra} stored, not acknowledged"
+        return "ok" if extra == 0 else f"ok (+{extra} in flight)"
+
+    @property
+    def failed(self) -> bool:
+        return self.check.startswith("FAIL")
+
+
+def server_argv(key: str, redis_url: str, port: int, data_dir: Path) -> tuple[list[str], dict[str, str]]:
+    if key in ("a", "b"):
+        env = clean_env(
+            RELAY_REDIS_URL=redis_url,
+            RELAY_INGRESS_LISTEN=f"127.0.0.1:{port}",
+            RELAY_INGRESS_TOKEN=TOKEN,
+            RELAY_OCPI_LISTEN="127.0.0.1:0",
+            RELAY_LOG_LEVEL="warning",
+            RELAY_FORWARDER_ENABLED="false",
+            RELAY_STORAGE_DIR=str(data_dir / "relay-data"),
+        )
+        return [python(), "-m", "relay", "serve", "--config", str(REPO / "config" / "relay.toml")], env
+    mode = "single" if key == "c" else "coalesce"
+    argv = [python(), "-m", "bench.bare", "--mode", mode, "--redis", redis_url, "--port", str(port)]
+    return argv, clean_env()
+
+
+def smoke(url: str, key: str) -> None:
+    """One request before the load: a refused body would make the whole run meaningless."""
+
+    async def go() -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        async with aiohttp.ClientSession() as s:
+            path = "/ingress/2.2.1/locations/FR/AB1/SMOKE1"
+            async with s.put(url + path, data=location_body("SMOKE1"), headers=headers) as resp:
+                return resp.status, await resp.text()
+
+    status, text = asyncio.run(go())
+    if status != 202:
+        raise RuntimeError(f"run {key}: smoke PUT answered {status}: {text[:500]}")
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path, load: Load) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.load = load
+        self.server_cpus = {args.server_cpu}
+        self.load_cpus = {args.load_cpu}
+        self.redis_cpus: set[int] | None = {
+            "server": self.server_cpus,
+            "load": self.load_cpus,
+            "float": None,
+        }[args.redis_cpu]
+        self.profiles: list[Path] = []
+        self.redis_version = "?"
+
+    def run_mode(self, fsync: Fsync) -> list[Row]:
+        server = EmbeddedRedis(self.workdir / f"redis-{fsync}", fsync=fsync)
+        asyncio.run(server.start())
+        try:
+            assert server.proc is not None
+            redis_pid = server.proc.pid
+            if self.redis_cpus is not None:
+                pin_process(redis_pid, self.redis_cpus)
+            client = redis.Redis.from_url(server.url)
+            info = client.info("server")
+            self.redis_version = (
+                f"{info.get('server_name', 'redis')} {info.get('valkey_version', info['redis_version'])}"
+            )
+            if self.args.aof_rewrite == "off":
+                client.config_set("auto-aof-rewrite-percentage", 0)
+            actual = client.config_get("appendfsync")["appendfsync"]
+            assert actual == fsync, f"embedded server runs appendfsync {actual}, wanted {fsync}"
+            rows = []
+            for key in self.args.only:
+                rows.append(self.run_one(fsync, key, client, server.url, redis_pid))
+                print(_row_line(rows[-1]), file=sys.stderr, flush=True)
+            client.close()
+            return rows
+        finally:
+            asyncio.run(server.stop())
+
+    def run_one(self, fsync: Fsync, key: str, client: redis.Redis, redis_url: str, redis_pid: int) -> Row:
+        label, kind = RUNS[key]
+        reset_redis(client)
+        port = free_port()
+        argv, env = server_argv(key, redis_url, port, self.workdir)
+        log = self.workdir / f"server-{fsync}-{key}.log"
+        srv: Server = start_server(label, argv, env, port, log, self.server_cpus)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            smoke(url, key)
+            self.load.run(url, kind, self.args.warmup, "W")
+            before = settled_entries(client)
+            profiler = None
+            if self.args.profile is not None and key in self.args.profile_runs:
+                out = Path(self.args.profile) / f"{'relay' if key in 'ab' else 'bare'}-{fsync}-{key}.txt"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                profiler = start_record(srv.pid, out, self.args.duration, self.load_cpus)
+                self.profiles.append(out)
+                time.sleep(0.3)  # py-spy attaches
+            t0 = time.monotonic()
+            s0, r0 = cpu_seconds(srv.pid), cpu_seconds(redis_pid)
+            result = self.load.run(url, kind, self.args.duration, "M")
+            s1, r1 = cpu_seconds(srv.pid), cpu_seconds(redis_pid)
+            wall = time.monotonic() - t0
+            if profiler is not None:
+                profiler.wait(60)
+            after = settled_entries(client)
+            if srv.proc.poll() is not None:
+                raise RuntimeError(f"{label} died during the run:\n{srv.log_tail()}")
+        finally:
+            srv.stop()
+        bound = self.args.connections * (self.args.batch_size if kind == "batch" else 1)
+        return Row(
+            fsync=fsync,
+            key=key,
+            label=label,
+            result=result,
+            stored=after - before,
+            in_flight_bound=bound,
+            server_cpu=(s1 - s0) / wall,
+            redis_cpu=(r1 - r0) / wall,
+            gen_cpu=result.gen_cpu_s / wall,
+        )
+
+
+def _row_line(r: Row) -> str:
+    res = r.result
+    return (
+        f"{r.fsync:<9} {r.label:<37} {r.rate:>9,.0f} {r.req_rate:>8,.0f} {res.p50_ms:>7.1f} {res.p99_ms:>7.1f} "
+        f"{100 * r.server_cpu:>5.0f}% {100 * r.redis_cpu:>5.0f}% {100 * r.gen_cpu:>5.0f}% "
+        f"{res.events:>10,} {r.stored:>10,} {res.other + res.errors:>6,}  {r.check}"
+    )
+
+
+def _header(args: argparse.Namespace, load: Load, redis_version: str) -> str:
+    import aiohttp as _aiohttp
+    import hiredis
+    import msgspec
+
+    body = len(location_body("M1-1"))
+    redis_where = {
+        "server": f"pinned to CPU {args.server_cpu} with the server",
+        "load": f"pinned to CPU {args.load_cpu}",
+    }
+    lines = [
+        "relay ingress benchmark (bench/ingress.py)",
+        f"  machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}; Python "
+        f"{platform.python_version()}, aiohttp {_aiohttp.__version__}, redis-py {redis.__version__} "
+        f"(hiredis {hiredis.__version__}), msgspec {msgspec.__version__}, {redis_version}",
+        f"  server (relay / bare handler): one process pinned to CPU {args.server_cpu}, default asyncio loop",
+        f"  Redis: embedded server (relay.embedded_redis), unix socket, AOF on, "
+        f"{redis_where.get(args.redis_cpu, 'floating (not pinned)')}; auto AOF rewrite {args.aof_rewrite}",
+        f"  load: {load.name} pinned to CPU {args.load_cpu}, {args.connections} keep-alive connections, "
+        f"warm-up {args.warmup} s, measured {args.duration} s; PUT body {body} B (examples/location.json), "
+        f"batch {args.batch_size} PUTs/request",
+    ]
+    if isinstance(load, PythonLoad):
+        lines.append(
+            "  NOTE: wrk is not installed; the Python aiohttp load generator saturates its core near 8 k req/s,"
+            " so single-request numbers are a floor, not the servers' capacity (apt-get install wrk)."
+        )
+    if args.profile:
+        lines.append(
+            f"  NOTE: py-spy sampled runs {','.join(args.profile_runs)} (on the load CPU): slightly lower numbers"
+        )
+    lines.append(
+        "  check: stream entries added during the measurement vs events acknowledged (202 / batch 'accepted');"
+        " '+N in flight' = stored for requests cut off when the load stopped"
+    )
+    return "\n".join(lines)
+
+
+def _table(rows: list[Row]) -> str:
+    head = (
+        f"{'fsync':<9} {'run':<37} {'events/s':>9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'srvCPU':>6} {'redis':>6} {'load':>6} {'acked':>10} {'stored':>10} {'non2xx':>6}  check"
+    )
+    out = [head, "-" * len(head)]
+    modes = list(dict.fromkeys(r.fsync for r in rows))
+    for mode in modes:
+        out += [_row_line(r) for r in rows if r.fsync == mode]
+        out.append("")
+    out.append("ratios and targets:")
+    for mode in modes:
+        by = {r.key: r for r in rows if r.fsync == mode}
+        parts = [f"  {mode:<9}"]
+        if "a" in by and "d" in by and by["d"].rate:
+            ratio = by["a"].rate / by["d"].rate
+            ok = "PASS" if ratio >= TARGET_RATIO else "MISS"
+            parts.append(f"(a)/(d) = {100 * ratio:.0f} % (target >= {100 * TARGET_RATIO:.0f} %: {ok})")
+        if "c" in by and "d" in by and by["d"].rate:
+            parts.append(f"(c)/(d) = {100 * by['c'].rate / by['d'].rate:.0f} %")
+        if "b" in by:
+            ok = "PASS" if by["b"].rate >= TARGET_BATCH else "MISS"
+            parts.append(f"batch = {by['b'].rate:,.0f} events/s (target >= {TARGET_BATCH:,}: {ok})")
+        out.append("   ".join(parts))
+    for base in ("everysec",):
+        if base in modes and "always" in modes:
+            cost = []
+            for key in "abcd":
+                ev = [r for r in rows if r.key == key and r.fsync == base]
+                al = [r for r in rows if r.key == key and r.fsync == "always"]
+                if ev and al and ev[0].rate:
+                    cost.append(f"{key}: {100 * (1 - al[0].rate / ev[0].rate):+.0f} %")
+            out.append("  cost of appendfsync always vs everysec (throughput lost): " + ", ".join(cost))
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=int, default=10, help="measured seconds per run (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per run (default 2)")
+    p.add_argument("--fsync", choices=["both", "always", "everysec"], default="both")
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=200, help="operations per batch request (default 200)")
+    p.add_argument("--only", default="abcd", help="runs to do, e.g. 'ad' (default abcd)")
+    p.add_argument("--server-cpu", type=int, default=0)
+    p.add_argument("--load-cpu", type=int, default=1)
+    p.add_argument("--redis-cpu", choices=["server", "float", "load"], default="server")
+    p.add_argument("--aof-rewrite", choices=["off", "default"], default="off", help="auto AOF rewrite during runs")
+    p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
+    p.add_argument("--profile", metavar="DIR", help="py-spy record the server during the measured runs into DIR")
+    p.add_argument("--profile-runs", default="ab", help="runs to profile with --profile (default ab)")
+    args = p.parse_args(argv)
+    args.only = [k for k in args.only if k in RUNS]
+    if not args.only:
+        p.error("--only: give some of a, b, c, d")
+    if len(os.sched_getaffinity(0)) < 2 and args.server_cpu == args.load_cpu:
+        print("warning: server and load generator share one CPU", file=sys.stderr)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    modes: list[Fsync] = ["everysec", "always"] if args.fsync == "both" else [args.fsync]
+    with tempfile.TemporaryDirectory(prefix="relay-bench-", dir="/tmp") as tmp:  # short path: unix socket
+        workdir = Path(tmp)
+        load: Load
+        if args.loadgen == "wrk" or (args.loadgen == "auto" and Wrk.available()):
+            wrk = Wrk(workdir, args.connections, args.batch_size, {args.load_cpu})
+            wrk.name = f"{Wrk.version()} (1 thread)"
+            load = wrk
+        else:
+            if args.loadgen == "auto":
+                print("NOTE: wrk not found; falling back to the Python aiohttp load generator", file=sys.stderr)
+            load = PythonLoad(args.connections, args.batch_size, {args.load_cpu})
+        bench = Bench(args, workdir, load)
+        rows: list[Row] = []
+        t0 = time.monotonic()
+        for mode in modes:
+            rows += bench.run_mode(mode)
+        print()
+        print(_header(args, load, bench.redis_version))
+        print(f"  total bench time {time.monotonic() - t0:.0f} s")
+        print()
+        print(_table(rows))
+        for prof in bench.profiles:
+            print()
+            print(summarize(prof))
+    return 1 if any(r.failed for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Settings: defaults → TOML file → ``RELAY_<SECTION>_<KEY>`` env → validation.
+
+Every key of every section can be overridden by an env var named after it in upper case
+(``[redis] url`` → ``RELAY_REDIS_URL``). Secrets are never written in the file itself: each secret
+``X`` has an ``X_file`` companion, and the env var wins over both.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from relay.errors import ConfigError
+
+CiCountry = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")]
+CiParty = Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9]{3}$")]
+Listen = Annotated[str, msgspec.Meta(pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$")]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+Module = Literal["locations", "sessions", "cdrs", "tariffs"]
+MODULES: tuple[Module, ...] = ("locations", "sessions", "cdrs", "tariffs")
+
+
+class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Where events are stored; an empty URL starts the embedded server."""
+
+    url: str = ""
+    shards: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
+    wait_replicas: Annotated[int, msgspec.Meta(ge=0)] = 0
+    wait_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 100
+    socket_timeout_s: PositiveFloat = 5.0
+
+
+class StorageSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Local data directory (embedded server's AOF, local state) and its fsync policy."""
+
+    dir: str = "./data"
+    durability: Literal["always", "everysec"] = "always"
+
+
+class IngressSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The localhost listener the CSMS and operators call."""
+
+    listen: Listen = "127.0.0.1:8780"
+    token: str = ""
+    token_file: str = ""
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
+    max_batch_items: Annotated[int, msgspec.Meta(ge=1)] = 5000
+    profile: Literal["strict", "warn"] = "strict"
+    shutdown_timeout_s: PositiveFloat = 10.0
+
+    def tokens(self) -> tuple[str, ...]:
+        """Accepted bearer tokens; a comma-separated list allows rotation without downtime."""
+        return tuple(t.strip() for t in self.token.split(",") if t.strip())
+
+
+class OcpiSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The listener the IOP calls (used from the "OCPI connection" work on)."""
+
+    listen: Listen = "0.0.0.0:8781"
+    public_url: str = ""
+
+
+class IopSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Identity of the hub and, until a handshake fills them, its URL and token."""
+
+    country_code: CiCountry = "FR"
+    party_id: CiParty = "107"
+    url: str = ""
+    token: str = ""
+    token_file: str = ""
+    connect_timeout_s: PositiveFloat = 5.0
+    request_timeout_s: PositiveFloat = 30.0
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+
+class ForwarderSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Delivery engine tuning (see docs/delivery.md)."""
+
+    enabled: bool = True
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+    read_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 256
+    max_buffered: Annotated[int, msgspec.Meta(ge=1)] = 2048
+    backoff_initial_s: PositiveFloat = 1.0
+    backoff_max_s: PositiveFloat = 300.0
+    max_age_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    on_permanent: Literal["continue", "park"] = "continue"
+    park_modules: list[Module] = []
+    lease_ttl_s: PositiveFloat = 15.0
+    claim_idle_s: PositiveFloat = 120.0
+    link_failure_threshold: Annotated[int, msgspec.Meta(ge=1)] = 5
+    probe_max_s: PositiveFloat = 60.0
+    shutdown_timeout_s: PositiveFloat = 10.0
+
+
+class Operator(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A CPO operator hosted on this platform (T6)."""
+
+    country_code: CiCountry
+    party_id: CiParty
+    emi3_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}\*?[A-Z0-9]{3}$")]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.country_code, self.party_id)
+
+    def evse_id_prefixes(self) -> tuple[str, str]:
+        """eMI3 EVSE ids start with the operator id, with or without the separator star."""
+        compact = self.emi3_id.replace("*", "")
+        return (f"{compact[:2]}*{compact[2:]}*", f"{compact}E")
+
+
+class LogSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Structured logging."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+    redact_fields: list[str] = []
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything the relay reads at start."""
+
+    redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
+    storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
+    ingress: IngressSettings = msgspec.field(default_factory=IngressSettings)
+    ocpi: OcpiSettings = msgspec.field(default_factory=OcpiSettings)
+    iop: IopSettings = msgspec.field(default_factory=IopSettings)
+    forwarder: ForwarderSettings = msgspec.field(default_factory=ForwarderSettings)
+    log: LogSettings = msgspec.field(default_factory=LogSettings)
+    operators: list[Operator] = []
+
+    def serve_problems(self) -> list[str]:
+        """What only serving needs (operator tools such as ``relay dlq`` run without it)."""
+        if not self.ingress.tokens():
+            return ["ingress.token: required (set RELAY_INGRESS_TOKEN or ingress.token_file)"]
+        return []
+
+    def operator(self, country_code: str, party_id: str) -> Operator | None:
+        """The hosted operator with these ids, case-insensitively (OCPI ids are CiStrings)."""
+        cc, pid = country_code.upper(), party_id.upper()
+        for op in self.operators:
+            if op.country_code == cc and op.party_id == pid:
+                return op
+        return None
+
+
+# Secrets: the env var wins, then the *_file companion, then the (discouraged) inline value.
+_SECRETS = {("ingress", "token"), ("iop", "token")}
+_ENV_RE = re.compile(r"^RELAY_([A-Z]+)_([A-Z0-9_]+)$")
+
+
+def _coerce_env(raw: str, current: Any) -> Any:
+    """Env values are strings; give them the shape of the default they replace."""
+    if isinstance(current, bool):
+        word = raw.strip().lower()
+        if word in {"1", "true", "yes", "on"}:
+            return True
+        if word in {"0", "false", "no", "off", ""}:
+            return False
+        return raw  # refused by validation, naming the key, instead of silently meaning False
+    if isinstance(current, int):
+        try:
+            return int(raw)
+        except ValueError:
+            return raw
+    if isinstance(current, float):
+        try:
+            return float(raw)
+        except ValueError:
+            return raw
+    if isinstance(current, list):
+        raw = raw.strip()
+        if raw.startswith("["):
+            return msgspec.json.decode(raw)  # a DecodeError is reported by _apply_env with the var's name
+        return [v.strip() for v in raw.split(",") if v.strip()]
+    return raw
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    defaults = msgspec.to_builtins(Settings())
+    for name, raw in env.items():
+        m = _ENV_RE.match(name)
+        if m is None or name == "RELAY_CONFIG":
+            continue
+        section, key = m.group(1).lower(), m.group(2).lower()
+        try:
+            if section == "operators" and key == "json":
+                data["operators"] = msgspec.json.decode(raw)
+                continue
+            if section not in defaults or not isinstance(defaults[section], dict):
+                continue
+            sect = data.setdefault(section, {})
+            if key not in defaults[section]:
+                raise ConfigError([f"{name}: no such key [{section}] {key}"])
+            sect[key] = _coerce_env(raw, defaults[section][key])
+        except msgspec.DecodeError as exc:
+            raise ConfigError([f"{name}: not valid JSON: {exc}"]) from exc
+
+
+def _read_secret_files(settings: Settings, base: Path, env: Mapping[str, str]) -> list[str]:
+    errors: list[str] = []
+    for section, key in _SECRETS:
+        sect = getattr(settings, section)
+        path = getattr(sect, f"{key}_file")
+        if env.get(f"RELAY_{section.upper()}_{key.upper()}") or not path:
+            continue  # the env var wins over the file, the file over an inline value
+        p = Path(path) if Path(path).is_absolute() else base / path
+        try:
+            lines = p.read_text().strip().splitlines()
+            setattr(sect, key, lines[0].strip() if lines else "")
+        except OSError as exc:
+            errors.append(f"{section}.{key}_file: cannot read {p}: {exc.strerror}")
+    return errors
+
+
+def _validate(s: Settings) -> list[str]:
+    errors: list[str] = []
+    for name, listen in (("ingress.listen", s.ingress.listen), ("ocpi.listen", s.ocpi.listen)):
+        if int(listen.rpartition(":")[2]) > 65535:
+            errors.append(f"{name}: port of {listen!r} is above 65535")
+    if not s.operators:
+        errors.append("operators: at least one hosted operator is required")
+    seen: set[tuple[str, str]] = set()
+    for i, op in enumerate(s.operators):
+        if op.key in seen:
+            errors.append(f"operators[{i}]: duplicate operator {op.country_code}/{op.party_id}")
+        seen.add(op.key)
+        if op.emi3_id.replace("*", "") != op.country_code + op.party_id:
+            errors.append(f"operators[{i}].emi3_id: {op.emi3_id!r} does not match {op.country_code}*{op.party_id}")
+    url = s.redis.url
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        errors.append("redis.url: must start with redis://, rediss://, unix:// (or be empty for the embedded server)")
+    if s.iop.url and not s.iop.url.startswith(("http://", "https://")):
+        errors.append("iop.url: must be an http(s) URL")
+    if bool(s.iop.tls_cert_file) != bool(s.iop.tls_key_file):
+        errors.append("iop.tls_cert_file/tls_key_file: give both or neither")
+    if s.forwarder.backoff_max_s < s.forwarder.backoff_initial_s:
+        errors.append("forwarder.backoff_max_s: must be >= backoff_initial_s")
+    # A reclaim before the longest attempt ends would run one event twice (PITFALLS 5).
+    if s.forwarder.claim_idle_s <= s.iop.request_timeout_s + s.iop.connect_timeout_s:
+        errors.append("forwarder.claim_idle_s: must exceed iop.request_timeout_s + iop.connect_timeout_s")
+    return errors
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from defaults, the TOML file, then RELAY_* env; raise ConfigError naming each bad key."""
+    env = os.environ if env is None else env
+    path = path or env.get("RELAY_CONFIG") or None
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except OSError as exc:
+            raise ConfigError([f"{p}: cannot read: {exc.strerror}"]) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{p}: not valid TOML: {exc}"]) from exc
+        base = p.resolve().parent
+    _apply_env(data, env)
+    try:
+        settings = msgspec.convert(data, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError([_config_path(str(exc))]) from exc
+    errors = _read_secret_files(settings, base, env) + _validate(settings)
+    if errors:
+        raise ConfigError(errors)
+    return settings
+
+
+def _config_path(msg: str) -> str:
+    """Turn msgspec's ``… - at `$.ingress.listen``` into ``ingress.listen: …``."""
+    m = re.search(r" - at `\$\.?(.*)`$", msg)
+    if m is None:
+        return msg
+    return f"{m.group(1) or '(root)'}: {msg[: m.start()]}"

@@ -1,0 +1,38 @@
+"""Errors as values with a kind: invalid input, transient, permanent, store unavailable."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class RelayError(Exception):
+    """Root of every error the relay raises on purpose."""
+
+
+class ConfigError(RelayError):
+    """The configuration is unusable; ``problems`` names each bad key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One reason an event was refused (or warned about): where, which rule, and why."""
+
+    field: str
+    rule: str
+    message: str
+
+
+class InvalidEvent(RelayError, ValueError):
+    """Input that breaks a rule; answered with a 4xx and never stored."""
+
+    def __init__(self, problems: list[Problem], status: int = 422) -> None:
+        super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
+        self.problems = problems
+        self.status = status
+
+
+class StoreUnavailable(RelayError, ConnectionError):
+    """Redis could not take the write; nothing was stored, the caller may retry."""

@@ -1,0 +1,68 @@
+"""The event envelope: what the ingress stores in a stream and the forwarder delivers.
+
+Encoded once with msgpack (array-like, so field names cost nothing per entry). The CSMS's body is
+kept as the exact bytes it sent, after validation, so delivery forwards what the CSMS meant.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Literal
+
+import msgspec
+
+from relay.config import Module
+
+Method = Literal["PUT", "PATCH", "POST", "DELETE"]
+
+
+class Event(msgspec.Struct, array_like=True, kw_only=True, frozen=True):
+    """One CSMS operation accepted for delivery to the IOP."""
+
+    id: str
+    module: Module
+    method: Method
+    country_code: str
+    party_id: str
+    object_id: str
+    evse_uid: str | None = None
+    connector_id: str | None = None
+    key: str
+    correlation_id: str
+    received_at: float
+    body: bytes = b""
+
+    def url_path(self) -> str:
+        """Path below the module endpoint of the IOP's Receiver interface."""
+        if self.module == "cdrs":
+            return ""  # CDRs are POSTed to the endpoint itself
+        parts = [self.country_code, self.party_id, self.object_id]
+        if self.evse_uid is not None:
+            parts.append(self.evse_uid)
+            if self.connector_id is not None:
+                parts.append(self.connector_id)
+        return "/" + "/".join(parts)
+
+    def object_ref(self) -> str:
+        """The object this event updates, finer than its ordering key (an EVSE of a Location…)."""
+        return f"{self.module}{self.url_path() or '/' + self.object_id}"
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Event)
+
+
+def encode(event: Event) -> bytes:
+    """Envelope → bytes for the stream entry."""
+    return _encoder.encode(event)
+
+
+def decode(raw: bytes) -> Event:
+    """Stream entry bytes → envelope."""
+    return _decoder.decode(raw)
+
+
+def new_event_id() -> str:
+    """A sortable, unique id: milliseconds then 64 random bits, 28 hex characters."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(8).hex()}"

@@ -1,0 +1,468 @@
+"""The delivery engine: shard leases, consumer-group readers, one ordered runner per object.
+
+Data path: shard streams → per-key queues (bounded) → Link slot → OcpiClient → classify →
+ack / retry / dead letter. See docs/delivery.md for the design and its guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import structlog
+from redis.exceptions import RedisError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result
+
+from relay import constants as K
+from relay import metrics
+from relay.config import MODULES, Settings
+from relay.link import Link
+from relay.ocpi_client import NotConfigured, OcpiClient
+from relay.retry import Kind, Outcome, backoff_s, classify
+from relay.store import DeliveryStore, Entry, Store, id_tuple, is_nogroup
+
+log = structlog.get_logger(__name__)
+_info_encoder = msgspec.msgpack.Encoder()
+
+
+class Abandon(Exception):
+    """Stop working on an entry without acknowledging it (stopping, or the shard lease was lost)."""
+
+
+@dataclass
+class _Shard:
+    """What this replica holds for one shard it owns."""
+
+    index: int
+    dirty: bool  # taken over from a replica that did not hand it back cleanly
+    queues: dict[tuple[str, str], deque[Entry]] = field(default_factory=dict)
+    runners: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
+    reader: asyncio.Task[None] | None = None
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Attempts:
+    count: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
+    last: Outcome | None = None
+
+
+def default_replica_id() -> str:
+    """Unique per process: a restarted process is a new consumer (its predecessor's work is reclaimed)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+class Forwarder:
+    """Delivers every stream entry of the shards this replica owns, in order per ordering key."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        client: OcpiClient,
+        link: Link,
+        *,
+        replica_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.cfg = settings.forwarder
+        self.store = store
+        self.ds = DeliveryStore(store)
+        self.client = client
+        self.link = link
+        self.me = replica_id or default_replica_id()
+        self.clock = clock
+        self.shards: dict[int, _Shard] = {}
+        self._buffered = 0
+        self._room = asyncio.Condition()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ttl_ms = int(self.cfg.lease_ttl_s * 1000)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load scripts and start the lease loop (which starts shard readers)."""
+        await self.ds.load_scripts()
+        self._tasks.append(asyncio.create_task(self._lease_loop(), name="relay-leases"))
+        log.info("forwarder_started", replica=self.me, concurrency=self.cfg.concurrency)
+
+    async def stop(self) -> None:
+        """Stop reading, let in-flight attempts finish within the deadline, hand shards back.
+
+        Failure policy: nothing is acknowledged that was not delivered or dead-lettered; events
+        waiting in a backoff or in memory stay pending in Redis and the next owner resumes them.
+        """
+        self._stopping.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        runners = [r for s in self.shards.values() for r in s.runners.values()]
+        readers = [s.reader for s in self.shards.values() if s.reader is not None]
+        for r in readers:
+            r.cancel()
+        if runners:
+            _, pending = await asyncio.wait(runners, timeout=self.cfg.shutdown_timeout_s)
+            for r in pending:
+                r.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*readers, return_exceptions=True)
+        for index in list(self.shards):
+            with contextlib.suppress(RedisError, OSError):
+                await self.ds.release(index, self.me, self._ttl_ms)
+        self.shards.clear()
+        with contextlib.suppress(RedisError, OSError):
+            await self.ds.leave(self.me)
+        metrics.SHARDS_OWNED.set(0)
+        log.info("forwarder_stopped", replica=self.me)
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        """Hold a fair share of the shards: renew ours, take free ones, hand back extras."""
+        interval = self.cfg.lease_ttl_s / 3
+        renewed_at = time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                await self._lease_round()
+                await self._sync_link()
+                renewed_at = time.monotonic()
+            except (RedisError, OSError) as exc:
+                metrics.REDIS_ERRORS.labels(op="lease").inc()
+                log.warning("lease_round_failed", error=str(exc))
+                # Without Redis we cannot know whether we still own our shards: stop working on
+                # them before the leases can have expired, so no other replica overlaps with us.
+                if time.monotonic() - renewed_at > self.cfg.lease_ttl_s * 0.7:
+                    for index in list(self.shards):
+                        self._lose(index, "redis unreachable")
+            metrics.SHARDS_OWNED.set(len(self.shards))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+
+    async def _sync_link(self) -> None:
+        """Publish our link state for `relay status`; obey an operator's `relay link resume`."""
+        resume_at = await self.ds.link_sync(self.me, self.link.state, self.link.reason, self.link.since)
+        if resume_at is not None and resume_at > self.link.since and self.link.state in ("auth_failed", "paused"):
+            await self.link.resume("operator resumed the link")
+
+    async def _lease_round(self) -> None:
+        alive = await self.ds.heartbeat(self.me, int(self.clock() * 1000), self._ttl_ms * 2)
+        total = self.store.shards
+        fair = math.ceil(total / max(1, alive))
+        for index in list(self.shards):
+            if not await self.ds.renew(index, self.me, self._ttl_ms):
+                self._lose(index, "lease lost")
+        # Start the scan at a replica-specific offset so replicas do not race for the same shard.
+        offset = hash(self.me) % total
+        for i in range(total):
+            index = (offset + i) % total
+            if len(self.shards) >= fair:
+                break
+            if index in self.shards:
+                continue
+            previous = await self.ds.acquire(index, self.me, self._ttl_ms)
+            if previous is not None:
+                self._own(index, dirty=not previous.startswith("free:"))
+        if len(self.shards) > fair:
+            await self._hand_back(max(self.shards))
+
+    def _own(self, index: int, *, dirty: bool) -> None:
+        shard = _Shard(index=index, dirty=dirty)
+        self.shards[index] = shard
+        shard.reader = asyncio.create_task(self._read_loop(shard), name=f"relay-shard-{index}")
+        log.info("shard_acquired", shard=index, replica=self.me, takeover=dirty)
+
+    def _lose(self, index: int, reason: str) -> None:
+        shard = self.shards.pop(index, None)
+        if shard is None:
+            return
+        shard.lost.set()
+        if shard.reader is not None:
+            shard.reader.cancel()
+        for r in shard.runners.values():
+            r.cancel()
+        log.warning("shard_lost", shard=index, reason=reason)
+
+    async def _hand_back(self, index: int) -> None:
+        """Rebalance: stop the shard, wait for its in-flight attempts, then release it cleanly."""
+        shard = self.shards.pop(index)
+        shard.lost.set()
+        if shard.reader is not None:
+            shard.reader.cancel()
+        runners = list(shard.runners.values())
+        if runners:
+            await asyncio.wait(runners, timeout=self.cfg.shutdown_timeout_s)
+        await self.ds.release(index, self.me, self._ttl_ms)
+        log.info("shard_released", shard=index, replica=self.me)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def _wait_room(self) -> int:
+        async with self._room:
+            await self._room.wait_for(lambda: self._buffered < self.cfg.max_buffered)
+            return self.cfg.max_buffered - self._buffered
+
+    async def _free(self, n: int) -> None:
+        async with self._room:
+            self._buffered -= n
+            self._room.notify_all()
+
+    async def _recover(self, shard: _Shard) -> None:
+        """Take back every pending entry of the shard, oldest first, before reading new ones.
+
+        Failure policy: pending entries were read by a replica (maybe us in an earlier life)
+        that did not finish them. After a takeover from a replica that did not hand the shard
+        back, we first wait ``claim_idle_s`` (longer than any attempt can last) so an attempt of
+        the old owner still in flight cannot land after our resend of a later event.
+        """
+        streams = [K.stream_key(m, shard.index) for m in MODULES]
+        foreign = 0
+        for stream in streams:
+            foreign += await self.ds.foreign_pending(stream, self.me)
+        if foreign and shard.dirty:
+            log.info("takeover_grace", shard=shard.index, pending=foreign, wait_s=self.cfg.claim_idle_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(shard.lost.wait(), self.cfg.claim_idle_s)
+            if shard.lost.is_set():
+                raise Abandon("lease lost during takeover grace")
+        for stream in streams:
+            start = "0-0"
+            while True:
+                room = await self._wait_room()
+                count = min(room, self.cfg.read_batch)
+                start, entries = await self.ds.claim(stream, shard.index, self.me, start, count)
+                await self._feed(shard, entries)
+                if start == "0-0" or not entries:
+                    break
+
+    async def _read_loop(self, shard: _Shard) -> None:
+        streams = {K.stream_key(m, shard.index): shard.index for m in MODULES}
+        delay = 0.1
+        while not self._stopping.is_set() and not shard.lost.is_set():
+            try:
+                await self._recover(shard)
+                break
+            except Abandon:
+                return
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble(exc, delay)
+                delay = min(delay * 2, 5.0)
+        while not self._stopping.is_set() and not shard.lost.is_set():
+            try:
+                room = await self._wait_room()
+                entries = await self.ds.read_new(streams, self.me, min(room, self.cfg.read_batch), 1000)
+                delay = 0.1
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble(exc, delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            await self._feed(shard, entries)
+
+    async def _redis_trouble(self, exc: BaseException, delay: float) -> None:
+        metrics.REDIS_ERRORS.labels(op="read").inc()
+        if is_nogroup(exc):
+            # Redis restarted without our groups (or someone deleted a stream): recreate them and
+            # read from the start; entries already delivered were deleted, so nothing repeats.
+            log.warning("nogroup_recreating_groups")
+            with contextlib.suppress(RedisError, OSError):
+                await self.store.ensure_groups()
+                await self.store.load_scripts()
+                await self.ds.load_scripts()
+            return
+        log.warning("redis_read_failed", error=str(exc), retry_in_s=delay)
+        await asyncio.sleep(delay)
+
+    async def _feed(self, shard: _Shard, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        async with self._room:
+            self._buffered += len(entries)
+        for entry in entries:
+            qkey = (entry.event.module, entry.event.key)
+            q = shard.queues.get(qkey)
+            if q is None:
+                q = shard.queues[qkey] = deque()
+            q.append(entry)
+            if qkey not in shard.runners:
+                shard.runners[qkey] = asyncio.create_task(self._run_key(shard, qkey))
+
+    # -- one ordering key -----------------------------------------------------------------------
+
+    async def _run_key(self, shard: _Shard, qkey: tuple[str, str]) -> None:
+        """Deliver a key's entries strictly one after the other; a retrying key holds only itself."""
+        q = shard.queues[qkey]
+        try:
+            while q and not shard.lost.is_set():
+                await self._deliver(shard, q[0])
+                q.popleft()
+                await self._free(1)
+        except (Abandon, asyncio.CancelledError):
+            pass
+        except Exception:
+            # A bug or Redis failure while finishing: the entry stays pending and is retried
+            # after the shard is recovered; never acknowledged by accident.
+            log.exception("key_runner_failed", key=qkey[1], module=qkey[0])
+            self._lose(shard.index, "runner failure")
+        finally:
+            left = len(q)
+            if left:
+                await self._free(left)
+                q.clear()
+            shard.queues.pop(qkey, None)
+            shard.runners.pop(qkey, None)
+
+    async def _deliver(self, shard: _Shard, entry: Entry) -> None:
+        """Attempt until delivered or dead-lettered; raises Abandon when told to stop."""
+        ev = entry.event
+        parked = await self.ds.parked(shard.index, ev.module, ev.key)
+        if parked is not None:
+            why = Outcome(Kind.PERMANENT, f"parked behind dead letter {parked}")
+            await self._dead(entry, _Attempts(), why, park=False)
+            return
+        if entry.after is not None:
+            await self._wait_for_session(shard, entry)
+        attempts = _Attempts()
+        outcome = await self._retrying(shard, entry, attempts)
+        if outcome.kind is Kind.DELIVERED:
+            await self.ds.finish(entry)
+            metrics.DELIVERED.labels(module=ev.module).inc()
+            metrics.DELIVERY_LATENCY.labels(module=ev.module).observe(max(0.0, self.clock() - ev.received_at))
+            return
+        park = self.cfg.on_permanent == "park" or ev.module in self.cfg.park_modules
+        await self._dead(entry, attempts, outcome, park=park and outcome.kind is Kind.PERMANENT)
+
+    async def _retrying(self, shard: _Shard, entry: Entry, attempts: _Attempts) -> Outcome:
+        """Tenacity drives the retries: full-jitter exponential backoff, Retry-After as a floor."""
+        ev = entry.event
+
+        def wait(rs: RetryCallState) -> float:
+            last: Outcome = rs.outcome.result() if rs.outcome else Outcome(Kind.TRANSIENT, "")
+            if last.kind is Kind.AUTH:
+                return 0.0  # the next attempt waits in Link.slot() until the link is resumed
+            return backoff_s(rs.attempt_number, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, last.retry_after_s)
+
+        def expired(_: RetryCallState) -> bool:
+            return bool(self.cfg.max_age_s) and self.clock() - ev.received_at > self.cfg.max_age_s
+
+        async def sleep(seconds: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._interrupted(shard), seconds)
+            if self._stopping.is_set() or shard.lost.is_set():
+                raise Abandon()
+
+        retrying = AsyncRetrying(
+            retry=retry_if_result(lambda o: o.kind in (Kind.TRANSIENT, Kind.AUTH)),
+            wait=wait,
+            stop=expired,
+            sleep=sleep,
+            retry_error_callback=lambda rs: rs.outcome.result() if rs.outcome else Outcome(Kind.TRANSIENT, "expired"),
+            reraise=True,
+        )
+        outcome: Outcome = await retrying(self._attempt, shard, entry, attempts)
+        if outcome.kind is not Kind.DELIVERED and outcome.kind is not Kind.PERMANENT:
+            return Outcome(Kind.PERMANENT, f"expired after {self.cfg.max_age_s}s: {outcome.reason}",
+                           http_status=outcome.http_status, ocpi_code=outcome.ocpi_code,
+                           ocpi_message=outcome.ocpi_message)  # fmt: skip
+        return outcome
+
+    async def _interrupted(self, shard: _Shard) -> None:
+        stop = asyncio.ensure_future(self._stopping.wait())
+        lost = asyncio.ensure_future(shard.lost.wait())
+        try:
+            await asyncio.wait({stop, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            lost.cancel()
+
+    async def _attempt(self, shard: _Shard, entry: Entry, attempts: _Attempts) -> Outcome:
+        ev = entry.event
+        if self._stopping.is_set() or shard.lost.is_set():
+            raise Abandon()
+        async with self.link.slot():
+            if self._stopping.is_set() or shard.lost.is_set():
+                raise Abandon()
+            now = self.clock()
+            attempts.count += 1
+            attempts.first_at = attempts.first_at or now
+            attempts.last_at = now
+            started = time.perf_counter()
+            request_id = ""
+            try:
+                reply = await self.client.send(ev)
+                request_id = reply.request_id
+                outcome = classify(reply.status, reply.headers, reply.body)
+            except NotConfigured as exc:
+                await self.link.pause(str(exc))
+                outcome = Outcome(Kind.AUTH, str(exc))
+            except (TimeoutError, OSError, Exception) as exc:
+                outcome = classify(None, exc=exc)
+            metrics.IOP_REQUEST.labels(module=ev.module).observe(time.perf_counter() - started)
+        metrics.DELIVERIES.labels(module=ev.module, outcome=outcome.kind.value).inc()
+        attempts.last = outcome
+        if outcome.kind is Kind.AUTH:
+            if outcome.http_status is not None:
+                await self.link.auth_failed(outcome.reason)
+        elif outcome.link:
+            await self.link.failure(outcome.reason)
+        else:
+            await self.link.success()
+        if outcome.kind is not Kind.DELIVERED:
+            log.warning(
+                "delivery_failed", event_id=ev.id, module=ev.module, key=ev.key, attempt=attempts.count,
+                outcome=outcome.kind.value, reason=outcome.reason, http_status=outcome.http_status,
+                ocpi_code=outcome.ocpi_code, request_id=request_id, correlation_id=ev.correlation_id or ev.id,
+            )  # fmt: skip
+        else:
+            log.debug("delivered", event_id=ev.id, module=ev.module, key=ev.key, attempt=attempts.count,
+                      request_id=request_id, correlation_id=ev.correlation_id or ev.id)  # fmt: skip
+        return outcome
+
+    async def _wait_for_session(self, shard: _Shard, entry: Entry) -> None:
+        """A CDR waits until every session update accepted before it is delivered or dead-lettered."""
+        assert entry.after is not None
+        target = id_tuple(entry.after)
+        delay = 0.05
+        while True:
+            done = await self.ds.session_done(shard.index, entry.event.key)
+            if done is not None and id_tuple(done) >= target:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._interrupted(shard), delay)
+            if self._stopping.is_set() or shard.lost.is_set():
+                raise Abandon()
+            delay = min(delay * 2, 1.0)
+
+    async def _dead(self, entry: Entry, attempts: _Attempts, outcome: Outcome, *, park: bool) -> None:
+        """Dead-letter with the full reason; the key goes on with its next event (or parks)."""
+        ev = entry.event
+        info: dict[str, Any] = {
+            "kind": "parked" if outcome.reason.startswith("parked") else outcome.kind.value,
+            "reason": outcome.reason,
+            "http_status": outcome.http_status,
+            "ocpi_code": outcome.ocpi_code,
+            "ocpi_message": outcome.ocpi_message,
+            "attempts": attempts.count,
+            "first_attempt_at": attempts.first_at or None,
+            "last_attempt_at": attempts.last_at or None,
+            "dead_at": self.clock(),
+            "unknown_object": outcome.unknown_object,
+            "replica": self.me,
+        }
+        dead_id = await self.ds.dead_letter(entry, _info_encoder.encode(info), park=park)
+        metrics.DEAD_LETTERED.labels(module=ev.module, kind=info["kind"]).inc()
+        log.warning("dead_lettered", event_id=ev.id, module=ev.module, key=ev.key, dead_id=dead_id,
+                    reason=outcome.reason, attempts=attempts.count, parked=park)  # fmt: skip

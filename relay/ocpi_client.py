@@ -1,0 +1,163 @@
+"""One HTTP client towards the IOP: URL, method, and the OCPI headers T1–T3 on every attempt."""
+
+from __future__ import annotations
+
+import base64
+import ssl
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from relay import constants as K
+from relay.config import IopSettings
+from relay.events import Event
+
+_MAX_REDIRECTS = 3
+
+
+class IopDirectory(Protocol):
+    """Where the IOP's module endpoints are and which token to send (config now, the handshake later)."""
+
+    def endpoint(self, module: str) -> str | None:
+        """Receiver endpoint URL of a module, or None when the IOP has not announced it."""
+
+    def token(self) -> str | None:
+        """The plain token to present to the IOP, or None when there is none."""
+
+
+class StaticDirectory:
+    """Endpoints ``{[iop] url}/{module}`` and ``[iop] token`` from config."""
+
+    def __init__(self, settings: IopSettings) -> None:
+        self._url = settings.url.rstrip("/")
+        self._token = settings.token or None
+
+    def endpoint(self, module: str) -> str | None:
+        return f"{self._url}/{module}" if self._url else None
+
+    def token(self) -> str | None:
+        return self._token
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What came back from one attempt (no exception: those are raised)."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    request_id: str
+
+
+def authorization(token: str) -> str:
+    """T1: OCPI 2.2.1 sends the token base64-encoded."""
+    return "Token " + base64.b64encode(token.encode()).decode()
+
+
+def ssl_context(settings: IopSettings) -> ssl.SSLContext | None:
+    """Default verification, an extra CA if given, and a client certificate for mTLS."""
+    if not (settings.tls_ca_file or settings.tls_cert_file):
+        return None
+    ctx = ssl.create_default_context(cafile=settings.tls_ca_file or None)
+    if settings.tls_cert_file:
+        ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file or None)
+    return ctx
+
+
+class NotConfigured(Exception):
+    """No endpoint or token for this module yet: the event waits, nothing is attempted."""
+
+
+class OcpiClient:
+    """Sends events to the IOP through one pooled ClientSession."""
+
+    def __init__(self, settings: IopSettings, directory: IopDirectory, *, pool: int = 128) -> None:
+        self.settings = settings
+        self.directory = directory
+        self._pool = pool
+        self._session: aiohttp.ClientSession | None = None
+        self._auth_cache: tuple[str, str] | None = None
+
+    async def start(self) -> None:
+        """Open the connection pool."""
+        timeout = aiohttp.ClientTimeout(
+            total=self.settings.connect_timeout_s + self.settings.request_timeout_s,
+            sock_connect=self.settings.connect_timeout_s,
+            sock_read=self.settings.request_timeout_s,
+        )
+        connector = aiohttp.TCPConnector(limit=self._pool, ssl=ssl_context(self.settings) or True)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=True)
+
+    async def close(self) -> None:
+        """Close the pool (in-flight requests must be finished or cancelled first)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _auth(self) -> str:
+        token = self.directory.token()
+        if token is None:
+            raise NotConfigured("no IOP token")
+        if self._auth_cache is None or self._auth_cache[0] != token:
+            self._auth_cache = (token, authorization(token))
+        return self._auth_cache[1]
+
+    def headers(self, event: Event, request_id: str) -> dict[str, str]:
+        """T1 token, T2 request and correlation ids, T3 routing headers."""
+        headers = {
+            "Authorization": self._auth(),
+            K.H_REQUEST: request_id,
+            K.H_CORRELATION: event.correlation_id or event.id,
+            K.H_FROM_CC: event.country_code,
+            K.H_FROM_PID: event.party_id,
+            K.H_TO_CC: self.settings.country_code,
+            K.H_TO_PID: self.settings.party_id,
+        }
+        if event.method != "DELETE":
+            headers["Content-Type"] = "application/json"
+        return headers
+
+    def url(self, event: Event) -> str:
+        """The Receiver URL of the event's object at the IOP."""
+        endpoint = self.directory.endpoint(event.module)
+        if endpoint is None:
+            raise NotConfigured(f"no IOP endpoint for {event.module}")
+        return endpoint.rstrip("/") + event.url_path()
+
+    async def send(self, event: Event) -> Reply:
+        """One attempt with a fresh X-Request-ID. Raises aiohttp/timeout errors, or NotConfigured."""
+        assert self._session is not None, "start() first"
+        url = self.url(event)
+        request_id = uuid.uuid4().hex
+        headers = self.headers(event, request_id)
+        data = event.body if event.method != "DELETE" else None
+        # Redirects are followed by hand: aiohttp would turn a PUT into a GET on 301/302, and
+        # real receivers redirect to the same path with a trailing slash.
+        redirects = 0
+        while True:
+            async with self._session.request(
+                event.method, url, data=data, headers=headers, allow_redirects=False
+            ) as resp:
+                body = await resp.read()
+                location = resp.headers.get("Location")
+                if (
+                    resp.status in (301, 302, 307, 308)
+                    and location
+                    and _same_origin(url, location)
+                    and redirects < _MAX_REDIRECTS
+                ):
+                    url = urljoin(url, location)
+                    redirects += 1
+                    continue
+                return Reply(resp.status, resp.headers, body, request_id)
+
+
+def _same_origin(a: str, b: str) -> bool:
+    """Only follow a redirect that stays on the IOP's origin (never leak the token elsewhere)."""
+    sb = urlsplit(urljoin(a, b))
+    sa = urlsplit(a)
+    return (sa.scheme, sa.netloc) == (sb.scheme, sb.netloc)

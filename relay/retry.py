@@ -1,0 +1,179 @@
+"""What an IOP answer means for delivery, and how long to wait before the next attempt.
+
+``classify`` is pure: (HTTP status, headers, body, exception) → Outcome. Every row of the policy
+is in ``tests/test_retry.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from enum import StrEnum
+from typing import Any
+
+import aiohttp
+import msgspec
+
+
+class Kind(StrEnum):
+    """The four things an attempt can end as."""
+
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    AUTH = "auth"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One attempt's result. ``link`` marks failures that say the IOP as a whole is unwell."""
+
+    kind: Kind
+    reason: str
+    http_status: int | None = None
+    ocpi_code: int | None = None
+    ocpi_message: str | None = None
+    retry_after_s: float | None = None
+    link: bool = False
+    # The IOP does not know the object a PATCH addresses: a later issue heals with a full PUT.
+    unknown_object: bool = False
+
+
+class _Envelope(msgspec.Struct):
+    status_code: int
+    status_message: str | None = None
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+# OCPI 2xxx codes that mean "the receiver does not know this object" (2003: unknown location; a
+# PATCH for an object never PUT is answered like this by most receivers, 404 by others).
+_UNKNOWN_OBJECT = {2003}
+_TRANSIENT_HTTP = {408, 425, 429}
+_TRANSIENT_HUB = {4002, 4003}  # hub: unknown/timeout at the receiving party's side
+
+
+def retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date; None if absent or unparsable."""
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def _ocpi(body: bytes | None) -> _Envelope | None:
+    if not body:
+        return None
+    try:
+        return _envelope.decode(body)
+    except msgspec.DecodeError:
+        return None
+
+
+def _snippet(body: bytes | None) -> str:
+    return (body or b"")[:200].decode("utf-8", "replace")
+
+
+def classify_exception(exc: BaseException) -> Outcome:
+    """Timeouts and connection-level errors are transient and count against the link."""
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return Outcome(Kind.TRANSIENT, "timeout", link=True)
+    if isinstance(exc, aiohttp.ClientSSLError):
+        # A certificate problem will not fix itself by retrying fast, but an operator can fix
+        # it without losing the event: keep it, count it against the link.
+        return Outcome(Kind.TRANSIENT, f"tls: {exc}", link=True)
+    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | OSError):
+        # DNS failures are connection errors too: transient (PITFALLS 3).
+        return Outcome(Kind.TRANSIENT, f"connection: {exc.__class__.__name__}: {exc}", link=True)
+    return Outcome(Kind.TRANSIENT, f"client error: {exc.__class__.__name__}: {exc}", link=True)
+
+
+def _by_ocpi_code(status: int, env: _Envelope, hint: float | None) -> Outcome:
+    code, msg = env.status_code, env.status_message
+    kw: dict[str, Any] = {"http_status": status, "ocpi_code": code, "ocpi_message": msg}
+    if 1000 <= code < 2000:
+        if 200 <= status < 300:
+            return Outcome(Kind.DELIVERED, "ok", **kw)
+        # OCPI success in an HTTP error: the HTTP status is what GIREVE's rule looks at.
+        return Outcome(Kind.TRANSIENT, f"http {status} with OCPI {code}", retry_after_s=hint, **kw)
+    if 2000 <= code < 3000:
+        reason = f"OCPI {code}: {msg or ''}".strip()
+        return Outcome(Kind.PERMANENT, reason, unknown_object=code in _UNKNOWN_OBJECT, **kw)
+    if 3000 <= code < 4000:
+        return Outcome(Kind.TRANSIENT, f"OCPI {code}: {msg or ''}".strip(), retry_after_s=hint, **kw)
+    if code == 4001:
+        return Outcome(Kind.PERMANENT, f"OCPI 4001 unknown receiver: {msg or ''}".strip(), **kw)
+    if 4000 <= code < 5000:
+        return Outcome(Kind.TRANSIENT, f"OCPI {code}: {msg or ''}".strip(), retry_after_s=hint, link=code == 4000, **kw)
+    return Outcome(Kind.PERMANENT, f"unknown OCPI status_code {code}", **kw)
+
+
+def classify(
+    status: int | None,
+    headers: Mapping[str, str] | None = None,
+    body: bytes | None = None,
+    exc: BaseException | None = None,
+) -> Outcome:
+    """Decide delivered / transient / permanent / auth for one attempt.
+
+    Failure policy:
+    - no answer (timeout, refused, reset, DNS, TLS) → transient, counted against the link;
+    - 401 and 403 → auth: the link pauses; retrying with the same token cannot succeed, and
+      receivers answer 403 where 401 is meant, so both are treated alike;
+    - 408, 425, 429, 5xx → transient (429 and 5xx also count against the link); Retry-After is
+      the earliest next attempt;
+    - otherwise the OCPI ``status_code`` in the body decides: 1xxx delivered (in a 2xx), 2xxx
+      permanent, 3xxx transient, 4001 permanent, other 4xxx transient;
+    - a 2xx without an OCPI body is **delivered**: GIREVE's rule is "retry until HTTP 2xx", and
+      resending an accepted update only risks duplicates;
+    - a 4xx without an OCPI body (``{"detail": …}``, HTML) is permanent, with the body kept;
+    - a 3xx left after the client's own redirect handling is permanent (misconfigured URL).
+    """
+    if exc is not None:
+        return classify_exception(exc)
+    assert status is not None
+    hdrs = headers or {}
+    hint = retry_after(hdrs)
+    if status in (401, 403):
+        return Outcome(Kind.AUTH, f"http {status}: token refused", http_status=status)
+    if status in _TRANSIENT_HTTP or status >= 500:
+        env = _ocpi(body)
+        return Outcome(
+            Kind.TRANSIENT,
+            f"http {status}" + (f" OCPI {env.status_code}" if env else ""),
+            http_status=status,
+            ocpi_code=env.status_code if env else None,
+            ocpi_message=env.status_message if env else None,
+            retry_after_s=hint,
+            link=status == 429 or status >= 500,
+        )
+    env = _ocpi(body)
+    if env is not None:
+        return _by_ocpi_code(status, env, hint)
+    if 200 <= status < 300:
+        return Outcome(Kind.DELIVERED, "http 2xx without OCPI body", http_status=status)
+    if 300 <= status < 400:
+        return Outcome(Kind.PERMANENT, f"http {status}: redirect not followed", http_status=status)
+    unknown = status == 404
+    return Outcome(Kind.PERMANENT, f"http {status}: {_snippet(body)}", http_status=status, unknown_object=unknown)
+
+
+def backoff_s(
+    attempt: int, initial_s: float, max_s: float, floor_s: float | None = None, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff with full jitter, capped; ``floor_s`` (Retry-After) is the minimum wait."""
+    cap = min(max_s, initial_s * (2 ** max(0, attempt - 1)))
+    wait = (rng or random).uniform(0, cap)
+    if floor_s is not None:
+        wait = max(wait, floor_s)
+    return wait

@@ -1,0 +1,125 @@
+"""GIREVE's rules on top of OCPI 2.2.1 cardinality (checklist L2, F2), as pure functions.
+
+Each function returns the problems it finds; the caller decides (by profile) whether they refuse
+the event or travel with it as warnings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from msgspec import UNSET
+
+from relay.config import Operator
+from relay.errors import Problem
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value is UNSET
+
+
+def _check_evse_id(evse: Any, path: str, op: Operator, *, partial: bool) -> Iterable[Problem]:
+    evse_id = getattr(evse, "evse_id", None)
+    status = getattr(evse, "status", None)
+    if _missing(evse_id):
+        if not partial and status != "REMOVED":
+            yield Problem(
+                field=f"{path}.evse_id", rule="gireve.L2.evse_id", message="required unless status is REMOVED"
+            )
+        return
+    prefixes = op.evse_id_prefixes()
+    if not str(evse_id).upper().startswith(prefixes):
+        yield Problem(
+            field=f"{path}.evse_id",
+            rule="gireve.L2.evse_id_prefix",
+            message=f"{evse_id!r} must begin with the operator's eMI3 id ({prefixes[0]}… or {prefixes[1]}…)",
+        )
+
+
+def check_connector(conn: Any, path: str, *, partial: bool = False) -> list[Problem]:
+    """``tariff_ids`` is required by GIREVE on every connector."""
+    if not partial and _missing(getattr(conn, "tariff_ids", None)):
+        return [Problem(field=f"{path}.tariff_ids", rule="gireve.L2.tariff_ids", message="required by GIREVE")]
+    return []
+
+
+def check_evse(evse: Any, path: str, op: Operator, *, partial: bool = False) -> list[Problem]:
+    """capabilities, evse_id with the operator's prefix, and tariff_ids on each connector."""
+    problems = list(_check_evse_id(evse, path, op, partial=partial))
+    if not partial and _missing(getattr(evse, "capabilities", None)):
+        problems.append(
+            Problem(field=f"{path}.capabilities", rule="gireve.L2.capabilities", message="required by GIREVE")
+        )
+    connectors: Any = getattr(evse, "connectors", None)
+    if not _missing(connectors):
+        for i, conn in enumerate(connectors):
+            problems += check_connector(conn, f"{path}.connectors[{i}]")
+    return problems
+
+
+def tariff_mismatch_warnings(evse: Any, path: str) -> list[Problem]:
+    """GIREVE applies the first connector's tariff_ids to the whole EVSE: differing ones are ignored there."""
+    connectors: Any = getattr(evse, "connectors", None)
+    if _missing(connectors) or len(connectors) < 2:
+        return []
+    first = connectors[0].tariff_ids
+    return [
+        Problem(
+            field=f"{path}.connectors[{i}].tariff_ids",
+            rule="gireve.L2.tariff_ids_per_evse",
+            message="differs from the first connector's; GIREVE applies the first connector's tariff_ids to the EVSE",
+        )
+        for i, conn in enumerate(connectors[1:], start=1)
+        if conn.tariff_ids != first
+    ]
+
+
+def check_location(loc: Any, op: Operator, *, partial: bool = False) -> list[Problem]:
+    """owner.name and operator.name, then every EVSE."""
+    problems: list[Problem] = []
+    for field in ("owner", "operator"):
+        value = getattr(loc, field, UNSET)
+        if partial and value is UNSET:
+            continue
+        if _missing(value) or _missing(getattr(value, "name", None)):
+            problems.append(
+                Problem(field=f"$.{field}.name", rule=f"gireve.L2.{field}_name", message="required by GIREVE")
+            )
+    evses: Any = getattr(loc, "evses", None)
+    if not _missing(evses):
+        for i, evse in enumerate(evses):
+            problems += check_evse(evse, f"$.evses[{i}]", op)
+    return problems
+
+
+def location_warnings(obj: Any) -> list[Problem]:
+    """Warnings that never refuse an event, whatever the profile."""
+    if hasattr(obj, "evses"):
+        evses = obj.evses
+        if _missing(evses):
+            return []
+        return [w for i, e in enumerate(evses) for w in tariff_mismatch_warnings(e, f"$.evses[{i}]")]
+    return tariff_mismatch_warnings(obj, "$")
+
+
+def check_tariff(tariff: Any) -> list[Problem]:
+    """start_date_time is required by GIREVE."""
+    if _missing(getattr(tariff, "start_date_time", None)):
+        return [Problem(field="$.start_date_time", rule="gireve.F2.start_date_time", message="required by GIREVE")]
+    return []
+
+
+def check_tariff_target(tariff: Any) -> list[Problem]:
+    """GIREVE's target operator fields come both or neither; they name the per-eMSP variant (always enforced)."""
+    cc = getattr(tariff, "target_operator_country_code", None)
+    pid = getattr(tariff, "target_operator_party_id", None)
+    if (cc is None) != (pid is None):
+        return [
+            Problem(
+                field="$.target_operator_party_id" if pid is None else "$.target_operator_country_code",
+                rule="gireve.F2.target_operator_pair",
+                message="target_operator_country_code and target_operator_party_id come both or neither",
+            )
+        ]
+    return []

@@ -1,0 +1,176 @@
+"""Relay: composes the store, the listeners and (later) the forwarder; run() = start → wait → stop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from contextlib import suppress
+
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from relay import metrics
+from relay.config import Settings
+from relay.embedded_redis import EmbeddedRedis
+from relay.errors import ConfigError
+from relay.forwarder import Forwarder
+from relay.ingress import create_app
+from relay.link import Link
+from relay.ocpi_client import OcpiClient, StaticDirectory
+from relay.store import DeliveryStore, Store, connect
+from relay.typedefs import Health
+
+log = structlog.get_logger(__name__)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``127.0.0.1:8780`` or ``[::1]:8780`` → (host, port)."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Relay:
+    """One relay process: start() brings every part up in order, stop() takes it down in reverse."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.health = Health()
+        self.embedded: EmbeddedRedis | None = None
+        self.store: Store | None = None
+        self._runners: list[web.AppRunner] = []
+        self._stop = asyncio.Event()
+        self.ingress_port: int | None = None
+        self.client: OcpiClient | None = None
+        self.forwarder: Forwarder | None = None
+        self.link = Link(
+            settings.forwarder.concurrency,
+            settings.forwarder.link_failure_threshold,
+            probe_initial_s=settings.forwarder.backoff_initial_s,
+            probe_max_s=settings.forwarder.probe_max_s,
+        )
+        self._gauges: asyncio.Task[None] | None = None
+
+    async def _open_store(self) -> Store:
+        url = self.settings.redis.url
+        if not url:
+            self.embedded = EmbeddedRedis(self.settings.storage.dir, self.settings.storage.durability)
+            await self.embedded.start()
+            url = self.embedded.url
+        store = Store(connect(url, self.settings.redis), self.settings.redis)
+        await store.load_scripts()
+        recorded = await store.check_shard_count()
+        if recorded is not None and recorded != store.shards:
+            await store.close()
+            raise ConfigError(
+                [f"redis.shards: {store.shards} differs from {recorded} recorded in Redis (changing it breaks order)"]
+            )
+        await store.ensure_groups()
+        self.health.persistence = await store.persistence()
+        if self.health.persistence.get("appendonly") == "no":
+            log.warning("redis_without_aof", hint="accepted events are lost if Redis restarts; enable appendonly")
+        return store
+
+    async def start(self) -> None:
+        """Start Redis (embedded or not), then the listeners."""
+        self.store = await self._open_store()
+        app = create_app(self.settings, self.store, self.health)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=self.settings.ingress.shutdown_timeout_s
+        )
+        await runner.setup()
+        host, port = split_listen(self.settings.ingress.listen)
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        self.ingress_port = runner.addresses[0][1]
+        self.health.listeners_up = True
+        await self._start_forwarder()
+        self._gauges = asyncio.create_task(self._gauge_loop(), name="relay-gauges")
+        log.info(
+            "relay_started",
+            ingress=f"http://{host}:{self.ingress_port}/ingress/2.2.1",
+            redis=self.settings.redis.url or f"embedded ({self.embedded.url if self.embedded else ''})",
+            operators=[f"{o.country_code}/{o.party_id}" for o in self.settings.operators],
+            profile=self.settings.ingress.profile,
+        )
+
+    async def _start_forwarder(self) -> None:
+        directory = StaticDirectory(self.settings.iop)
+        if not self.settings.forwarder.enabled:
+            log.info("forwarder_disabled", hint="events are accepted and queued only")
+            return
+        if directory.endpoint("locations") is None or directory.token() is None:
+            self.health.link_state = "unconfigured"
+            metrics.set_link_state("unconfigured")
+            log.warning("iop_not_configured", hint="set RELAY_IOP_URL and RELAY_IOP_TOKEN; events are queued meanwhile")
+            return
+        assert self.store is not None
+        self.client = OcpiClient(self.settings.iop, directory, pool=self.settings.forwarder.concurrency * 2)
+        await self.client.start()
+        self.forwarder = Forwarder(self.settings, self.store, self.client, self.link)
+        await self.forwarder.start()
+
+    async def _gauge_loop(self, interval_s: float = 5.0) -> None:
+        """Queue depth, oldest age and dead letters come from Redis, so any replica reports them."""
+        assert self.store is not None
+        ds = DeliveryStore(self.store)
+        while True:
+            try:
+                depth = await self.store.stream_lengths()
+                oldest = await ds.oldest()
+                dead = await ds.dlq_lengths()
+                now = time.time()
+                for module, n in depth.items():
+                    metrics.QUEUE_DEPTH.labels(module=module).set(n)
+                    first = oldest.get(module)
+                    metrics.OLDEST_AGE.labels(module=module).set(now - first if first else 0)
+                    metrics.DLQ_DEPTH.labels(module=module).set(dead[module])
+                if self.forwarder is not None:
+                    self.health.link_state = self.link.state
+            except (RedisError, OSError) as exc:
+                metrics.REDIS_ERRORS.labels(op="gauges").inc()
+                log.debug("gauges_failed", error=str(exc))
+            await asyncio.sleep(interval_s)
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight work, close Redis, stop the embedded server."""
+        self.health.stopping = True
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._gauges
+        if self.forwarder is not None:
+            await self.forwarder.stop()
+            self.forwarder = None
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+        for runner in reversed(self._runners):
+            await runner.cleanup()  # stops the site, waits shutdown_timeout for handlers, then cancels
+        self._runners.clear()
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        if self.embedded is not None:
+            await self.embedded.stop()
+        log.info("relay_stopped")
+
+    def request_stop(self) -> None:
+        """Ask run() to shut down (signal handlers call this)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with suppress(Exception):
+                    loop.remove_signal_handler(sig)
+            await self.stop()

@@ -1,0 +1,584 @@
+"""The only module that talks to Redis: appending events, consumer groups, acks, leases, dead letters.
+
+Concurrent appends are coalesced into one pipeline per Redis round trip: the per-request round
+trip costs more CPU in the client than HTTP and validation together (see bench/ingress.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from relay import constants as K
+from relay.config import MODULES, RedisSettings
+from relay.errors import StoreUnavailable
+from relay.events import Event, encode
+from relay.ordering import shard_of
+
+log = structlog.get_logger(__name__)
+
+# A session update records itself as its session's latest; a CDR notes that id as the one it must
+# wait for. Both in one script, so "accepted before the CDR" is decided by Redis, not by timing.
+_APPEND_SESSION = """
+local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[2], id)
+return id
+"""
+_APPEND_CDR = """
+local after = redis.call('HGET', KEYS[2], ARGV[2])
+if after then
+  return redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'a', after)
+end
+return redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
+"""
+
+
+def connect(url: str, settings: RedisSettings) -> aioredis.Redis:
+    """A client for redis://, rediss:// or unix:// URLs, bytes in and out."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.socket_timeout_s,
+        health_check_interval=30,
+        max_connections=64,
+    )
+
+
+@dataclass(slots=True)
+class _Pending:
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+
+
+class Store:
+    """Typed Redis operations of the relay."""
+
+    def __init__(self, client: aioredis.Redis, settings: RedisSettings) -> None:
+        # Any: redis-py's asyncio annotations type pipeline calls as awaitables and replies as
+        # unions of every encoding; the typed methods below are the boundary instead.
+        self.redis: Any = client
+        self.settings = settings
+        self.shards = settings.shards
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._sha: dict[str, str] = {}
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    async def load_scripts(self) -> None:
+        """Register the Lua scripts; called at start and again after a NOSCRIPT (Redis restarted)."""
+        for name, src in (("session", _APPEND_SESSION), ("cdr", _APPEND_CDR)):
+            self._sha[name] = await self.redis.script_load(src)
+
+    async def ensure_groups(self) -> None:
+        """Create every stream and its consumer group (idempotent; also the cure for NOGROUP)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for module in MODULES:
+                for shard in range(self.shards):
+                    pipe.xgroup_create(K.stream_key(module, shard), K.GROUP, id="0", mkstream=True)
+            results = await pipe.execute(raise_on_error=False)
+        for r in results:
+            if isinstance(r, Exception) and "BUSYGROUP" not in str(r):
+                raise r
+
+    async def check_shard_count(self) -> int | None:
+        """The shard count recorded in Redis by the first replica; a different one would break order."""
+        recorded = await self.redis.hget(K.META_KEY, "shards")
+        if recorded is None:
+            await self.redis.hsetnx(K.META_KEY, "shards", self.shards)
+            return None
+        return int(recorded)
+
+    async def persistence(self) -> dict[str, str]:
+        """appendonly/appendfsync as Redis reports them ({} if CONFIG is not allowed, e.g. managed Redis)."""
+        try:
+            raw: dict[Any, Any] = await self.redis.config_get("append*")
+        except RedisError:
+            return {}
+        return {_s(k): _s(v) for k, v in raw.items() if _s(k) in {"appendonly", "appendfsync"}}
+
+    async def ping(self) -> bool:
+        """True if Redis answers."""
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        """Flush pending appends, then close the connection pool."""
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+        await self.redis.aclose()
+
+    # -- appending ----------------------------------------------------------------------------
+
+    def _append_args(self, event: Event) -> tuple[Any, ...]:
+        shard = shard_of(event.key, self.shards)
+        stream = K.stream_key(event.module, shard)
+        payload = encode(event)
+        if event.module == "sessions":
+            return ("EVALSHA", self._sha["session"], 2, stream, K.session_last_key(shard), payload, event.key)
+        if event.module == "cdrs":
+            return ("EVALSHA", self._sha["cdr"], 2, stream, K.session_last_key(shard), payload, event.key)
+        return ("XADD", stream, "*", K.ENTRY_FIELD, payload)
+
+    async def append(self, event: Event) -> str:
+        """Durably add one event to its stream; returns the stream id. Raises StoreUnavailable.
+
+        Failure policy: the caller answers 2xx only after this returns, i.e. after Redis
+        acknowledged the write (and fsynced it with appendfsync always, and WAIT-ed for replicas
+        when configured). Each event is one XADD or one script: all or nothing.
+        """
+        return _s(await self.call(*self._append_args(event)))
+
+    def call(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command for the next coalesced pipeline; the future gets its reply."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(args, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop())
+        return fut
+
+    async def append_many(self, events: Sequence[Event]) -> list[str | StoreUnavailable]:
+        """Append a batch in one pipeline; each item succeeds or fails on its own."""
+        loop = asyncio.get_running_loop()
+        items = [_Pending(self._append_args(e), loop.create_future()) for e in events]
+        self._pending.extend(items)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop())
+        results: list[str | StoreUnavailable] = []
+        for item in items:
+            try:
+                results.append(_s(await item.future))
+            except StoreUnavailable as exc:
+                results.append(exc)
+        return results
+
+    async def _flush_loop(self) -> None:
+        # One pipeline per round trip: whatever arrived while the previous one was in flight.
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._flush(batch)
+        finally:
+            self._flusher = None
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        try:
+            results = await self._execute(batch)
+        except (RedisError, OSError) as exc:
+            err = StoreUnavailable(f"redis: {exc.__class__.__name__}: {exc}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(err)
+            return
+        for item, result in zip(batch, results, strict=False):
+            if item.future.done():
+                continue
+            if isinstance(result, Exception):
+                item.future.set_exception(StoreUnavailable(f"redis: {result}"))
+            else:
+                item.future.set_result(result)
+
+    async def _execute(self, batch: list[_Pending], *, reload: bool = True) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item in batch:
+                pipe.execute_command(*item.args)
+            if self.settings.wait_replicas:
+                pipe.execute_command("WAIT", self.settings.wait_replicas, self.settings.wait_timeout_ms)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        if self.settings.wait_replicas:
+            acked = results.pop()
+            if isinstance(acked, int) and acked < self.settings.wait_replicas:
+                log.warning("replicas_lagging", wanted=self.settings.wait_replicas, acked=acked)
+        lost = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if lost and reload:
+            # Redis lost its script cache (restart, failover). A NOSCRIPT reply means that command
+            # did nothing, so only those commands are sent again (a script's SHA never changes).
+            await self.load_scripts()
+            again = await self._execute([batch[i] for i in lost], reload=False)
+            for i, r in zip(lost, again, strict=True):
+                results[i] = r
+        return results
+
+    # -- inspection ---------------------------------------------------------------------------
+
+    async def stream_lengths(self) -> dict[str, int]:
+        """Entries in each module's streams (all shards), delivered or not."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for module in MODULES:
+                for shard in range(self.shards):
+                    pipe.xlen(K.stream_key(module, shard))
+            lengths = await pipe.execute()
+        out: dict[str, int] = {}
+        for i, module in enumerate(MODULES):
+            out[module] = sum(lengths[i * self.shards : (i + 1) * self.shards])
+        return out
+
+    async def peek(self, module: str, count: int) -> list[tuple[str, bytes]]:
+        """The first ``count`` entries of a module, shard by shard (for the CLI)."""
+        out: list[tuple[str, bytes]] = []
+        for shard in range(self.shards):
+            rows = await self.redis.xrange(K.stream_key(module, shard), count=count - len(out))
+            out += [(_s(sid), fields[K.ENTRY_FIELD.encode()]) for sid, fields in rows]
+            if len(out) >= count:
+                break
+        return out
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """A consumer group vanished (Redis restarted without persistence, or the stream was deleted)."""
+    return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
+
+
+# -- the delivery side ---------------------------------------------------------------------------
+
+# Stream ids compare as (milliseconds, sequence), not as strings.
+_LUA_GT = """
+local function gt(a, b)
+  if not b then return true end
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am > bm or (am == bm and as > bs)
+end
+"""
+# KEYS: stream, delivered, session-done, session-last
+# ARGV: group, id, module|key, session key ('' unless a session), cdr key ('' unless a CDR), cdr's after id
+_FINISH = _LUA_GT + """
+local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if n == 1 then
+  if gt(ARGV[2], redis.call('HGET', KEYS[2], ARGV[3])) then redis.call('HSET', KEYS[2], ARGV[3], ARGV[2]) end
+  if ARGV[4] ~= '' and gt(ARGV[2], redis.call('HGET', KEYS[3], ARGV[4])) then
+    redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
+  end
+  if ARGV[5] ~= '' and redis.call('HGET', KEYS[4], ARGV[5]) == ARGV[6] then
+    -- the session is over: its CDR is out and no update came after it; forget its watermarks
+    redis.call('HDEL', KEYS[4], ARGV[5])
+    redis.call('HDEL', KEYS[3], ARGV[5])
+  end
+end
+return n
+"""
+# KEYS: stream, dlq, session-done, parked
+# ARGV: group, id, envelope, info, session key or '', after or '', park field or ''
+_DEAD = _LUA_GT + """
+local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if n == 0 then return false end
+local fields = {'e', ARGV[3], 'i', ARGV[4], 's', ARGV[2]}
+if ARGV[6] ~= '' then table.insert(fields, 'a'); table.insert(fields, ARGV[6]) end
+local dead = redis.call('XADD', KEYS[2], '*', unpack(fields))
+if ARGV[5] ~= '' and gt(ARGV[2], redis.call('HGET', KEYS[3], ARGV[5])) then
+  redis.call('HSET', KEYS[3], ARGV[5], ARGV[2])
+end
+if ARGV[7] ~= '' then redis.call('HSETNX', KEYS[4], ARGV[7], dead) end
+return dead
+"""
+# KEYS: lease. ARGV: me, ttl ms. Returns the previous holder ('' none, 'free:x' released), or false.
+_LEASE_ACQUIRE = """
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]); return 'self' end
+if v and string.sub(v, 1, 5) ~= 'free:' then return false end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return v or ''
+"""
+_LEASE_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_LEASE_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], 'free:' .. ARGV[1], 'PX', ARGV[2]); return 1
+end
+return 0
+"""
+# KEYS: dlq, stream, parked. ARGV: dead id, park field. Puts a dead letter back on the ordered path.
+_REPLAY = """
+local rows = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #rows == 0 then return false end
+local f = rows[1][2]
+local e, a, s
+for i = 1, #f, 2 do
+  if f[i] == 'e' then e = f[i + 1] elseif f[i] == 'a' then a = f[i + 1] elseif f[i] == 's' then s = f[i + 1] end
+end
+local id
+if a then id = redis.call('XADD', KEYS[2], '*', 'e', e, 'a', a, 'o', s)
+else id = redis.call('XADD', KEYS[2], '*', 'e', e, 'o', s) end
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[2])
+return id
+"""
+
+DELIVERY_SCRIPTS = {
+    "finish": _FINISH,
+    "dead": _DEAD,
+    "lease_acquire": _LEASE_ACQUIRE,
+    "lease_renew": _LEASE_RENEW,
+    "lease_release": _LEASE_RELEASE,
+    "replay": _REPLAY,
+}
+
+
+@dataclass(slots=True)
+class Entry:
+    """One stream entry as the forwarder holds it."""
+
+    stream: str
+    shard: int
+    id: str
+    event: Event
+    after: str | None = None  # a CDR waits until its session's done-watermark reaches this id
+    origin: str | None = None  # a replayed entry: its id before it was dead-lettered
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A dead-letter entry with its envelope and the reason, as the CLI shows it."""
+
+    module: str
+    shard: int
+    id: str
+    stream_id: str
+    event: Event
+    info: dict[str, Any]
+    after: str | None = None
+
+
+def id_tuple(stream_id: str) -> tuple[int, int]:
+    """``1700000000000-3`` → (1700000000000, 3), for ordering ids of one stream."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _entry(stream: str, shard: int, sid: Any, fields: dict[bytes, bytes]) -> Entry:
+    from relay.events import decode
+
+    after = fields.get(b"a")
+    origin = fields.get(b"o")
+    return Entry(
+        stream=stream,
+        shard=shard,
+        id=_s(sid),
+        event=decode(fields[b"e"]),
+        after=after.decode() if after else None,
+        origin=origin.decode() if origin else None,
+    )
+
+
+class DeliveryStore:
+    """Redis operations of the forwarder and the dead-letter tools, on top of Store's connection."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.redis: Any = store.redis
+        self._sha: dict[str, str] = {}
+
+    async def load_scripts(self) -> None:
+        """Register the delivery scripts (again after NOSCRIPT)."""
+        for name, src in DELIVERY_SCRIPTS.items():
+            self._sha[name] = await self.redis.script_load(src)
+
+    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self.redis.evalsha(self._sha[name], len(keys), *keys, *args)
+        except NoScriptError:
+            await self.load_scripts()
+            return await self.redis.evalsha(self._sha[name], len(keys), *keys, *args)
+
+    # leases
+    async def acquire(self, shard: int, me: str, ttl_ms: int) -> str | None:
+        """Take or keep a shard lease; returns the previous holder ('' none, 'self', 'free:x') or None."""
+        r = await self._eval("lease_acquire", [K.lease_key(shard)], [me, ttl_ms])
+        return None if r is None else _s(r)
+
+    async def renew(self, shard: int, me: str, ttl_ms: int) -> bool:
+        """Extend a lease this replica holds; False if it was lost."""
+        return bool(await self._eval("lease_renew", [K.lease_key(shard)], [me, ttl_ms]))
+
+    async def release(self, shard: int, me: str, ttl_ms: int) -> None:
+        """Hand a shard back cleanly: the next owner need not wait for our in-flight attempts."""
+        await self._eval("lease_release", [K.lease_key(shard)], [me, ttl_ms])
+
+    async def heartbeat(self, me: str, now_ms: int, dead_after_ms: int) -> int:
+        """Record this replica as alive; returns how many replicas are alive."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(K.REPLICAS_KEY, {me: now_ms})
+            pipe.zremrangebyscore(K.REPLICAS_KEY, 0, now_ms - dead_after_ms)
+            pipe.zcard(K.REPLICAS_KEY)
+            res = await pipe.execute()
+        return int(res[2])
+
+    async def leave(self, me: str) -> None:
+        """Remove this replica from the live set (graceful stop)."""
+        await self.redis.zrem(K.REPLICAS_KEY, me)
+
+    async def link_sync(self, me: str, state: str, reason: str, since: float) -> float | None:
+        """Publish a replica's link state; returns when an operator last asked to resume, if ever."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(f"{K.LINK_KEY}:{me}", mapping={"state": state, "reason": reason, "since": since})
+            pipe.expire(f"{K.LINK_KEY}:{me}", 60)
+            pipe.hget(K.LINK_KEY, "resume_at")
+            res = await pipe.execute()
+        return float(res[2]) if res[2] is not None else None
+
+    async def request_resume(self, now: float) -> None:
+        """Ask every replica to resume a paused or auth-failed link."""
+        await self.redis.hset(K.LINK_KEY, "resume_at", now)
+
+    async def link_states(self) -> dict[str, dict[str, str]]:
+        """Link state as each live replica last published it."""
+        out: dict[str, dict[str, str]] = {}
+        async for key in self.redis.scan_iter(match=f"{K.LINK_KEY}:*", count=100):
+            raw = await self.redis.hgetall(key)
+            out[_s(key).split(":", 2)[2]] = {_s(k): _s(v) for k, v in raw.items()}
+        return out
+
+    # reading
+    async def read_new(self, streams: dict[str, int], consumer: str, count: int, block_ms: int) -> list[Entry]:
+        """XREADGROUP ``>`` over several streams (stream → shard); blocks up to block_ms."""
+        resp = await self.redis.xreadgroup(
+            K.GROUP, consumer, {s: ">" for s in streams}, count=count, block=block_ms
+        )
+        out: list[Entry] = []
+        for stream, rows in resp or []:
+            name = _s(stream)
+            out += [_entry(name, streams[name], sid, fields) for sid, fields in rows if fields]
+        return out
+
+    async def claim(self, stream: str, shard: int, consumer: str, start: str, count: int) -> tuple[str, list[Entry]]:
+        """XAUTOCLAIM every pending entry of a stream (we own its shard), in stream order."""
+        res = await self.redis.xautoclaim(stream, K.GROUP, consumer, 0, start_id=start, count=count)
+        nxt, rows = _s(res[0]), res[1]
+        return nxt, [_entry(stream, shard, sid, fields) for sid, fields in rows if fields]
+
+    async def foreign_pending(self, stream: str, consumer: str) -> int:
+        """Pending entries of a stream held by other consumers (a dead or departed replica)."""
+        info = await self.redis.xpending(stream, K.GROUP)
+        return sum(int(c["pending"]) for c in info.get("consumers", []) if _s(c["name"]) != consumer)
+
+    # finishing
+    def finish(self, entry: Entry) -> asyncio.Future[Any]:
+        """Ack + delete a delivered entry and advance its watermarks, in one script (coalesced)."""
+        ev = entry.event
+        shard = entry.shard
+        return self.store.call(
+            "EVALSHA", self._sha["finish"], 4,
+            entry.stream, K.delivered_key(shard), K.session_done_key(shard), K.session_last_key(shard),
+            K.GROUP, entry.id, f"{ev.module}|{ev.key}",
+            ev.key if ev.module == "sessions" else "",
+            ev.key if ev.module == "cdrs" else "",
+            entry.after or "",
+        )  # fmt: skip
+
+    async def dead_letter(self, entry: Entry, info: bytes, *, park: bool) -> str | None:
+        """Move an entry to its dead-letter stream with the reason, ack it, maybe park its key."""
+        ev = entry.event
+        shard = entry.shard
+        r = await self._eval(
+            "dead",
+            [entry.stream, K.dlq_key(ev.module, shard), K.session_done_key(shard), K.parked_key(shard)],
+            [
+                K.GROUP, entry.id, _encode(ev), info,
+                ev.key if ev.module == "sessions" else "", entry.after or "",
+                f"{ev.module}|{ev.key}" if park else "",
+            ],
+        )  # fmt: skip
+        return None if r is None else _s(r)
+
+    async def parked(self, shard: int, module: str, key: str) -> str | None:
+        """The dead-letter id that parked this key, if it is parked."""
+        r = await self.redis.hget(K.parked_key(shard), f"{module}|{key}")
+        return None if r is None else _s(r)
+
+    async def session_done(self, shard: int, key: str) -> str | None:
+        """Stream id of the last delivered or dead-lettered update of a session."""
+        r = await self.redis.hget(K.session_done_key(shard), key)
+        return None if r is None else _s(r)
+
+    async def last_delivered(self, shard: int, module: str, key: str) -> str | None:
+        """Stream id of the newest delivered event of an ordering key (the replay guard)."""
+        r = await self.redis.hget(K.delivered_key(shard), f"{module}|{key}")
+        return None if r is None else _s(r)
+
+    # dead letters
+    async def dead_letters(self, module: str, shard: int, start: str = "-", count: int = 100) -> list[DeadLetter]:
+        """Dead letters of one module's shard, oldest first, from ``start`` (inclusive)."""
+        from relay.events import decode
+
+        rows = await self.redis.xrange(K.dlq_key(module, shard), min=start, count=count)
+        out = []
+        for sid, f in rows:
+            out.append(
+                DeadLetter(
+                    module=module,
+                    shard=shard,
+                    id=_s(sid),
+                    stream_id=_s(f[b"s"]),
+                    event=decode(f[b"e"]),
+                    info=_info_decoder.decode(f[b"i"]),
+                    after=_s(f[b"a"]) if b"a" in f else None,
+                )
+            )
+        return out
+
+    async def replay(self, dead: DeadLetter) -> str | None:
+        """Put a dead letter back at the end of its stream (new id) and unpark its key; None if gone."""
+        ev = dead.event
+        r = await self._eval(
+            "replay",
+            [K.dlq_key(dead.module, dead.shard), K.stream_key(dead.module, dead.shard), K.parked_key(dead.shard)],
+            [dead.id, f"{ev.module}|{ev.key}"],
+        )
+        return None if r is None else _s(r)
+
+    async def purge(self, dead: DeadLetter) -> bool:
+        """Delete a dead letter for good."""
+        return bool(await self.redis.xdel(K.dlq_key(dead.module, dead.shard), dead.id))
+
+    async def dlq_lengths(self) -> dict[str, int]:
+        """Dead letters per module."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for module in MODULES:
+                for shard in range(self.store.shards):
+                    pipe.xlen(K.dlq_key(module, shard))
+            res = await pipe.execute()
+        n = self.store.shards
+        return {m: sum(res[i * n : (i + 1) * n]) for i, m in enumerate(MODULES)}
+
+    async def oldest(self) -> dict[str, float | None]:
+        """Per module, the ingress time (epoch ms from the stream id) of the oldest undelivered event."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for module in MODULES:
+                for shard in range(self.store.shards):
+                    pipe.xrange(K.stream_key(module, shard), count=1)
+            res = await pipe.execute()
+        n = self.store.shards
+        out: dict[str, float | None] = {}
+        for i, module in enumerate(MODULES):
+            firsts = [id_tuple(_s(rows[0][0]))[0] for rows in res[i * n : (i + 1) * n] if rows]
+            out[module] = min(firsts) / 1000 if firsts else None
+        return out
+
+
+def _encode(ev: Event) -> bytes:
+    from relay.events import encode as enc
+
+    return enc(ev)
+
+
+_info_decoder = msgspec.msgpack.Decoder(dict[str, Any])
