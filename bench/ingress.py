@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: python bench/ingress.py
 
 import aiohttp
 import redis
+import structlog
 
 from bench._common import (
     REPO,
@@ -338,6 +339,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The embedded server's start/stop lines go to stderr with the progress lines; stdout is the report.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     modes: list[Fsync] = ["everysec", "always"] if args.fsync == "both" else [args.fsync]
     with tempfile.TemporaryDirectory(prefix="relay-bench-", dir="/tmp") as tmp:  # short path: unix socket
         workdir = Path(tmp)

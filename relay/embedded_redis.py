@@ -104,12 +104,25 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout_s
         while not await self._answers():
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"embedded redis exited with {self.proc.returncode}: {err.strip()[-500:]}")
+                code = self.proc.returncode
+                raise RuntimeError(f"embedded redis exited with {code}: {self._failure_reason()}")
             if time.monotonic() > deadline:
+                await self.stop(timeout_s=1.0)  # don't leave a half-started server behind
                 raise RuntimeError(f"embedded redis did not answer on {self.socket} within {timeout_s}s")
             await asyncio.sleep(0.02)
         log.info("embedded_redis_started", socket=str(self.socket), appendfsync=self.fsync, pid=self.proc.pid)
+
+    def _failure_reason(self) -> str:
+        """stderr, else the end of the server's log file (it logs there, not to stderr); closes the pipe."""
+        proc, self.proc = self.proc, None
+        err = ""
+        if proc is not None and proc.stderr is not None:
+            err = proc.stderr.read().decode(errors="replace").strip()
+            proc.stderr.close()
+        if not err:
+            with contextlib.suppress(OSError):
+                err = (self.dir / "redis.log").read_text(errors="replace").strip()
+        return err[-500:]
 
     async def _answers(self) -> bool:
         if not self.socket.exists():
@@ -131,7 +144,11 @@ class EmbeddedRedis:
     async def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (the server fsyncs its AOF and exits), then SIGKILL after the timeout."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            return
+        if proc.poll() is not None:
+            if proc.stderr:
+                proc.stderr.close()
             return
         proc.terminate()
         try:

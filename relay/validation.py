@@ -57,8 +57,13 @@ _AT_RE = re.compile(r"^(.*) - at `(\$[^`]*)`$", re.S)
 _MISSING_RE = re.compile(r"^Object missing required field `([^`]+)`$")
 
 
-def decode_problem(exc: msgspec.DecodeError) -> InvalidEvent:
-    """msgspec's error → 400 for bytes that are not JSON, 422 naming the field for a typed rule."""
+def decode_problem(exc: msgspec.DecodeError | UnicodeDecodeError) -> InvalidEvent:
+    """msgspec's error → 400 for bytes that are not JSON, 422 naming the field for a typed rule.
+
+    msgspec raises UnicodeDecodeError (not a DecodeError) for invalid UTF-8 inside a JSON string.
+    """
+    if isinstance(exc, UnicodeDecodeError):
+        return InvalidEvent([Problem(field="$", rule="json", message=f"not UTF-8: {exc.reason}")], status=400)
     msg = str(exc)
     if not isinstance(exc, msgspec.ValidationError):
         return InvalidEvent([Problem(field="$", rule="json", message=msg)], status=400)
@@ -139,7 +144,7 @@ def validate(
             raise InvalidEvent([Problem(field="method", rule="route", message=f"{method} not allowed here")], 405)
         try:
             body = decoder.decode(raw)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise decode_problem(exc) from None
     target = _owner_from_body(target, body)
     op = settings.operator(target.country_code, target.party_id)

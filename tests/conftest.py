@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from relay.config import Settings, load
 from relay.embedded_redis import EmbeddedRedis
 from relay.ingress import create_app
+from relay.logs import configure_logging
 from relay.store import Store, connect
 from relay.typedefs import Health
 
@@ -23,6 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = Path(os.environ.get("RELAY_REFERENCE_DIR", REPO.parent / "shared" / "reference")) / "ocpi-2.2.1" / "examples"
 TOKEN = "test-ingress-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    # Logs go to the real stderr, bound now, so CliRunner's captured stdout holds only CLI output.
+    configure_logging("debug", "console")
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,7 @@ async def handle_batch(request: web.Request) -> web.Response:
         raw = await _read_body(request, settings.ingress.max_body_bytes * 64)
         try:
             batch = _batch_decoder.decode(raw)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise decode_problem(exc) from None
         if len(batch.operations) > settings.ingress.max_batch_items:
             limit = settings.ingress.max_batch_items

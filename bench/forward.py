@@ -1,0 +1,835 @@
+"""Forwarder throughput and memory: the relay delivering a prefilled backlog beside a bare aiohttp client.
+
+Runs, against one receiver (bench/receiver.py: 200 + OCPI 1000, records (path, X-Correlation-ID)):
+
+  (a) relay, backlog of --events Location PUTs over 10 000 distinct ordering keys (5 per key for 50 k);
+  (b) relay, the same number of events over 100 hot keys (500 per key for 50 k);
+  (c) a bare aiohttp client: the same PUTs (same URLs, bodies and OCPI headers), 64 in flight, one
+      ClientSession, no Redis, no ordering;
+  (d) ratios (a)/(c) and (b)/(c); target (a)/(c) >= 75 %;
+  (e) the relay's RSS with a 1 M event backlog while the IOP is down (nothing listens on its port):
+      the forwarder must hold at most forwarder.max_buffered entries; target RSS < 150 MB.
+
+Method: the backlog is written before the relay starts (round-robin over the keys, so consecutive
+events belong to different keys); (a)/(b) prefill through relay.validation.validate (once per key)
+and Store.append_many, (e) through raw pipelined XADDs of the same envelopes. The relay runs as
+``python -m relay serve`` (forwarder concurrency 64, log level warning) on the bench's embedded
+Redis (relay.embedded_redis.EmbeddedRedis, unix socket, AOF everysec). Events/s = events / (last -
+first request at the receiver). The check column needs: every event delivered, no duplicate, in
+order per key, and (relay) the streams empty with nothing pending and no dead letter (acks
+included). The receiver is pinned to --receiver-cpu, the relay and the bare client to --relay-cpu,
+Redis floats.
+
+Usage: python bench/forward.py [--events 50000] [--quick] [--repeat 1] [--profile DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: python bench/forward.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiohttp
+import hiredis
+import msgspec
+import redis
+
+from bench._common import (
+    REPO,
+    TOKEN,
+    Server,
+    clean_env,
+    cpu_seconds,
+    free_port,
+    location_template,
+    pinned,
+    python,
+    reset_redis,
+    start_server,
+)
+from bench._profile import py_spy
+from relay import constants as K
+from relay.config import MODULES, Settings, load
+from relay.embedded_redis import EmbeddedRedis
+from relay.events import Event, encode, new_event_id
+from relay.ocpi_client import authorization
+from relay.ordering import shard_of
+from relay.store import Store, connect
+from relay.validation import Target, validate
+
+CONFIG = REPO / "config" / "relay.toml"
+IOP_TOKEN = "bench-iop-token"
+IOP_PREFIX = "/ocpi/2.2.1"
+CONCURRENCY = 64
+TARGET_RATIO = 0.75
+TARGET_RSS_MB = 150.0
+KEYS_MANY = 10_000
+KEYS_HOT = 100
+
+
+# -- the events -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """``keys`` Locations ``{tag}{k}``, ``per_key`` PUTs each, in round-robin order; seq = position."""
+
+    tag: str
+    keys: int
+    per_key: int
+
+    @property
+    def events(self) -> int:
+        return self.keys * self.per_key
+
+    def loc_id(self, seq: int) -> str:
+        return f"{self.tag}{seq % self.keys}"
+
+    def envelopes(self, settings: Settings) -> Iterator[Event]:
+        """The events as the ingress would store them: validated once per key, then one envelope per PUT."""
+        head, tail = location_template()
+        templates = []
+        for k in range(self.keys):
+            loc = f"{self.tag}{k}"
+            target = Target(module="locations", country_code="FR", party_id="AB1", object_id=loc)
+            templates.append(validate(target, "PUT", head + loc.encode() + tail, settings).event)
+        seq = 0
+        for _ in range(self.per_key):
+            for tpl in templates:
+                now = time.time()
+                yield msgspec.structs.replace(tpl, id=new_event_id(), correlation_id=str(seq), received_at=now)
+                seq += 1
+
+
+def relay_settings() -> Settings:
+    return load(CONFIG, env={"RELAY_INGRESS_TOKEN": TOKEN})
+
+
+async def _prefill_store(url: str, settings: Settings, work: Workload, chunk: int = 5000) -> None:
+    store = Store(connect(url, settings.redis), settings.redis)
+    try:
+        await store.load_scripts()
+        await store.ensure_groups()
+        batch: list[Event] = []
+        for ev in work.envelopes(settings):
+            batch.append(ev)
+            if len(batch) == chunk:
+                await _append(store, batch)
+                batch = []
+        if batch:
+            await _append(store, batch)
+    finally:
+        await store.close()
+
+
+async def _append(store: Store, batch: list[Event]) -> None:
+    failed = [r for r in await store.append_many(batch) if not isinstance(r, str)]
+    if failed:
+        raise RuntimeError(f"prefill: {len(failed)} appends failed: {failed[0]}")
+
+
+def prefill_store(url: str, settings: Settings, work: Workload) -> None:
+    """Through the relay's own write path: validate + Store.append_many (pipelined)."""
+    asyncio.run(_prefill_store(url, settings, work))
+
+
+def prefill_raw(sock_path: str, settings: Settings, work: Workload, chunk: int = 4000) -> None:
+    """The same envelopes as raw pipelined XADDs on the unix socket (hiredis packs and parses): fast for 1 M."""
+    asyncio.run(_ensure_groups(f"unix://{sock_path}", settings))
+    shards = settings.redis.shards
+    # XADD {stream} * e {payload}, in RESP: the prefix depends on the shard only.
+    heads = [_resp_head(K.stream_key("locations", s).encode(), K.ENTRY_FIELD.encode()) for s in range(shards)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(sock_path)
+        reader = hiredis.Reader()
+        parts: list[bytes] = []
+        for ev in work.envelopes(settings):
+            payload = encode(ev)
+            parts.append(b"%s$%d\r\n%s\r\n" % (heads[shard_of(ev.key, shards)], len(payload), payload))
+            if len(parts) == chunk:
+                _send(s, reader, parts)
+                parts = []
+        if parts:
+            _send(s, reader, parts)
+
+
+def _resp_head(stream: bytes, field_name: bytes) -> bytes:
+    return b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$1\r\n*\r\n$%d\r\n%s\r\n" % (
+        len(stream),
+        stream,
+        len(field_name),
+        field_name,
+    )
+
+
+def _send(s: socket.socket, reader: hiredis.Reader, parts: list[bytes]) -> None:
+    s.sendall(b"".join(parts))
+    got = 0
+    while got < len(parts):
+        data = s.recv(1 << 16)
+        if not data:
+            raise RuntimeError("prefill: Redis closed the connection")
+        reader.feed(data)
+        while (reply := reader.gets()) is not False:
+            if isinstance(reply, Exception):
+                raise RuntimeError(f"prefill: XADD failed: {reply}")
+            got += 1
+
+
+async def _ensure_groups(url: str, settings: Settings) -> None:
+    store = Store(connect(url, settings.redis), settings.redis)
+    try:
+        await store.ensure_groups()
+    finally:
+        await store.close()
+
+
+# -- Redis state ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamState:
+    entries: int  # left in the module streams
+    pending: int  # read by a consumer, not acknowledged
+    dead: int  # dead letters
+
+
+def stream_state(client: redis.Redis, shards: int) -> StreamState:
+    with client.pipeline(transaction=False) as pipe:
+        for module in MODULES:
+            for s in range(shards):
+                pipe.xlen(K.stream_key(module, s))
+                pipe.xpending(K.stream_key(module, s), K.GROUP)
+                pipe.xlen(K.dlq_key(module, s))
+        res: list[Any] = pipe.execute()
+    entries = sum(int(r) for r in res[0::3])
+    pending = sum(int(r["pending"]) for r in res[1::3])
+    dead = sum(int(r) for r in res[2::3])
+    return StreamState(entries, pending, dead)
+
+
+# -- the receiver -----------------------------------------------------------------------------------
+
+
+class ReceiverStats(msgspec.Struct):
+    count: int
+    first: float
+    last: float
+
+
+@dataclass
+class Receiver:
+    server: Server
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def iop_url(self) -> str:
+        return self.base + IOP_PREFIX
+
+    def _call(self, path: str, method: str = "GET") -> bytes:
+        req = urllib.request.Request(self.base + path, method=method, data=b"" if method == "POST" else None)
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            body: bytes = resp.read()
+            return body
+
+    def reset(self) -> None:
+        self._call("/_bench/reset", "POST")
+
+    def stats(self) -> ReceiverStats:
+        return msgspec.json.decode(self._call("/_bench/stats"), type=ReceiverStats)
+
+    def dump(self) -> list[tuple[str, str]]:
+        return msgspec.json.decode(self._call("/_bench/dump"), type=list[tuple[str, str]])
+
+
+@dataclass
+class Check:
+    requests: int = 0
+    delivered: int = 0  # distinct events seen
+    duplicates: int = 0
+    out_of_order: int = 0  # an event of a key arriving after a later one of the same key (or at the wrong URL)
+    missing: int = 0
+    errors: int = 0  # non-200 answers seen by the bare client
+    state: StreamState | None = None  # relay runs only
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.missing:
+            out.append(f"{self.missing} missing")
+        if self.duplicates:
+            out.append(f"{self.duplicates} duplicates")
+        if self.out_of_order:
+            out.append(f"{self.out_of_order} out of order")
+        if self.errors:
+            out.append(f"{self.errors} non-200 answers")
+        if self.state is not None:
+            if self.state.entries:
+                out.append(f"{self.state.entries} left in streams")
+            if self.state.pending:
+                out.append(f"{self.state.pending} pending")
+            if self.state.dead:
+                out.append(f"{self.state.dead} dead letters")
+        return out
+
+    def text(self) -> str:
+        problems = self.problems()
+        if problems:
+            return "FAIL: " + ", ".join(problems)
+        return "ok: all delivered, in order" + (", streams empty" if self.state is not None else "")
+
+
+def check_records(records: list[tuple[str, str]], work: Workload) -> Check:
+    chk = Check(requests=len(records))
+    seen: set[int] = set()
+    newest: dict[str, int] = {}
+    suffix = f"{IOP_PREFIX}/locations/FR/AB1/"
+    for path, corr in records:
+        seq = int(corr) if corr.isdigit() else -1
+        if seq in seen:
+            chk.duplicates += 1
+            continue
+        seen.add(seq)
+        if not 0 <= seq < work.events or not path.endswith(suffix + work.loc_id(seq)):
+            chk.out_of_order += 1
+            continue
+        if seq < newest.get(path, -1):
+            chk.out_of_order += 1
+        newest[path] = max(seq, newest.get(path, -1))
+    chk.delivered = len(seen)
+    chk.missing = work.events - sum(1 for s in seen if 0 <= s < work.events)
+    return chk
+
+
+# -- processes --------------------------------------------------------------------------------------
+
+
+def rss_kb(pid: int, field_name: str = "VmRSS") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler:
+    """VmRSS of a process every ``interval_s`` in a thread; ``peak_kb`` is the highest sample."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, rss_kb(self.pid))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kb = max(self.peak_kb, rss_kb(self.pid))
+
+
+def relay_env(redis_url: str, iop_url: str, port: int, data_dir: Path) -> dict[str, str]:
+    return clean_env(
+        RELAY_REDIS_URL=redis_url,
+        RELAY_IOP_URL=iop_url,
+        RELAY_IOP_TOKEN=IOP_TOKEN,
+        RELAY_INGRESS_TOKEN=TOKEN,
+        RELAY_INGRESS_LISTEN=f"127.0.0.1:{port}",
+        RELAY_OCPI_LISTEN="127.0.0.1:0",
+        RELAY_LOG_LEVEL="warning",
+        RELAY_FORWARDER_CONCURRENCY=str(CONCURRENCY),
+        RELAY_STORAGE_DIR=str(data_dir),
+    )
+
+
+def start_relay(ctx: Ctx, iop_url: str, tag: str) -> Server:
+    port = free_port()
+    env = relay_env(ctx.server.url, iop_url, port, ctx.workdir / "relay-data")
+    argv = [python(), "-m", "relay", "serve", "--config", str(CONFIG)]
+    return start_server(f"relay-{tag}", argv, env, port, ctx.workdir / f"relay-{tag}.log", {ctx.args.relay_cpu})
+
+
+def stop_process(srv: Server, timeout_s: float) -> float:
+    """SIGTERM, wait up to timeout_s, then SIGKILL; returns how long the graceful stop took."""
+    t0 = time.monotonic()
+    if srv.proc.poll() is None:
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            srv.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+            srv.proc.wait()
+    return time.monotonic() - t0
+
+
+class Profiler:
+    """py-spy record of one process (raw collapsed stacks), stopped with SIGINT when the run ends."""
+
+    def __init__(self, pid: int, out: Path, rate: int) -> None:
+        exe = py_spy()
+        if exe is None:
+            raise RuntimeError("py-spy is not installed (pip install py-spy)")
+        argv = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--output", str(out)]
+        self.out = out
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- runs -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    workdir: Path
+    server: EmbeddedRedis
+    client: redis.Redis
+    receiver: Receiver
+    settings: Settings
+    redis_pid: int
+    profiles: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    key: str
+    label: str
+    work: Workload
+    seconds: float = 0.0  # first -> last request at the receiver
+    drain_s: float = 0.0  # first request -> streams empty (relay only)
+    cpu_s: float = 0.0  # CPU of the relay / bare client while it worked
+    redis_cpu_s: float = 0.0
+    receiver_cpu_s: float = 0.0
+    rss_peak_mb: float = 0.0
+    rss_end_mb: float = 0.0
+    check: Check = field(default_factory=Check)
+
+    @property
+    def rate(self) -> float:
+        return self.work.events / self.seconds if self.seconds else 0.0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.check.problems())
+
+
+def wait_delivered(ctx: Ctx, n: int, proc: subprocess.Popen[bytes], stall_s: float = 30.0) -> ReceiverStats:
+    """Poll the receiver until it has seen ``n`` requests; fail if nothing arrives for ``stall_s``."""
+    last_count, last_change = -1, time.monotonic()
+    while True:
+        st = ctx.receiver.stats()
+        if st.count >= n:
+            return st
+        now = time.monotonic()
+        if st.count != last_count:
+            last_count, last_change = st.count, now
+        elif now - last_change > stall_s:
+            raise RuntimeError(f"no delivery for {stall_s:.0f}s: {st.count} of {n} requests")
+        if proc.poll() is not None:
+            raise RuntimeError(f"the sender exited with {proc.returncode} after {st.count} of {n} requests")
+        time.sleep(0.1)
+
+
+def wait_drained(ctx: Ctx, timeout_s: float = 30.0) -> tuple[float, StreamState]:
+    """Until no entry is left in the streams (acks done); returns (monotonic time, state)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = stream_state(ctx.client, ctx.settings.redis.shards)
+        now = time.monotonic()
+        if (state.entries == 0 and state.pending == 0) or now > deadline:
+            return now, state
+        time.sleep(0.02)
+
+
+def run_relay(ctx: Ctx, key: str, label: str, work: Workload) -> Run:
+    run = Run(key, label, work)
+    reset_redis(ctx.client)
+    prefill_store(ctx.server.url, ctx.settings, work)
+    assert stream_state(ctx.client, ctx.settings.redis.shards).entries == work.events
+    ctx.receiver.reset()
+    srv = start_relay(ctx, ctx.receiver.iop_url, key)
+    try:
+        profiler = None
+        if ctx.args.profile:
+            out = Path(ctx.args.profile) / f"relay-{key}-{work.keys}keys.txt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            profiler = Profiler(srv.pid, out, ctx.args.profile_rate)
+            ctx.profiles.append(out)
+        c0, r0, v0 = cpu_seconds(srv.pid), cpu_seconds(ctx.redis_pid), cpu_seconds(ctx.receiver.server.pid)
+        with RssSampler(srv.pid) as rss:
+            wait_delivered(ctx, work.events, srv.proc)
+            drained_at, state = wait_drained(ctx)
+            c1, r1 = cpu_seconds(srv.pid), cpu_seconds(ctx.redis_pid)
+            v1 = cpu_seconds(ctx.receiver.server.pid)
+            run.rss_end_mb = rss_kb(srv.pid) / 1024
+        if profiler is not None:
+            profiler.stop()
+        run.rss_peak_mb = max(rss.peak_kb, rss_kb(srv.pid, "VmHWM")) / 1024
+        if srv.proc.poll() is not None:
+            raise RuntimeError(f"relay died during the run:\n{srv.log_tail()}")
+    finally:
+        stop_process(srv, 15)
+    st = ctx.receiver.stats()
+    run.seconds = st.last - st.first
+    run.drain_s = drained_at - st.first
+    run.cpu_s, run.redis_cpu_s, run.receiver_cpu_s = c1 - c0, r1 - r0, v1 - v0
+    run.check = check_records(ctx.receiver.dump(), work)
+    run.check.state = stream_state(ctx.client, ctx.settings.redis.shards)
+    return run
+
+
+def run_bare(ctx: Ctx, work: Workload) -> Run:
+    run = Run("c", f"(c) bare aiohttp client, {CONCURRENCY} in flight", work)
+    ctx.receiver.reset()
+    argv = [python(), str(Path(__file__).resolve()), "--role", "bare", "--iop-url", ctx.receiver.iop_url]
+    argv += ["--bare-keys", str(work.keys), "--bare-per-key", str(work.per_key), "--bare-tag", work.tag]
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(
+            argv,
+            env=clean_env(),
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=pinned({ctx.args.relay_cpu}),
+        )
+        r0, v0 = cpu_seconds(ctx.redis_pid), cpu_seconds(ctx.receiver.server.pid)
+        try:
+            wait_delivered(ctx, work.events, proc)
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        r1, v1 = cpu_seconds(ctx.redis_pid), cpu_seconds(ctx.receiver.server.pid)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    if code != 0 or "BARE_RESULT" not in text:
+        raise RuntimeError(f"bare client failed ({code}):\n{text[-2000:]}")
+    result = msgspec.json.decode(text.split("BARE_RESULT", 1)[1].strip().splitlines()[0], type=BareResult)
+    st = ctx.receiver.stats()
+    run.seconds = st.last - st.first
+    run.cpu_s = result.cpu_s
+    run.rss_peak_mb = run.rss_end_mb = result.rss_peak_kb / 1024
+    run.redis_cpu_s, run.receiver_cpu_s = r1 - r0, v1 - v0
+    run.check = check_records(ctx.receiver.dump(), work)
+    run.check.errors = result.errors
+    return run
+
+
+@dataclass
+class Backlog:
+    events: int
+    prefill_s: float
+    idle_s: float
+    rss_peak_mb: float
+    rss_end_mb: float
+    held: int  # entries read by the relay and not acknowledged (what it holds in memory)
+    left: int  # entries still in the streams
+    max_buffered: int
+    stop_s: float
+
+    @property
+    def failed(self) -> bool:
+        return self.rss_peak_mb >= TARGET_RSS_MB or self.held > self.max_buffered or self.left != self.events
+
+
+def run_backlog(ctx: Ctx) -> Backlog:
+    """(e): a backlog of --backlog events, the IOP down (nothing listens), RSS over --idle seconds."""
+    work = Workload("Z", KEYS_MANY, max(1, ctx.args.backlog // KEYS_MANY))
+    reset_redis(ctx.client)
+    t0 = time.monotonic()
+    prefill_raw(str(ctx.server.socket), ctx.settings, work)
+    prefill_s = time.monotonic() - t0
+    assert stream_state(ctx.client, ctx.settings.redis.shards).entries == work.events
+    dead_url = f"http://127.0.0.1:{free_port()}{IOP_PREFIX}"  # connection refused
+    srv = start_relay(ctx, dead_url, "e")
+    try:
+        with RssSampler(srv.pid) as rss:
+            time.sleep(ctx.args.idle)
+            state = stream_state(ctx.client, ctx.settings.redis.shards)
+            end_kb = rss_kb(srv.pid)
+        peak_kb = max(rss.peak_kb, rss_kb(srv.pid, "VmHWM"))
+        if srv.proc.poll() is not None:
+            raise RuntimeError(f"relay died during the backlog run:\n{srv.log_tail()}")
+    finally:
+        stop_s = stop_process(srv, 20)
+    return Backlog(
+        events=work.events,
+        prefill_s=prefill_s,
+        idle_s=ctx.args.idle,
+        rss_peak_mb=peak_kb / 1024,
+        rss_end_mb=end_kb / 1024,
+        held=state.pending,
+        left=state.entries,
+        max_buffered=ctx.settings.forwarder.max_buffered,
+        stop_s=stop_s,
+    )
+
+
+# -- the bare client (runs in its own process) ------------------------------------------------------
+
+
+class BareResult(msgspec.Struct):
+    requests: int
+    errors: int
+    cpu_s: float
+    rss_peak_kb: int
+
+
+async def bare_client(iop_url: str, work: Workload) -> BareResult:
+    """The same PUTs as the relay sends (URL, body, OCPI headers, fresh X-Request-ID), 64 in flight."""
+    head, tail = location_template()
+    bodies = [head + f"{work.tag}{k}".encode() + tail for k in range(work.keys)]
+    urls = [f"{iop_url}/locations/FR/AB1/{work.tag}{k}" for k in range(work.keys)]
+    requests = [(urls[seq % work.keys], bodies[seq % work.keys], str(seq)) for seq in range(work.events)]
+    auth = authorization(IOP_TOKEN)
+    pending = iter(requests)
+    errors = 0
+    timeout = aiohttp.ClientTimeout(total=35, sock_connect=5, sock_read=30)  # the relay's defaults
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY * 2)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        for url, body, corr in pending:
+            headers = {
+                "Authorization": auth,
+                K.H_REQUEST: uuid.uuid4().hex,
+                K.H_CORRELATION: corr,
+                K.H_FROM_CC: "FR",
+                K.H_FROM_PID: "AB1",
+                K.H_TO_CC: "FR",
+                K.H_TO_PID: "107",
+                "Content-Type": "application/json",
+            }
+            async with session.request("PUT", url, data=body, headers=headers, allow_redirects=False) as resp:
+                await resp.read()
+                errors += resp.status != 200
+
+    cpu0 = time.process_time()
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(CONCURRENCY)))
+    cpu = time.process_time() - cpu0
+    return BareResult(requests=work.events, errors=errors, cpu_s=cpu, rss_peak_kb=rss_kb(os.getpid(), "VmHWM"))
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def _median(runs: list[Run]) -> Run:
+    ordered = sorted(runs, key=lambda r: r.rate)
+    return ordered[len(ordered) // 2]
+
+
+def _row(r: Run) -> str:
+    w = r.work
+    cpu_core = 100 * r.cpu_s / r.seconds if r.seconds else 0.0
+    us_per_ev = 1e6 * r.cpu_s / w.events if w.events else 0.0
+    drain = f"{r.drain_s:7.2f}" if r.drain_s else f"{'-':>7}"
+    return (
+        f"{r.label:<38} {w.events:>8,} {w.keys:>6,} {w.per_key:>4} {r.rate:>9,.0f} {r.seconds:>7.2f} {drain} "
+        f"{us_per_ev:>7.0f} {cpu_core:>5.0f}% {100 * r.redis_cpu_s / max(r.seconds, 1e-9):>5.0f}% "
+        f"{100 * r.receiver_cpu_s / max(r.seconds, 1e-9):>5.0f}% {r.rss_peak_mb:>6.0f} {r.rss_end_mb:>5.0f}  "
+        f"{r.check.text()}"
+    )
+
+
+def _header(ctx: Ctx) -> str:
+    a = ctx.args
+    info = ctx.client.info("server")
+    server = f"{info.get('server_name', 'redis')} {info.get('valkey_version', info.get('redis_version'))}"
+    fw = ctx.settings.forwarder
+    head, tail = location_template()
+    body = len(head) + len(tail) + 3
+    return "\n".join(
+        [
+            "relay forwarder benchmark (bench/forward.py)",
+            f"  machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}; Python "
+            f"{platform.python_version()}, aiohttp {aiohttp.__version__}, redis-py {redis.__version__}, "
+            f"msgspec {msgspec.__version__}, {server}",
+            f"  receiver: bench/receiver.py (aiohttp low-level server, 200 + OCPI 1000) pinned to CPU "
+            f"{a.receiver_cpu}; relay (python -m relay serve) and bare client pinned to CPU {a.relay_cpu}; "
+            "embedded Redis (unix socket, AOF everysec, auto-rewrite off) floating",
+            f"  relay: forwarder concurrency {CONCURRENCY}, read_batch {fw.read_batch}, max_buffered "
+            f"{fw.max_buffered}, {ctx.settings.redis.shards} shards, log level warning, default asyncio loop",
+            f"  events: Location PUT, body ~{body} B (examples/location.json), prefilled round-robin over the keys "
+            "before the relay starts; events/s = events / (last - first request at the receiver); "
+            f"median of {a.repeat} run(s)",
+            "  columns: drain = first request -> streams empty; CPU us/ev = sender CPU per event; CPU/redis/recv "
+            "= share of one core over the measured time; RSS MB = peak (VmHWM/VmRSS samples) and at the end",
+        ]
+        + (["  NOTE: py-spy sampled the relay during (a)/(b): lower numbers than unprofiled runs"] if a.profile else [])
+    )
+
+
+def report(ctx: Ctx, rows: dict[str, list[Run]], backlog: Backlog | None) -> str:
+    head = (
+        f"{'run':<38} {'events':>8} {'keys':>6} {'/key':>4} {'events/s':>9} {'time s':>7} {'drain s':>7} "
+        f"{'CPU us/ev':>7} {'CPU':>6} {'redis':>6} {'recv':>6} {'RSS pk':>6} {'end':>5}  check"
+    )
+    out = [_header(ctx), "", head, "-" * len(head)]
+    med = {k: _median(v) for k, v in rows.items() if v}
+    for k in "abc":
+        if k in med:
+            out.append(_row(med[k]))
+            if len(rows[k]) > 1:
+                out.append(f"{'':<38} runs: " + ", ".join(f"{r.rate:,.0f}" for r in rows[k]) + " events/s")
+    out += ["", "ratios and targets:"]
+    if "c" in med and med["c"].rate:
+        for k, target in (("a", TARGET_RATIO), ("b", None)):
+            if k in med:
+                ratio = med[k].rate / med["c"].rate
+                verdict = (
+                    f" (target >= {100 * target:.0f} %: {'PASS' if ratio >= target else 'MISS'})" if target else ""
+                )
+                out.append(f"  (d) ({k})/(c) = {100 * ratio:.0f} %{verdict}")
+    if "a" in med:
+        verdict = "PASS" if med["a"].rss_peak_mb < TARGET_RSS_MB else "MISS"
+        peak, end = med["a"].rss_peak_mb, med["a"].rss_end_mb
+        out.append(
+            f"  relay RSS in (a): peak {peak:.0f} MB, after the run {end:.0f} MB "
+            f"(target < {TARGET_RSS_MB:.0f} MB: {verdict})"
+        )
+    if backlog is not None:
+        b = backlog
+        verdict = "PASS" if b.rss_peak_mb < TARGET_RSS_MB else "MISS"
+        held = "ok" if b.held <= b.max_buffered else "EXCEEDS max_buffered"
+        out.append(
+            f"  (e) backlog {b.events:,} events (prefilled in {b.prefill_s:.1f} s, {b.events / b.prefill_s:,.0f}/s), "
+            f"IOP down (connection refused) for {b.idle_s:.0f} s: relay RSS peak {b.rss_peak_mb:.0f} MB, "
+            f"end {b.rss_end_mb:.0f} MB (target < {TARGET_RSS_MB:.0f} MB: {verdict})"
+        )
+        out.append(
+            f"      entries read and held by the relay {b.held:,} (max_buffered {b.max_buffered:,}: {held}); "
+            f"left in streams {b.left:,} of {b.events:,}; graceful stop (SIGTERM) took {b.stop_s:.1f} s"
+        )
+    return "\n".join(out)
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, help="events per run of (a), (b), (c) (default 50000; --quick 20000)")
+    p.add_argument("--quick", action="store_true", help="smaller runs: 20 k events, 200 k backlog, 6 s idle")
+    p.add_argument("--backlog", type=int, help="events backlogged for (e) (default 1000000; --quick 200000)")
+    p.add_argument("--idle", type=float, help="seconds the relay faces the down IOP in (e) (default 12)")
+    p.add_argument("--only", default="abce", help="runs to do (default abce; the ratios need c)")
+    p.add_argument("--repeat", type=int, default=1, help="runs of (a), (b), (c) each; the median is shown")
+    p.add_argument("--receiver-cpu", type=int, default=0)
+    p.add_argument("--relay-cpu", type=int, default=1)
+    p.add_argument("--profile", metavar="DIR", help="py-spy record the relay during (a) and (b) into DIR")
+    p.add_argument("--profile-rate", type=int, default=200)
+    p.add_argument("--role", choices=["bench", "bare"], default="bench", help=argparse.SUPPRESS)
+    p.add_argument("--iop-url", help=argparse.SUPPRESS)
+    p.add_argument("--bare-keys", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--bare-per-key", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--bare-tag", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.events = args.events or (20_000 if args.quick else 50_000)
+    args.backlog = args.backlog or (200_000 if args.quick else 1_000_000)
+    args.idle = args.idle or (6.0 if args.quick else 12.0)
+    return args
+
+
+def bench(args: argparse.Namespace, workdir: Path) -> int:
+    settings = relay_settings()
+    server = EmbeddedRedis(workdir / "redis", fsync="everysec")
+    asyncio.run(server.start())
+    receiver_srv: Server | None = None
+    try:
+        assert server.proc is not None
+        client = redis.Redis.from_url(server.url)
+        client.config_set("auto-aof-rewrite-percentage", 0)
+        port = free_port()
+        argv = [python(), "-m", "bench.receiver", "--port", str(port)]
+        receiver_srv = start_server("receiver", argv, clean_env(), port, workdir / "receiver.log", {args.receiver_cpu})
+        ctx = Ctx(args, workdir, server, client, Receiver(receiver_srv), settings, server.proc.pid)
+        per_many = max(1, args.events // KEYS_MANY)
+        per_hot = max(1, args.events // KEYS_HOT)
+        plan = {
+            "a": ("(a) relay, 10 000 keys", Workload("K", KEYS_MANY, per_many)),
+            "b": ("(b) relay, 100 hot keys", Workload("H", KEYS_HOT, per_hot)),
+        }
+        rows: dict[str, list[Run]] = {k: [] for k in "abc"}
+        t0 = time.monotonic()
+        for _ in range(args.repeat):
+            for key in "abc":
+                if key not in args.only:
+                    continue
+                if key == "c":
+                    rows[key].append(run_bare(ctx, Workload("K", KEYS_MANY, per_many)))
+                else:
+                    label, work = plan[key]
+                    rows[key].append(run_relay(ctx, key, label, work))
+                print(_row(rows[key][-1]), file=sys.stderr, flush=True)
+        backlog = run_backlog(ctx) if "e" in args.only else None
+        print()
+        print(report(ctx, rows, backlog))
+        print(f"  total bench time {time.monotonic() - t0:.0f} s")
+        for prof in ctx.profiles:
+            print(f"  profile: {prof} (python -m bench._profile {prof})")
+        client.close()
+        failed = any(r.failed for v in rows.values() for r in v) or (backlog is not None and backlog.failed)
+        return 1 if failed else 0
+    finally:
+        if receiver_srv is not None:
+            receiver_srv.stop()
+        asyncio.run(server.stop())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.role == "bare":
+        work = Workload(args.bare_tag, args.bare_keys, args.bare_per_key)
+        result = asyncio.run(bare_client(args.iop_url, work))
+        print("BARE_RESULT " + msgspec.json.encode(result).decode(), flush=True)
+        return 0
+    if len(os.sched_getaffinity(0)) < 2 or args.relay_cpu == args.receiver_cpu:
+        print("warning: relay and receiver share one CPU", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="relay-fwd-", dir="/tmp") as tmp:  # short path: unix socket
+        with contextlib.suppress(KeyboardInterrupt):
+            return bench(args, Path(tmp))
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""OcpiClient against the fake IOP: URLs, methods, T1–T3 headers, redirects."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from relay.config import IopSettings
+from relay.events import Event, Method, new_event_id
+from relay.ocpi_client import NotConfigured, OcpiClient, StaticDirectory, authorization
+from relay.retry import Kind, classify
+from tests.fake_iop import FakeIop, Received, Reply
+
+TOKEN = "b7c3-token/with+odd=chars"
+
+
+def event(module: Any, method: Method, object_id: str, *, evse: str | None = None, conn: str | None = None,
+          body: bytes = b'{"x": 1}', correlation: str = "") -> Event:  # fmt: skip
+    return Event(
+        id=new_event_id(),
+        module=module,
+        method=method,
+        country_code="FR",
+        party_id="AB1",
+        object_id=object_id,
+        evse_uid=evse,
+        connector_id=conn,
+        key=f"k:{object_id}",
+        correlation_id=correlation,
+        received_at=0.0,
+        body=body if method != "DELETE" else b"",
+    )
+
+
+@pytest.fixture
+async def iop() -> AsyncIterator[FakeIop]:
+    fake = FakeIop()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def client(iop: FakeIop) -> AsyncIterator[OcpiClient]:
+    settings = IopSettings(url=iop.url + "/", token=TOKEN, connect_timeout_s=1, request_timeout_s=2)
+    c = OcpiClient(settings, StaticDirectory(settings))
+    await c.start()
+    yield c
+    await c.close()
+
+
+URLS = [
+    ("location", event("locations", "PUT", "LOC1"), "PUT", "/ocpi/2.2.1/locations/FR/AB1/LOC1"),
+    ("evse", event("locations", "PATCH", "LOC1", evse="3256"), "PATCH", "/ocpi/2.2.1/locations/FR/AB1/LOC1/3256"),
+    ("connector", event("locations", "PUT", "LOC1", evse="3256", conn="1"), "PUT",
+     "/ocpi/2.2.1/locations/FR/AB1/LOC1/3256/1"),  # fmt: skip
+    ("session", event("sessions", "PUT", "S1"), "PUT", "/ocpi/2.2.1/sessions/FR/AB1/S1"),
+    ("session patch", event("sessions", "PATCH", "S1"), "PATCH", "/ocpi/2.2.1/sessions/FR/AB1/S1"),
+    ("cdr", event("cdrs", "POST", "CDR1"), "POST", "/ocpi/2.2.1/cdrs"),
+    ("tariff", event("tariffs", "PUT", "T1"), "PUT", "/ocpi/2.2.1/tariffs/FR/AB1/T1"),
+    ("tariff delete", event("tariffs", "DELETE", "T1"), "DELETE", "/ocpi/2.2.1/tariffs/FR/AB1/T1"),
+]
+
+
+@pytest.mark.parametrize(("ev", "method", "path"), [u[1:] for u in URLS], ids=[u[0] for u in URLS])
+async def test_url_method_and_body(iop: FakeIop, client: OcpiClient, ev: Event, method: str, path: str) -> None:
+    reply = await client.send(ev)
+    assert reply.status == 200
+    assert classify(reply.status, reply.headers, reply.body).kind is Kind.DELIVERED
+    [got] = iop.received
+    assert (got.method, got.path) == (method, path)
+    if method == "DELETE":
+        assert got.body == b""
+        assert "Content-Type" not in got.headers
+    else:
+        assert got.body == ev.body
+        assert got.headers["Content-Type"] == "application/json"
+
+
+def _check_headers(got: Received, ev: Event) -> None:
+    assert got.headers["Authorization"] == "Token " + base64.b64encode(TOKEN.encode()).decode()
+    assert got.headers["X-Correlation-ID"] == (ev.correlation_id or ev.id)
+    assert got.headers["OCPI-from-country-code"] == "FR"
+    assert got.headers["OCPI-from-party-id"] == "AB1"
+    assert got.headers["OCPI-to-country-code"] == "FR"
+    assert got.headers["OCPI-to-party-id"] == "107"
+
+
+async def test_headers_t1_t2_t3(iop: FakeIop, client: OcpiClient) -> None:
+    with_corr = event("locations", "PUT", "LOC1", correlation="csms-corr-9")
+    without = event("locations", "PUT", "LOC2")
+    replies = [await client.send(with_corr), await client.send(with_corr), await client.send(without)]
+    assert [r.status for r in replies] == [200, 200, 200]
+    _check_headers(iop.received[0], with_corr)
+    _check_headers(iop.received[1], with_corr)
+    _check_headers(iop.received[2], without)
+    request_ids = [r.headers["X-Request-ID"] for r in iop.received]
+    assert len(set(request_ids)) == 3  # fresh on every attempt, even of the same event
+    assert request_ids == [r.request_id for r in replies]
+
+
+def test_authorization_is_base64_of_the_token() -> None:
+    assert authorization("abc") == "Token YWJj"
+    assert base64.b64decode(authorization(TOKEN).removeprefix("Token ")).decode() == TOKEN
+
+
+@pytest.mark.parametrize(("status", "method"), [(307, "PUT"), (308, "PATCH"), (301, "PUT"), (308, "POST")])
+async def test_redirect_to_trailing_slash_keeps_method_and_body(
+    iop: FakeIop, client: OcpiClient, status: int, method: Method
+) -> None:
+    def script(r: Received) -> Reply | None:
+        if not r.path.endswith("/"):
+            return Reply(status=status, ocpi=None, headers={"Location": r.path + "/"})
+        return None
+
+    iop.script = script
+    ev = event("cdrs" if method == "POST" else "locations", method, "LOC1", evse="3256" if method == "PATCH" else None)
+    reply = await client.send(ev)
+    assert reply.status == 200
+    first, second = iop.received
+    assert first.reply is not None and first.reply.status == status
+    assert second.path == first.path + "/"
+    assert second.method == first.method == method
+    assert second.body == first.body == ev.body
+    assert second.headers["Authorization"] == first.headers["Authorization"]
+    assert second.headers["X-Request-ID"] == first.headers["X-Request-ID"]  # one attempt
+
+
+async def test_redirect_to_another_origin_is_not_followed(iop: FakeIop, client: OcpiClient) -> None:
+    elsewhere = FakeIop()
+    await elsewhere.start()
+    try:
+        iop.script = lambda r: Reply(status=307, ocpi=None, headers={"Location": elsewhere.url + "/locations/x"})
+        reply = await client.send(event("locations", "PUT", "LOC1"))
+        assert reply.status == 307
+        assert len(iop.received) == 1
+        assert elsewhere.arrived == []  # the token never leaves the IOP's origin
+        out = classify(reply.status, reply.headers, reply.body)
+        assert out.kind is Kind.PERMANENT and "redirect" in out.reason
+    finally:
+        await elsewhere.close()
+
+
+async def test_redirect_loop_is_bounded(iop: FakeIop, client: OcpiClient) -> None:
+    iop.script = lambda r: Reply(status=307, ocpi=None, headers={"Location": r.path + "/"})
+    reply = await client.send(event("locations", "PUT", "LOC1"))
+    assert reply.status == 307
+    assert 2 <= len(iop.received) <= 5
+
+
+async def test_not_configured_without_url_or_token() -> None:
+    for settings in (IopSettings(url="", token="t"), IopSettings(url="http://127.0.0.1:9/ocpi", token="")):
+        c = OcpiClient(settings, StaticDirectory(settings))
+        await c.start()
+        try:
+            with pytest.raises(NotConfigured):
+                await c.send(event("locations", "PUT", "LOC1"))
+        finally:
+            await c.close()

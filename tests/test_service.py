@@ -1,0 +1,309 @@
+"""Lifecycle of ``relay serve`` as a real process: start, readiness, graceful SIGTERM, crash, restart.
+
+The relay runs as ``python -m relay serve`` with the shipped config and its own embedded server in a
+temporary data directory, exactly as the README's first command runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import REPO, gireve_location
+
+SHIPPED = REPO / "config" / "relay.toml"
+SECRET = "svc-T0ken-never-logged-7f3a"
+LOC_PATH = "/ingress/2.2.1/locations/FR/AB1/LOC1"
+START_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def servers_on(data_dir: Path) -> list[int]:
+    """Pids of live processes whose command line names this data directory's socket."""
+    needle = str((data_dir / "redis.sock").resolve()).encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with suppress(OSError):
+                if needle in (proc / "cmdline").read_bytes() and alive(int(proc.name)):
+                    pids.append(int(proc.name))
+    return pids
+
+
+async def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Served:
+    """One ``relay serve`` process."""
+
+    data_dir: Path
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, **extra_env: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        env.update(
+            RELAY_STORAGE_DIR=str(self.data_dir),
+            RELAY_REDIS_URL="",
+            RELAY_INGRESS_LISTEN=f"127.0.0.1:{self.port}",
+            RELAY_OCPI_LISTEN="127.0.0.1:0",
+            RELAY_INGRESS_TOKEN=SECRET,
+            RELAY_FORWARDER_ENABLED="false",
+        )
+        env.update(extra_env)
+        self.env = env
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", "--config", str(SHIPPED)],
+                env=env,
+                cwd=self.data_dir.parent,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+
+    async def ready(self, http: aiohttp.ClientSession) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relay exited with {self.proc.returncode}:\n{self.log()}")
+            with suppress(aiohttp.ClientError):
+                async with http.get(f"{self.base}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"relay not ready within {START_TIMEOUT_S}s:\n{self.log()}")
+            await asyncio.sleep(0.05)
+
+    async def wait_exit(self, timeout_s: float) -> int:
+        assert self.proc is not None
+        proc = self.proc
+        await wait_for(lambda: proc.poll() is not None, timeout_s, "the relay to exit")
+        return proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            with suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict):
+                    out.append(doc)
+        return out
+
+    def stop_now(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    top = Path(tempfile.mkdtemp(prefix="relay-s-", dir="/tmp"))  # short: unix socket paths are limited
+    srv = Served(data_dir=top / "data", port=free_port(), log_path=top / "relay.log")
+    yield srv
+    srv.stop_now()
+    for pid in servers_on(srv.data_dir):  # never leave a server behind, even when a test failed
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {SECRET}"}) as session:
+        yield session
+
+
+def peek(srv: Served, module: str) -> str:
+    """``relay peek`` on the data directory (starts the embedded server itself when none runs)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "relay", "peek", module, "--count", "100", "--config", str(SHIPPED)],
+        env={**srv.env, "RELAY_LOG_LEVEL": "warning"},
+        cwd=srv.data_dir.parent,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    return out.stdout.decode()
+
+
+async def held_request(port: int, body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A PUT whose headers the server has routed (it answered 100 Continue) and whose body is not sent yet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"PUT {LOC_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {SECRET}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    writer.write(head.encode())
+    await writer.drain()
+    line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert line.startswith(b"HTTP/1.1 100"), line
+    return reader, writer
+
+
+async def finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> tuple[int, Any]:
+    writer.write(body)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+    status = int(head.split(b" ", 2)[1])
+    length = next(int(h.split(b":", 1)[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:"))
+    payload = json.loads(await reader.readexactly(length))
+    writer.close()
+    return status, payload
+
+
+async def refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return True
+    writer.close()
+    return False
+
+
+# --- the tests ---------------------------------------------------------------------------------------------------
+
+
+async def test_serve_accepts_then_stops_gracefully_on_sigterm(served: Served, http: aiohttp.ClientSession) -> None:
+    served.start()
+    await served.ready(http)
+    redis_pid = int((served.data_dir / "redis.pid").read_text())
+    assert alive(redis_pid)
+
+    body = (REPO / "examples" / "location.json").read_bytes()
+    async with http.put(f"{served.base}{LOC_PATH}", data=body) as resp:
+        answer = await resp.json()
+        assert resp.status == 202, answer
+    event_ids = [answer["data"]["event_id"]]
+    # a refused request must not leak the (wrong) token it carried either
+    async with http.put(f"{served.base}{LOC_PATH}", data=body, headers={"Authorization": f"Token {SECRET}-wrong"}) as r:
+        assert r.status == 401
+
+    # requests in flight: routed by the server (100 Continue), bodies still to come
+    bodies = [json.dumps(gireve_location(last_updated=f"2024-01-0{i + 1}T00:00:00Z")).encode() for i in range(3)]
+    held = [await held_request(served.port, b) for b in bodies]
+    assert served.proc is not None
+    served.proc.send_signal(signal.SIGTERM)
+
+    # it stops accepting new connections while the in-flight requests are still open
+    deadline = time.monotonic() + 10
+    while not await refused(served.port):
+        assert time.monotonic() < deadline, "the listener was not closed after SIGTERM"
+        await asyncio.sleep(0.02)
+    assert served.proc.poll() is None  # still finishing the held requests
+
+    for (reader, writer), b in zip(held, bodies, strict=True):
+        status, payload = await finish(reader, writer, b)
+        assert status == 202, payload
+        event_ids.append(payload["data"]["event_id"])
+
+    assert await served.wait_exit(15) == 0, served.log()
+    await wait_for(lambda: not alive(redis_pid), 10, "the embedded server to exit")
+    assert servers_on(served.data_dir) == []
+
+    events = served.log_events()
+    started = [e for e in events if e.get("event") == "relay_started"]
+    assert len(started) == 1, served.log()
+    assert started[0]["ingress"] == f"http://127.0.0.1:{served.port}/ingress/2.2.1"
+    assert [e.get("returncode") for e in events if e.get("event") == "embedded_redis_stopped"] == [0]
+    assert [e for e in events if e.get("event") == "relay_stopped"]
+    assert SECRET not in served.log()
+
+    # a fresh start on the same directory still has every accepted event, in order
+    listing = peek(served, "locations")
+    assert [line.split("event_id=")[1] for line in listing.splitlines()] == event_ids
+    assert all("key=loc:FR:AB1:LOC1" in line for line in listing.splitlines())
+
+
+async def test_kill_9_of_the_relay_loses_nothing_and_takes_its_server_down(
+    served: Served, http: aiohttp.ClientSession
+) -> None:
+    served.start()
+    await served.ready(http)
+    redis_pid = int((served.data_dir / "redis.pid").read_text())
+    event_ids = []
+    for i in range(5):
+        doc = gireve_location(f"K{i}")
+        async with http.put(f"{served.base}/ingress/2.2.1/locations/FR/AB1/K{i}", json=doc) as resp:
+            assert resp.status == 202
+            event_ids.append((await resp.json())["data"]["event_id"])
+    assert served.proc is not None
+    served.proc.kill()
+    served.proc.wait(timeout=10)
+    await wait_for(lambda: not alive(redis_pid), 10, "the orphaned embedded server to exit")
+
+    served.start()  # same directory: the stale pidfile and socket must not get in the way
+    await served.ready(http)
+    async with http.get(f"{served.base}/readyz") as resp:
+        assert (await resp.json())["persistence"] == {"appendonly": "yes", "appendfsync": "always"}
+    served.proc.send_signal(signal.SIGTERM)
+    assert await served.wait_exit(15) == 0, served.log()
+    listing = peek(served, "locations")
+    assert sorted(line.split("event_id=")[1] for line in listing.splitlines()) == sorted(event_ids)
+    assert len([e for e in served.log_events() if e.get("event") == "relay_started"]) == 2  # one per start
+
+
+async def test_serve_without_token_exits_2_before_starting_anything(served: Served) -> None:
+    served.start(RELAY_INGRESS_TOKEN="")
+    assert await served.wait_exit(20) == 2
+    assert "ingress.token" in served.log()
+    assert not (served.data_dir / "redis.sock").exists()
+
+
+async def test_listen_port_taken_fails_and_leaves_no_server(served: Served) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", served.port))
+        blocker.listen()
+        served.start()
+        code = await served.wait_exit(30)
+    assert code != 0
+    assert servers_on(served.data_dir) == []
+    assert SECRET not in served.log()
