@@ -87,6 +87,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14 and 15 of stat)
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time spent by the whole machine so far (all CPUs, everything but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / _CLK_TCK  # user nice system idle iowait irq softirq steal
+
+
 # -- subprocess servers ---------------------------------------------------------------------------
 
 
@@ -187,16 +194,21 @@ def stream_entries(client: redis.Redis) -> int:
     return total
 
 
-def settled_entries(client: redis.Redis, quiet_s: float = 0.3, timeout_s: float = 30.0) -> int:
-    """Stream entries once no write has landed for ``quiet_s`` (requests in flight when the load stopped)."""
-    last = stream_entries(client)
+def settled_entries(client: redis.Redis, pid: int | None = None, quiet_s: float = 0.25, timeout_s: float = 60.0) -> int:
+    """Stream entries once the server is done with the requests in flight when the load stopped.
+
+    Settled = no new entry and (given the server's pid) under 5 % of a core used by it during
+    ``quiet_s``, twice in a row: a relay still parsing the replies of a large pipeline writes
+    nothing for a while but is not done.
+    """
+    last, cpu = stream_entries(client), cpu_seconds(pid) if pid else 0.0
+    calm = 0
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and calm < 2:
         time.sleep(quiet_s)
-        now = stream_entries(client)
-        if now == last:
-            return now
-        last = now
+        now, cpu_now = stream_entries(client), cpu_seconds(pid) if pid else 0.0
+        calm = calm + 1 if now == last and cpu_now - cpu < 0.05 * quiet_s else 0
+        last, cpu = now, cpu_now
     return last
 
 

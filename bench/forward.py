@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,8 @@ TARGET_RATIO = 0.75
 TARGET_RSS_MB = 150.0
 KEYS_MANY = 10_000
 KEYS_HOT = 100
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+SHARES = ("sender", "redis", "receiver", "others")
 
 
 # -- the events -------------------------------------------------------------------------------------
@@ -377,6 +381,11 @@ def start_relay(ctx: Ctx, iop_url: str, tag: str) -> Server:
     port = free_port()
     env = relay_env(ctx.server.url, iop_url, port, ctx.workdir / "relay-data")
     argv = [python(), "-m", "relay", "serve", "--config", str(CONFIG)]
+    if ctx.args.relay_src:  # a private copy of the relay package (experiments): it must win over the repo's
+        src = Path(ctx.args.relay_src).resolve()
+        config = src / "config" / "relay.toml"  # the copy's own config, if any: code and file must agree
+        boot = "import sys; sys.path.insert(0, sys.argv.pop(1)); from relay.cli import main; main(prog_name='relay')"
+        argv = [python(), "-c", boot, str(src), "serve", "--config", str(config if config.exists() else CONFIG)]
     return start_server(f"relay-{tag}", argv, env, port, ctx.workdir / f"relay-{tag}.log", {ctx.args.relay_cpu})
 
 
@@ -391,6 +400,44 @@ def stop_process(srv: Server, timeout_s: float) -> float:
             srv.proc.kill()
             srv.proc.wait()
     return time.monotonic() - t0
+
+
+def busy_seconds() -> float:
+    """CPU time spent by the whole machine (all CPUs, everything but idle and iowait) so far."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _CLK_TCK
+
+
+class CpuWindow:
+    """CPU seconds of the sender, Redis, the receiver and everything else on the machine over one run."""
+
+    def __init__(self, ctx: Ctx, sender: int | None) -> None:
+        self.pids = {"sender": sender, "redis": ctx.redis_pid, "receiver": ctx.receiver.server.pid}
+        self.t0 = time.monotonic()
+        self.start = {k: cpu_seconds(p) if p else 0.0 for k, p in self.pids.items()}
+        self.busy0 = busy_seconds()
+        self.self0 = _own_cpu()
+        self.used: dict[str, float] = {}
+        self.wall = 0.0
+
+    def stop(self, sender_cpu_s: float | None = None) -> None:
+        """``sender_cpu_s``: the sender's CPU when it is a child that already exited (reaped)."""
+        self.wall = time.monotonic() - self.t0
+        self.used = {k: (cpu_seconds(p) if p else 0.0) - self.start[k] for k, p in self.pids.items()}
+        if sender_cpu_s is not None:
+            self.used["sender"] = sender_cpu_s
+        ours = sum(self.used.values()) + _own_cpu() - self.self0
+        self.used["others"] = max(0.0, busy_seconds() - self.busy0 - ours)
+
+    def share(self, name: str) -> float:
+        """Fraction of one core."""
+        return self.used.get(name, 0.0) / self.wall if self.wall else 0.0
+
+
+def _own_cpu() -> float:
+    """This process (every thread) and its reaped children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 class Profiler:
@@ -436,8 +483,7 @@ class Run:
     seconds: float = 0.0  # first -> last request at the receiver
     drain_s: float = 0.0  # first request -> streams empty (relay only)
     cpu_s: float = 0.0  # CPU of the relay / bare client while it worked
-    redis_cpu_s: float = 0.0
-    receiver_cpu_s: float = 0.0
+    cpu: CpuWindow | None = None
     rss_peak_mb: float = 0.0
     rss_end_mb: float = 0.0
     check: Check = field(default_factory=Check)
@@ -493,12 +539,14 @@ def run_relay(ctx: Ctx, key: str, label: str, work: Workload) -> Run:
             out.parent.mkdir(parents=True, exist_ok=True)
             profiler = Profiler(srv.pid, out, ctx.args.profile_rate)
             ctx.profiles.append(out)
-        c0, r0, v0 = cpu_seconds(srv.pid), cpu_seconds(ctx.redis_pid), cpu_seconds(ctx.receiver.server.pid)
+        cpu = CpuWindow(ctx, srv.pid)
         with RssSampler(srv.pid) as rss:
-            wait_delivered(ctx, work.events, srv.proc)
+            try:
+                wait_delivered(ctx, work.events, srv.proc)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{label}: {exc}; relay log:\n{srv.log_tail()}") from exc
             drained_at, state = wait_drained(ctx)
-            c1, r1 = cpu_seconds(srv.pid), cpu_seconds(ctx.redis_pid)
-            v1 = cpu_seconds(ctx.receiver.server.pid)
+            cpu.stop()
             run.rss_end_mb = rss_kb(srv.pid) / 1024
         if profiler is not None:
             profiler.stop()
@@ -510,7 +558,7 @@ def run_relay(ctx: Ctx, key: str, label: str, work: Workload) -> Run:
     st = ctx.receiver.stats()
     run.seconds = st.last - st.first
     run.drain_s = drained_at - st.first
-    run.cpu_s, run.redis_cpu_s, run.receiver_cpu_s = c1 - c0, r1 - r0, v1 - v0
+    run.cpu, run.cpu_s = cpu, cpu.used["sender"]
     run.check = check_records(ctx.receiver.dump(), work)
     run.check.state = stream_state(ctx.client, ctx.settings.redis.shards)
     return run
@@ -530,7 +578,7 @@ def run_bare(ctx: Ctx, work: Workload) -> Run:
             stderr=subprocess.STDOUT,
             preexec_fn=pinned({ctx.args.relay_cpu}),
         )
-        r0, v0 = cpu_seconds(ctx.redis_pid), cpu_seconds(ctx.receiver.server.pid)
+        cpu = CpuWindow(ctx, None)
         try:
             wait_delivered(ctx, work.events, proc)
             code = proc.wait(60)
@@ -538,7 +586,6 @@ def run_bare(ctx: Ctx, work: Workload) -> Run:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        r1, v1 = cpu_seconds(ctx.redis_pid), cpu_seconds(ctx.receiver.server.pid)
         out.seek(0)
         text = out.read().decode(errors="replace")
     if code != 0 or "BARE_RESULT" not in text:
@@ -546,9 +593,9 @@ def run_bare(ctx: Ctx, work: Workload) -> Run:
     result = msgspec.json.decode(text.split("BARE_RESULT", 1)[1].strip().splitlines()[0], type=BareResult)
     st = ctx.receiver.stats()
     run.seconds = st.last - st.first
-    run.cpu_s = result.cpu_s
+    cpu.stop(sender_cpu_s=result.total_cpu_s)
+    run.cpu, run.cpu_s = cpu, result.cpu_s
     run.rss_peak_mb = run.rss_end_mb = result.rss_peak_kb / 1024
-    run.redis_cpu_s, run.receiver_cpu_s = r1 - r0, v1 - v0
     run.check = check_records(ctx.receiver.dump(), work)
     run.check.errors = result.errors
     return run
@@ -610,7 +657,8 @@ def run_backlog(ctx: Ctx) -> Backlog:
 class BareResult(msgspec.Struct):
     requests: int
     errors: int
-    cpu_s: float
+    cpu_s: float  # while sending
+    total_cpu_s: float  # the whole process
     rss_peak_kb: int
 
 
@@ -647,7 +695,81 @@ async def bare_client(iop_url: str, work: Workload) -> BareResult:
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         await asyncio.gather(*(worker(session) for _ in range(CONCURRENCY)))
     cpu = time.process_time() - cpu0
-    return BareResult(requests=work.events, errors=errors, cpu_s=cpu, rss_peak_kb=rss_kb(os.getpid(), "VmHWM"))
+    total = time.process_time()
+    return BareResult(work.events, errors, cpu, total, rss_kb(os.getpid(), "VmHWM"))
+
+
+# -- profiles -------------------------------------------------------------------------------------
+
+# (label, regex on the file of the innermost Python frame), first match wins.
+_BUCKETS = [
+    (label, re.compile(r"(^|/)" + rx))
+    for label, rx in (
+        ("relay.forwarder", r"relay/forwarder\.py"),
+        ("relay.link", r"relay/link\.py"),
+        ("relay.ocpi_client", r"relay/ocpi_client\.py"),
+        ("relay.retry (classify)", r"relay/retry\.py"),
+        ("relay.store", r"relay/store\.py"),
+        ("relay (other)", r"relay/"),
+        ("tenacity", r"tenacity/"),
+        ("aiohttp client/http", r"aiohttp/"),
+        ("multidict/yarl", r"(multidict|yarl)/"),
+        ("redis-py", r"redis/"),
+        ("prometheus_client", r"prometheus_client/"),
+        ("structlog", r"structlog/"),
+        ("uuid", r"uuid\.py"),
+        ("contextlib", r"contextlib\.py"),
+        ("asyncio", r"asyncio/"),
+    )
+]
+# Inclusive time of the stages of one delivery (any frame of the stack matches).
+_STAGES = (
+    ("XREADGROUP + decode + feed (readers)", ("Forwarder._read_loop",)),
+    ("per-key runner overall (_run_key)", ("Forwarder._run_key",)),
+    ("  parked() check", ("DeliveryStore.parked",)),
+    ("  tenacity AsyncRetrying (incl. the attempt)", ("AsyncRetrying.__call__",)),
+    ("    _attempt", ("Forwarder._attempt",)),
+    (
+        "      Link.slot enter/exit",
+        ("_AsyncGeneratorContextManager.__aenter__", "_AsyncGeneratorContextManager.__aexit__"),
+    ),
+    ("      OcpiClient.send (HTTP request + response)", ("OcpiClient.send",)),
+    ("      classify", ("classify",)),
+    ("      Link.success/failure", ("Link.success", "Link.failure")),
+    ("      prometheus labels()/observe/inc", ("MetricWrapperBase.labels", "Histogram.observe", "Counter.inc")),
+    ("  finish (ack future)", ("DeliveryStore.finish",)),
+    ("  _free (room Condition)", ("Forwarder._free",)),
+    ("Store flush loop (coalesced pipelines)", ("Store._flush_loop",)),
+)
+
+
+def profile_breakdown(path: Path) -> str:
+    """Where the relay's CPU goes, by package of the innermost frame and by delivery stage (inclusive)."""
+    buckets: Counter[str] = Counter()
+    stages: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if "(" in f]
+        if not frames:
+            continue
+        count = int(count_s)
+        total += count
+        leaf_file = frames[-1].rsplit("(", 1)[1]
+        buckets[next((label for label, rx in _BUCKETS if rx.search(leaf_file)), "other (stdlib, C)")] += count
+        funcs = {f.split(" (", 1)[0].strip() for f in frames}
+        for label, names in _STAGES:
+            if any(n in funcs for n in names):
+                stages[label] += count
+    if not total:
+        return f"{path}: no samples"
+    out = [f"{path.name}: {total} samples; by package of the innermost Python frame:"]
+    out += [f"    {100 * n / total:5.1f} %  {label}" for label, n in buckets.most_common()]
+    out.append("  by stage (inclusive):")
+    out += [f"    {100 * stages[label] / total:5.1f} %  {label}" for label, _ in _STAGES]
+    return "\n".join(out)
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -660,14 +782,12 @@ def _median(runs: list[Run]) -> Run:
 
 def _row(r: Run) -> str:
     w = r.work
-    cpu_core = 100 * r.cpu_s / r.seconds if r.seconds else 0.0
     us_per_ev = 1e6 * r.cpu_s / w.events if w.events else 0.0
     drain = f"{r.drain_s:7.2f}" if r.drain_s else f"{'-':>7}"
+    shares = "".join(f" {100 * r.cpu.share(k):>5.0f}%" if r.cpu else f" {'-':>6}" for k in SHARES)
     return (
         f"{r.label:<38} {w.events:>8,} {w.keys:>6,} {w.per_key:>4} {r.rate:>9,.0f} {r.seconds:>7.2f} {drain} "
-        f"{us_per_ev:>7.0f} {cpu_core:>5.0f}% {100 * r.redis_cpu_s / max(r.seconds, 1e-9):>5.0f}% "
-        f"{100 * r.receiver_cpu_s / max(r.seconds, 1e-9):>5.0f}% {r.rss_peak_mb:>6.0f} {r.rss_end_mb:>5.0f}  "
-        f"{r.check.text()}"
+        f"{us_per_ev:>7.0f}{shares} {r.rss_peak_mb:>6.0f} {r.rss_end_mb:>5.0f}  {r.check.text()}"
     )
 
 
@@ -692,9 +812,13 @@ def _header(ctx: Ctx) -> str:
             f"  events: Location PUT, body ~{body} B (examples/location.json), prefilled round-robin over the keys "
             "before the relay starts; events/s = events / (last - first request at the receiver); "
             f"median of {a.repeat} run(s)",
-            "  columns: drain = first request -> streams empty; CPU us/ev = sender CPU per event; CPU/redis/recv "
-            "= share of one core over the measured time; RSS MB = peak (VmHWM/VmRSS samples) and at the end",
+            "  columns: drain = first request -> streams empty; CPU us/ev = CPU of the relay (bare client: while "
+            "sending) per event; CPU/redis/recv/others = CPU of the relay or bare client, Redis, the receiver and "
+            "every other process of the machine, as a share of one core over the run (others > 0: the machine "
+            "was not quiet, throughput is lower than it would be); RSS MB = peak (VmHWM, VmRSS samples) and at "
+            "the end of the run",
         ]
+        + ([f"  NOTE: relay code from {a.relay_src} (not the repository's)"] if a.relay_src else [])
         + (["  NOTE: py-spy sampled the relay during (a)/(b): lower numbers than unprofiled runs"] if a.profile else [])
     )
 
@@ -702,7 +826,7 @@ def _header(ctx: Ctx) -> str:
 def report(ctx: Ctx, rows: dict[str, list[Run]], backlog: Backlog | None) -> str:
     head = (
         f"{'run':<38} {'events':>8} {'keys':>6} {'/key':>4} {'events/s':>9} {'time s':>7} {'drain s':>7} "
-        f"{'CPU us/ev':>7} {'CPU':>6} {'redis':>6} {'recv':>6} {'RSS pk':>6} {'end':>5}  check"
+        f"{'CPU us/ev':>7} {'CPU':>6} {'redis':>6} {'recv':>6} {'others':>6} {'RSS pk':>6} {'end':>5}  check"
     )
     out = [_header(ctx), "", head, "-" * len(head)]
     med = {k: _median(v) for k, v in rows.items() if v}
@@ -758,6 +882,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--relay-cpu", type=int, default=1)
     p.add_argument("--profile", metavar="DIR", help="py-spy record the relay during (a) and (b) into DIR")
     p.add_argument("--profile-rate", type=int, default=200)
+    p.add_argument("--relay-src", metavar="DIR", help="run the relay package found in DIR (a patched copy) instead")
     p.add_argument("--role", choices=["bench", "bare"], default="bench", help=argparse.SUPPRESS)
     p.add_argument("--iop-url", help=argparse.SUPPRESS)
     p.add_argument("--bare-keys", type=int, help=argparse.SUPPRESS)
@@ -806,7 +931,9 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
         print(report(ctx, rows, backlog))
         print(f"  total bench time {time.monotonic() - t0:.0f} s")
         for prof in ctx.profiles:
-            print(f"  profile: {prof} (python -m bench._profile {prof})")
+            print()
+            print(profile_breakdown(prof))
+            print(f"  (top functions: python -m bench._profile {prof})")
         client.close()
         failed = any(r.failed for v in rows.values() for r in v) or (backlog is not None and backlog.failed)
         return 1 if failed else 0

@@ -311,20 +311,36 @@ def status(as_json: bool, config_path: Path | None) -> None:
     settings = _settings(config_path)
 
     async def go(store: Any) -> None:
+        from relay.credentials import Registry
+        from relay.store import RegistrationStore
+
         ds = DeliveryStore(store)
         depth = await store.stream_lengths()
         oldest = await ds.oldest()
         dead = await ds.dlq_lengths()
         links = await ds.link_states()
+        registry = Registry(settings, RegistrationStore(store))
+        await registry.refresh()
         now = time.time()
         modules = {
             m: {"queued": depth[m], "oldest_age_s": round(now - o, 1) if (o := oldest[m]) else 0, "dead": dead[m]}
             for m in MODULES
         }
-        data = {"redis": "ok", "modules": modules, "replicas": links}
+        data = {
+            "redis": "ok",
+            "connection": _connection(registry, settings),
+            "modules": modules,
+            "replicas": links,
+        }
         if as_json:
             click.echo(msgspec.json.encode(data).decode())
             return
+        conn = data["connection"]
+        click.echo(f"connection: {conn['state']}" + (f" since {conn['since']}" if conn.get("since") else ""))
+        if conn.get("versions_url"):
+            click.echo(f"  IOP versions: {conn['versions_url']}")
+        for ep in conn.get("endpoints", []):
+            click.echo(f"  {ep['identifier']:<12} {ep['role']:<9} {ep['url']}")
         click.echo(f"{'module':<10} {'queued':>8} {'oldest age':>11} {'dead':>6}")
         for m, row in modules.items():
             click.echo(f"{m:<10} {row['queued']:>8} {row['oldest_age_s']:>10}s {row['dead']:>6}")
@@ -332,6 +348,22 @@ def status(as_json: bool, config_path: Path | None) -> None:
             click.echo(f"link {replica}: {link.get('state', '-')} {link.get('reason', '')}")
 
     _with_store(settings, go)
+
+
+def _connection(registry: Any, settings: Settings) -> dict[str, Any]:
+    """How the relay is connected to the IOP, for `relay status`."""
+    reg = registry.registration
+    if reg is None:
+        static = bool(settings.iop.url and settings.iop.token)
+        return {"state": "static" if static else "unregistered", "versions_url": settings.iop.url or None}
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(reg.updated_at))
+    return {
+        "state": reg.state,
+        "direction": reg.direction,
+        "since": since,
+        "versions_url": reg.versions_url,
+        "endpoints": [{"identifier": e.identifier, "role": e.role, "url": e.url} for e in reg.endpoints],
+    }
 
 
 @main.group()
@@ -348,5 +380,95 @@ def link_resume(config_path: Path | None) -> None:
     async def go(store: Any) -> None:
         await DeliveryStore(store).request_resume(time.time())
         click.echo("resume requested; replicas pick it up within lease_ttl_s/3 seconds")
+
+    _with_store(settings, go)
+
+
+@main.command()
+@click.option("--from-iop", is_flag=True, help="Create a one-time token A for GIREVE's Register – FromIOP.")
+@click.option("--versions-url", help="Register – ToIOP: the IOP's versions URL.")
+@click.option("--token-a", envvar="RELAY_REGISTER_TOKEN_A", help="Register – ToIOP: the token A the IOP gave you.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@config_option
+def register(from_iop: bool, versions_url: str | None, token_a: str | None, as_json: bool,
+             config_path: Path | None) -> None:  # fmt: skip
+    """Connect to the IOP with the OCPI credentials handshake.
+
+    \b
+    GIREVE (Register – FromIOP, what GIREVE uses):
+      relay register --from-iop
+      → hand the printed versions URL and token A to GIREVE; GIREVE calls the relay, which then
+        uses the token GIREVE gave and hands GIREVE a fresh one. Token A then stops working.
+    \b
+    Other hubs (Register – ToIOP):
+      relay register --versions-url https://hub.example/ocpi/versions --token-a TOKEN
+    \b
+    Re-registration: GIREVE has no credentials update; run either form again (after `relay
+    unregister` or a DELETE from GIREVE): tokens and endpoints are replaced.
+    """
+    from relay.credentials import HandshakeError, Registry, new_token, register_to_iop
+    from relay.credentials import versions_url as ours
+    from relay.store import RegistrationStore
+
+    settings = _settings(config_path)
+    if from_iop == bool(versions_url):
+        raise click.UsageError("use either --from-iop, or --versions-url with --token-a")
+    if versions_url and not token_a:
+        raise click.UsageError("--versions-url needs --token-a (or RELAY_REGISTER_TOKEN_A)")
+
+    async def go(store: Any) -> None:
+        rs = RegistrationStore(store)
+        if from_iop:
+            token = new_token()
+            await rs.set_token_a(token)
+            out = {"versions_url": ours(settings), "token_a": token}
+            click.echo(msgspec.json.encode(out).decode() if as_json else
+                       f"versions URL: {out['versions_url']}\ntoken A:      {token}\n"
+                       "Hand both to GIREVE; the relay must be running and reachable at that URL.")  # fmt: skip
+            return
+        assert versions_url is not None and token_a is not None
+        token_b = new_token()
+        # The IOP may call us back with B during its handling of our POST: let B open the door
+        # the way a token A does, until the registration is stored.
+        await rs.set_token_a(token_b)
+        try:
+            reg = await register_to_iop(settings, versions_url, token_a, token_b)
+        except HandshakeError as exc:
+            click.echo(f"registration failed: {exc}", err=True)
+            sys.exit(1)
+        registry = Registry(settings, rs)
+        await registry.refresh()
+        await registry.save(reg, used_token_a=token_b)
+        summary = {"registered": True, "versions_url": reg.versions_url, "endpoints": len(reg.endpoints)}
+        click.echo(msgspec.json.encode(summary).decode() if as_json else
+                   f"registered with {reg.versions_url}: {len(reg.endpoints)} endpoints")  # fmt: skip
+
+    _with_store(settings, go)
+
+
+@main.command()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@config_option
+def unregister(yes: bool, config_path: Path | None) -> None:
+    """Stop delivering to the IOP (events keep queueing); tells the IOP with DELETE credentials."""
+    from relay.credentials import Registry, unregister_at_iop
+    from relay.store import RegistrationStore
+
+    settings = _settings(config_path)
+    if not yes:
+        click.confirm("unregister from the IOP? delivery stops until a new registration", abort=True)
+
+    async def go(store: Any) -> None:
+        registry = Registry(settings, RegistrationStore(store))
+        await registry.refresh()
+        reg = registry.registration
+        if reg is None or reg.state != "registered":
+            click.echo("not registered", err=True)
+            sys.exit(1)
+        problem = await unregister_at_iop(settings, reg)
+        if problem:
+            click.echo(f"the IOP did not confirm ({problem}); unregistered locally anyway", err=True)
+        await registry.unregister()
+        click.echo("unregistered; events keep queueing")
 
     _with_store(settings, go)

@@ -64,6 +64,13 @@ class OcpiSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     listen: Listen = "0.0.0.0:8781"
     public_url: str = ""
+    token_a: str = ""
+    token_a_file: str = ""
+    accept_plain_token: bool = True
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    shutdown_timeout_s: PositiveFloat = 5.0
 
 
 class IopSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -154,7 +161,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 # Secrets: the env var wins, then the *_file companion, then the (discouraged) inline value.
-_SECRETS = {("ingress", "token"), ("iop", "token")}
+_SECRETS = {("ingress", "token"), ("iop", "token"), ("ocpi", "token_a")}
 _ENV_RE = re.compile(r"^RELAY_([A-Z]+)_([A-Z0-9_]+)$")
 
 
@@ -222,11 +229,8 @@ def _read_secret_files(settings: Settings, base: Path, env: Mapping[str, str]) -
     return errors
 
 
-def _validate(s: Settings) -> list[str]:
+def _validate_operators(s: Settings) -> list[str]:
     errors: list[str] = []
-    for name, listen in (("ingress.listen", s.ingress.listen), ("ocpi.listen", s.ocpi.listen)):
-        if int(listen.rpartition(":")[2]) > 65535:
-            errors.append(f"{name}: port of {listen!r} is above 65535")
     if not s.operators:
         errors.append("operators: at least one hosted operator is required")
     seen: set[tuple[str, str]] = set()
@@ -236,13 +240,31 @@ def _validate(s: Settings) -> list[str]:
         seen.add(op.key)
         if op.emi3_id.replace("*", "") != op.country_code + op.party_id:
             errors.append(f"operators[{i}].emi3_id: {op.emi3_id!r} does not match {op.country_code}*{op.party_id}")
+    return errors
+
+
+def _validate_urls_and_tls(s: Settings) -> list[str]:
+    errors: list[str] = []
     url = s.redis.url
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
         errors.append("redis.url: must start with redis://, rediss://, unix:// (or be empty for the embedded server)")
-    if s.iop.url and not s.iop.url.startswith(("http://", "https://")):
-        errors.append("iop.url: must be an http(s) URL")
-    if bool(s.iop.tls_cert_file) != bool(s.iop.tls_key_file):
-        errors.append("iop.tls_cert_file/tls_key_file: give both or neither")
+    for name, value in (("iop.url", s.iop.url), ("ocpi.public_url", s.ocpi.public_url)):
+        if value and not value.startswith(("http://", "https://")):
+            errors.append(f"{name}: must be an http(s) URL")
+    for section, tls in (("iop", s.iop), ("ocpi", s.ocpi)):
+        if bool(tls.tls_cert_file) != bool(tls.tls_key_file):
+            errors.append(f"{section}.tls_cert_file/tls_key_file: give both or neither")
+    if s.ocpi.tls_client_ca_file and not s.ocpi.tls_cert_file:
+        errors.append("ocpi.tls_client_ca_file: mTLS needs ocpi.tls_cert_file and tls_key_file")
+    return errors
+
+
+def _validate(s: Settings) -> list[str]:
+    errors: list[str] = []
+    for name, listen in (("ingress.listen", s.ingress.listen), ("ocpi.listen", s.ocpi.listen)):
+        if int(listen.rpartition(":")[2]) > 65535:
+            errors.append(f"{name}: port of {listen!r} is above 65535")
+    errors += _validate_operators(s) + _validate_urls_and_tls(s)
     if s.forwarder.backoff_max_s < s.forwarder.backoff_initial_s:
         errors.append("forwarder.backoff_max_s: must be >= backoff_initial_s")
     # A reclaim before the longest attempt ends would run one event twice (PITFALLS 5).

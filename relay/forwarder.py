@@ -13,9 +13,9 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -25,12 +25,14 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_result
 from relay import constants as K
 from relay import metrics
 from relay.config import MODULES, Settings
+from relay.errors import StoreUnavailable
 from relay.link import Link
 from relay.ocpi_client import NotConfigured, OcpiClient
 from relay.retry import Kind, Outcome, backoff_s, classify
 from relay.store import DeliveryStore, Entry, Store, id_tuple, is_nogroup
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 _info_encoder = msgspec.msgpack.Encoder()
 
 
@@ -291,23 +293,40 @@ class Forwarder:
             return
         async with self._room:
             self._buffered += len(entries)
+        held = 0
         for entry in entries:
             qkey = (entry.event.module, entry.event.key)
             q = shard.queues.get(qkey)
             if q is None:
                 q = shard.queues[qkey] = deque()
+            elif q and id_tuple(entry.id) <= id_tuple(q[-1].id):
+                # Already held in memory: a consumer group recreated after NOGROUP hands out its
+                # stream again from 0. Queued twice, the key would go back to an older update.
+                held += 1
+                continue
             q.append(entry)
             if qkey not in shard.runners:
                 shard.runners[qkey] = asyncio.create_task(self._run_key(shard, qkey))
+        if held:
+            await self._free(held)
 
     # -- one ordering key -----------------------------------------------------------------------
 
     async def _run_key(self, shard: _Shard, qkey: tuple[str, str]) -> None:
         """Deliver a key's entries strictly one after the other; a retrying key holds only itself."""
         q = shard.queues[qkey]
+        delay = 0.05
         try:
             while q and not shard.lost.is_set():
-                await self._deliver(shard, q[0])
+                try:
+                    await self._deliver(shard, q[0])
+                except (RedisError, OSError, StoreUnavailable) as exc:
+                    # Redis unreachable for the checks before an attempt (parked, session watermark):
+                    # nothing was sent or acknowledged; go again with the same entry once it answers.
+                    await self._redis_pause(shard, exc, delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                delay = 0.05
                 q.popleft()
                 await self._free(1)
         except (Abandon, asyncio.CancelledError):
@@ -331,19 +350,43 @@ class Forwarder:
         parked = await self.ds.parked(shard.index, ev.module, ev.key)
         if parked is not None:
             why = Outcome(Kind.PERMANENT, f"parked behind dead letter {parked}")
-            await self._dead(entry, _Attempts(), why, park=False)
+            await self._dead(shard, entry, _Attempts(), why, park=False)
             return
         if entry.after is not None:
             await self._wait_for_session(shard, entry)
         attempts = _Attempts()
         outcome = await self._retrying(shard, entry, attempts)
         if outcome.kind is Kind.DELIVERED:
-            await self.ds.finish(entry)
+            await self._record(shard, lambda: self.ds.finish(entry))
             metrics.DELIVERED.labels(module=ev.module).inc()
             metrics.DELIVERY_LATENCY.labels(module=ev.module).observe(max(0.0, self.clock() - ev.received_at))
             return
         park = self.cfg.on_permanent == "park" or ev.module in self.cfg.park_modules
-        await self._dead(entry, attempts, outcome, park=park and outcome.kind is Kind.PERMANENT)
+        await self._dead(shard, entry, attempts, outcome, park=park and outcome.kind is Kind.PERMANENT)
+
+    async def _record(self, shard: _Shard, write: Callable[[], Awaitable[_T]]) -> _T:
+        """Write an outcome (ack, dead letter) to Redis, retrying through a Redis blip or restart.
+
+        The IOP already has the answer: giving up here would lose the shard and send the event
+        (and every other in-flight one of the shard) again.
+        """
+        delay = 0.05
+        while True:
+            try:
+                return await write()
+            except (RedisError, OSError, StoreUnavailable) as exc:
+                await self._redis_pause(shard, exc, delay)
+                delay = min(delay * 2, 2.0)
+                with contextlib.suppress(RedisError, OSError):
+                    await self.ds.load_scripts()  # a restarted Redis has lost its scripts (NOSCRIPT)
+
+    async def _redis_pause(self, shard: _Shard, exc: BaseException, delay: float) -> None:
+        metrics.REDIS_ERRORS.labels(op="deliver").inc()
+        log.warning("redis_deliver_failed", error=str(exc), retry_in_s=delay, shard=shard.index)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._interrupted(shard), delay)
+        if self._stopping.is_set() or shard.lost.is_set():
+            raise Abandon()
 
     async def _retrying(self, shard: _Shard, entry: Entry, attempts: _Attempts) -> Outcome:
         """Tenacity drives the retries: full-jitter exponential backoff, Retry-After as a floor."""
@@ -392,7 +435,7 @@ class Forwarder:
         ev = entry.event
         if self._stopping.is_set() or shard.lost.is_set():
             raise Abandon()
-        async with self.link.slot():
+        async with self.link.slot() as probe:
             if self._stopping.is_set() or shard.lost.is_set():
                 raise Abandon()
             now = self.clock()
@@ -417,7 +460,7 @@ class Forwarder:
             if outcome.http_status is not None:
                 await self.link.auth_failed(outcome.reason)
         elif outcome.link:
-            await self.link.failure(outcome.reason)
+            await self.link.failure(outcome.reason, probe=probe)
         else:
             await self.link.success()
         if outcome.kind is not Kind.DELIVERED:
@@ -446,7 +489,7 @@ class Forwarder:
                 raise Abandon()
             delay = min(delay * 2, 1.0)
 
-    async def _dead(self, entry: Entry, attempts: _Attempts, outcome: Outcome, *, park: bool) -> None:
+    async def _dead(self, shard: _Shard, entry: Entry, attempts: _Attempts, outcome: Outcome, *, park: bool) -> None:
         """Dead-letter with the full reason; the key goes on with its next event (or parks)."""
         ev = entry.event
         info: dict[str, Any] = {
@@ -462,7 +505,7 @@ class Forwarder:
             "unknown_object": outcome.unknown_object,
             "replica": self.me,
         }
-        dead_id = await self.ds.dead_letter(entry, _info_encoder.encode(info), park=park)
+        dead_id = await self._record(shard, lambda: self.ds.dead_letter(entry, _info_encoder.encode(info), park=park))
         metrics.DEAD_LETTERED.labels(module=ev.module, kind=info["kind"]).inc()
         log.warning("dead_lettered", event_id=ev.id, module=ev.module, key=ev.key, dead_id=dead_id,
                     reason=outcome.reason, attempts=attempts.count, parked=park)  # fmt: skip

@@ -79,6 +79,10 @@ class Link:
                 self.inflight -= 1
                 if probe:
                     self._probing = False
+                    if self.state == "down":
+                        # Until the probe's outcome is reported (success() or failure(probe=True)),
+                        # no other attempt may slip in as a second probe right away.
+                        self._probe_at = time.monotonic() + self._probe_wait
                 self._cond.notify_all()
 
     async def success(self) -> None:
@@ -97,11 +101,19 @@ class Link:
                     self.limit = min(self.concurrency, self.limit * 2)
             self._cond.notify_all()
 
-    async def failure(self, reason: str) -> None:
-        """A link-level failure (refused, timeout, 5xx, 429); enough of them in a row take the link down."""
+    async def failure(self, reason: str, *, probe: bool = False) -> None:
+        """A link-level failure (refused, timeout, 5xx, 429); enough of them in a row take the link down.
+
+        ``probe``: the attempt was the link probe (``slot()`` yielded True). While the link is down
+        only a failed probe lengthens the wait before the next one: attempts that were already in
+        flight when it went down fail too, and must not push the probe back towards probe_max_s.
+        """
         async with self._cond:
             self._failures += 1
             if self.state == "down":
+                if not probe:
+                    self._cond.notify_all()
+                    return
                 self._probe_wait = min(self.probe_max_s, self._probe_wait * 2)
                 self._probe_at = time.monotonic() + random.uniform(0.5, 1.0) * self._probe_wait
             elif self.state == "up" and self._failures >= self.failure_threshold:

@@ -13,13 +13,16 @@ from redis.exceptions import RedisError
 
 from relay import metrics
 from relay.config import Settings
+from relay.credentials import Registry
 from relay.embedded_redis import EmbeddedRedis
 from relay.errors import ConfigError
 from relay.forwarder import Forwarder
 from relay.ingress import create_app
 from relay.link import Link
-from relay.ocpi_client import OcpiClient, StaticDirectory
-from relay.store import DeliveryStore, Store, connect
+from relay.ocpi_client import OcpiClient
+from relay.ocpi_server import create_ocpi_app
+from relay.ocpi_server.app import server_ssl_context
+from relay.store import DeliveryStore, RegistrationStore, Store, connect
 from relay.typedefs import Health
 
 log = structlog.get_logger(__name__)
@@ -42,6 +45,8 @@ class Relay:
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
         self.ingress_port: int | None = None
+        self.ocpi_port: int | None = None
+        self.registry: Registry | None = None
         self.client: OcpiClient | None = None
         self.forwarder: Forwarder | None = None
         self.link = Link(
@@ -51,6 +56,7 @@ class Relay:
             probe_max_s=settings.forwarder.probe_max_s,
         )
         self._gauges: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def _open_store(self) -> Store:
         url = self.settings.redis.url
@@ -72,42 +78,94 @@ class Relay:
             log.warning("redis_without_aof", hint="accepted events are lost if Redis restarts; enable appendonly")
         return store
 
-    async def start(self) -> None:
-        """Start Redis (embedded or not), then the listeners."""
-        self.store = await self._open_store()
-        app = create_app(self.settings, self.store, self.health)
-        runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=self.settings.ingress.shutdown_timeout_s
-        )
+    async def _listen(self, app: web.Application, listen: str, timeout_s: float, **kw: object) -> int:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=timeout_s)
         await runner.setup()
-        host, port = split_listen(self.settings.ingress.listen)
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        host, port = split_listen(listen)
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, **kw)  # type: ignore[arg-type]
         await site.start()
         self._runners.append(runner)
-        self.ingress_port = runner.addresses[0][1]
+        bound: int = runner.addresses[0][1]
+        return bound
+
+    async def start(self) -> None:
+        """Start Redis (embedded or not), the registration, both listeners, then the forwarder."""
+        self.store = await self._open_store()
+        self.registry = Registry(self.settings, RegistrationStore(self.store))
+        await self.registry.refresh()
+        s = self.settings
+        self.ingress_port = await self._listen(
+            create_app(s, self.store, self.health), s.ingress.listen, s.ingress.shutdown_timeout_s
+        )
+        tls = server_ssl_context(s)
+        self.ocpi_port = await self._listen(
+            create_ocpi_app(s, self.registry), s.ocpi.listen, s.ocpi.shutdown_timeout_s, ssl_context=tls
+        )
+        if not s.ocpi.public_url:
+            # Announce the port actually bound (the config may say :0); production sets public_url.
+            host = split_listen(s.ocpi.listen)[0]
+            host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+            s.ocpi.public_url = f"{'https' if tls else 'http'}://{host}:{self.ocpi_port}/ocpi"
         self.health.listeners_up = True
         await self._start_forwarder()
         self._gauges = asyncio.create_task(self._gauge_loop(), name="relay-gauges")
+        self._watch = asyncio.create_task(self._watch_registration(), name="relay-registration")
+        host = split_listen(s.ingress.listen)[0]
         log.info(
             "relay_started",
             ingress=f"http://{host}:{self.ingress_port}/ingress/2.2.1",
-            redis=self.settings.redis.url or f"embedded ({self.embedded.url if self.embedded else ''})",
-            operators=[f"{o.country_code}/{o.party_id}" for o in self.settings.operators],
-            profile=self.settings.ingress.profile,
+            ocpi=f"{'https' if tls else 'http'}://{split_listen(s.ocpi.listen)[0]}:{self.ocpi_port}/ocpi/versions",
+            redis=s.redis.url or f"embedded ({self.embedded.url if self.embedded else ''})",
+            operators=[f"{o.country_code}/{o.party_id}" for o in s.operators],
+            profile=s.ingress.profile,
+            registered=self._link_wanted()[1],
         )
 
+    def _link_wanted(self) -> tuple[bool, str]:
+        """(can deliver, why not): a registration, or static [iop] url + token."""
+        assert self.registry is not None
+        reg = self.registry.registration
+        if self.registry.directory.usable():
+            return True, "registered" if reg is not None else "static [iop] configuration"
+        if reg is not None and reg.state == "unregistered":
+            return False, "unregistered"
+        return False, "unconfigured: no registration and no [iop] url/token"
+
+    async def _apply_registration(self) -> None:
+        usable, why = self._link_wanted()
+        if usable:
+            await self.link.resume(why)
+        elif self.link.state not in ("paused", "unconfigured"):
+            await self.link.pause(why)
+        self.health.link_state = self.link.state
+
+    async def _watch_registration(self, interval_s: float = 1.0) -> None:
+        """The OCPI listener or another replica may register or unregister: follow it."""
+        assert self.registry is not None
+        applied = self.registry.generation
+        while True:
+            try:
+                await self.registry.refresh()
+                if self.registry.generation != applied:
+                    applied = self.registry.generation
+                    await self._apply_registration()
+            except (RedisError, OSError) as exc:
+                metrics.REDIS_ERRORS.labels(op="registration").inc()
+                log.debug("registration_refresh_failed", error=str(exc))
+            await asyncio.sleep(interval_s)
+
     async def _start_forwarder(self) -> None:
-        directory = StaticDirectory(self.settings.iop)
         if not self.settings.forwarder.enabled:
             log.info("forwarder_disabled", hint="events are accepted and queued only")
             return
-        if directory.endpoint("locations") is None or directory.token() is None:
-            self.health.link_state = "unconfigured"
-            metrics.set_link_state("unconfigured")
-            log.warning("iop_not_configured", hint="set RELAY_IOP_URL and RELAY_IOP_TOKEN; events are queued meanwhile")
-            return
-        assert self.store is not None
-        self.client = OcpiClient(self.settings.iop, directory, pool=self.settings.forwarder.concurrency * 2)
+        assert self.store is not None and self.registry is not None
+        usable, why = self._link_wanted()
+        if not usable:
+            await self.link.pause(why)
+            log.warning("iop_not_connected", reason=why, hint="events are queued until a registration")
+        self.health.link_state = self.link.state
+        pool = self.settings.forwarder.concurrency * 2
+        self.client = OcpiClient(self.settings.iop, self.registry.directory, pool=pool)
         await self.client.start()
         self.forwarder = Forwarder(self.settings, self.store, self.client, self.link)
         await self.forwarder.start()
@@ -137,10 +195,11 @@ class Relay:
     async def stop(self) -> None:
         """Stop accepting, finish in-flight work, close Redis, stop the embedded server."""
         self.health.stopping = True
-        if self._gauges is not None:
-            self._gauges.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._gauges
+        for task in (self._gauges, self._watch):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         if self.forwarder is not None:
             await self.forwarder.stop()
             self.forwarder = None

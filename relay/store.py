@@ -260,8 +260,10 @@ end
 # ARGV: group, id, module|key, session key ('' unless a session), cdr key ('' unless a CDR), cdr's after id
 _FINISH = _LUA_GT + """
 local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-if n == 1 then
+-- The first to finish an entry is the one that deletes it. (XACK alone cannot tell: it counts 0
+-- when the group was recreated after NOGROUP, and a delivered session update must still count.)
+local d = redis.call('XDEL', KEYS[1], ARGV[2])
+if d == 1 then
   if gt(ARGV[2], redis.call('HGET', KEYS[2], ARGV[3])) then redis.call('HSET', KEYS[2], ARGV[3], ARGV[2]) end
   if ARGV[4] ~= '' and gt(ARGV[2], redis.call('HGET', KEYS[3], ARGV[4])) then
     redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
@@ -277,9 +279,9 @@ return n
 # KEYS: stream, dlq, session-done, parked
 # ARGV: group, id, envelope, info, session key or '', after or '', park field or ''
 _DEAD = _LUA_GT + """
-local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-if n == 0 then return false end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+-- Only the first to finish the entry writes the dead letter (see _FINISH).
+if redis.call('XDEL', KEYS[1], ARGV[2]) == 0 then return false end
 local fields = {'e', ARGV[3], 'i', ARGV[4], 's', ARGV[2]}
 if ARGV[6] ~= '' then table.insert(fields, 'a'); table.insert(fields, ARGV[6]) end
 local dead = redis.call('XADD', KEYS[2], '*', unpack(fields))
@@ -582,3 +584,39 @@ def _encode(ev: Event) -> bytes:
 
 
 _info_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+
+
+# -- registration with the IOP -------------------------------------------------------------------
+
+REGISTRATION_KEY = f"{K.PREFIX}:registration"
+TOKEN_A_KEY = f"{K.PREFIX}:token-a"
+TOKEN_A_USED_KEY = f"{K.PREFIX}:token-a-used"
+
+
+class RegistrationStore:
+    """The credentials handshake's durable state: one JSON document and the pending token A."""
+
+    def __init__(self, store: Store) -> None:
+        self.redis: Any = store.redis
+
+    async def load(self) -> tuple[bytes | None, str | None, set[str]]:
+        """(registration JSON or None, pending token A or None, digests of used A tokens)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(REGISTRATION_KEY)
+            pipe.get(TOKEN_A_KEY)
+            pipe.smembers(TOKEN_A_USED_KEY)
+            reg, token_a, used = await pipe.execute()
+        return reg, _s(token_a) if token_a else None, {_s(u) for u in used}
+
+    async def save(self, registration: bytes, used_token_a_digest: str | None = None) -> None:
+        """Replace the registration; a token A that was just used is retired in the same transaction."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(REGISTRATION_KEY, registration)
+            if used_token_a_digest is not None:
+                pipe.delete(TOKEN_A_KEY)
+                pipe.sadd(TOKEN_A_USED_KEY, used_token_a_digest)
+            await pipe.execute()
+
+    async def set_token_a(self, token: str) -> None:
+        """A new one-time token A for the next Register – FromIOP."""
+        await self.redis.set(TOKEN_A_KEY, token)

@@ -104,11 +104,8 @@ class FakeIop:
         self.changed.set()
         body = reply.body
         if body is None:
-            body = (
-                json.dumps({"status_code": reply.ocpi, "status_message": "fake", "timestamp": "2026-01-01T00:00:00Z"}).encode()
-                if reply.ocpi is not None
-                else b""
-            )
+            envelope = {"status_code": reply.ocpi, "status_message": "fake", "timestamp": "2026-01-01T00:00:00Z"}
+            body = json.dumps(envelope).encode() if reply.ocpi is not None else b""
         return web.Response(status=reply.status, body=body, headers=reply.headers, content_type="application/json")
 
     async def start(self) -> None:

@@ -31,7 +31,8 @@ class Env:
 
     async def put(self, loc: str, name: str) -> None:
         url = f"http://127.0.0.1:{self.relay.ingress_port}/ingress/2.2.1/locations/FR/AB1/{loc}"
-        async with aiohttp.ClientSession() as http, http.put(url, json=gireve_location(loc, name=name), headers=AUTH) as r:
+        body = gireve_location(loc, name=name)
+        async with aiohttp.ClientSession() as http, http.put(url, json=body, headers=AUTH) as r:
             assert r.status == 202, await r.text()
 
     async def cli(self, *args: str, input: str | None = None) -> Result:

@@ -212,9 +212,22 @@ async def refused(port: int) -> bool:
 # --- the tests ---------------------------------------------------------------------------------------------------
 
 
+def rchar(pid: int) -> int:
+    """Bytes the process has read with read/recv so far (sockets included)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/pid/io")
+
+
+def event_ids_of(listing: str) -> list[str]:
+    return [line.split("event_id=")[1] for line in listing.splitlines() if "event_id=" in line]
+
+
 async def test_serve_accepts_then_stops_gracefully_on_sigterm(served: Served, http: aiohttp.ClientSession) -> None:
     served.start()
     await served.ready(http)
+    assert served.proc is not None
     redis_pid = int((served.data_dir / "redis.pid").read_text())
     assert alive(redis_pid)
 
@@ -224,24 +237,36 @@ async def test_serve_accepts_then_stops_gracefully_on_sigterm(served: Served, ht
         assert resp.status == 202, answer
     event_ids = [answer["data"]["event_id"]]
     # a refused request must not leak the (wrong) token it carried either
-    async with http.put(f"{served.base}{LOC_PATH}", data=body, headers={"Authorization": f"Token {SECRET}-wrong"}) as r:
+    async with http.put(f"{served.base}{LOC_PATH}", data=body, headers={"Authorization": f"Token {SECRET}-x"}) as r:
         assert r.status == 401
 
-    # requests in flight: routed by the server (100 Continue), bodies still to come
+    # Requests in flight: Redis is paused, so their handlers sit in the Redis write when SIGTERM comes.
     bodies = [json.dumps(gireve_location(last_updated=f"2024-01-0{i + 1}T00:00:00Z")).encode() for i in range(3)]
     held = [await held_request(served.port, b) for b in bodies]
-    assert served.proc is not None
-    served.proc.send_signal(signal.SIGTERM)
+    os.kill(redis_pid, signal.SIGSTOP)
+    try:
+        before = rchar(served.proc.pid)
+        for (_, writer), b in zip(held, bodies, strict=True):
+            writer.write(b)
+            await writer.drain()
+        # Once the relay has read every body, each handler has all it needs: it validates and then waits
+        # for the paused Redis, so it is in flight when SIGTERM comes.
+        relay_pid = served.proc.pid
+        await wait_for(lambda: rchar(relay_pid) - before >= sum(map(len, bodies)), 10, "the relay to read the bodies")
+        served.proc.send_signal(signal.SIGTERM)
+        # it stops accepting new connections while the in-flight requests are still open
+        deadline = time.monotonic() + 10
+        while not await refused(served.port):
+            assert time.monotonic() < deadline, "the listener was not closed after SIGTERM"
+            await asyncio.sleep(0.02)
+        assert served.proc.poll() is None  # still finishing the in-flight requests
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
 
-    # it stops accepting new connections while the in-flight requests are still open
-    deadline = time.monotonic() + 10
-    while not await refused(served.port):
-        assert time.monotonic() < deadline, "the listener was not closed after SIGTERM"
-        await asyncio.sleep(0.02)
-    assert served.proc.poll() is None  # still finishing the held requests
-
-    for (reader, writer), b in zip(held, bodies, strict=True):
-        status, payload = await finish(reader, writer, b)
+    for reader, writer in held:
+        status, payload = await finish(reader, writer, b"")
+        if status != 202:
+            Path("/tmp/svc-fail.log").write_text(served.log())
         assert status == 202, payload
         event_ids.append(payload["data"]["event_id"])
 
@@ -257,10 +282,37 @@ async def test_serve_accepts_then_stops_gracefully_on_sigterm(served: Served, ht
     assert [e for e in events if e.get("event") == "relay_stopped"]
     assert SECRET not in served.log()
 
-    # a fresh start on the same directory still has every accepted event, in order
+    # a fresh start on the same directory still has every accepted event
     listing = peek(served, "locations")
-    assert [line.split("event_id=")[1] for line in listing.splitlines()] == event_ids
-    assert all("key=loc:FR:AB1:LOC1" in line for line in listing.splitlines())
+    assert event_ids_of(listing)[0] == event_ids[0]
+    assert sorted(event_ids_of(listing)) == sorted(event_ids)
+    assert all("key=loc:FR:AB1:LOC1" in line for line in listing.splitlines() if "event_id=" in line)
+
+
+async def test_sigterm_during_a_body_upload_never_acks_without_storing(
+    served: Served, http: aiohttp.ClientSession
+) -> None:
+    """A request whose body is still arriving at SIGTERM gets either a 202 with its event stored, or no answer."""
+    served.start(RELAY_INGRESS_SHUTDOWN_TIMEOUT_S="1")
+    await served.ready(http)
+    assert served.proc is not None
+    body = json.dumps(gireve_location()).encode()
+    reader, writer = await held_request(served.port, body)
+    writer.write(body[:100])
+    await writer.drain()
+    served.proc.send_signal(signal.SIGTERM)
+    try:
+        writer.write(body[100:])
+        await writer.drain()
+        status, payload = await finish(reader, writer, b"")
+    except (OSError, asyncio.IncompleteReadError):
+        status, payload = 0, None
+    assert await served.wait_exit(15) == 0, served.log()
+    stored = event_ids_of(peek(served, "locations"))
+    if status == 202:
+        assert stored == [payload["data"]["event_id"]]
+    else:
+        assert status == 0 and stored == []
 
 
 async def test_kill_9_of_the_relay_loses_nothing_and_takes_its_server_down(
@@ -286,8 +338,7 @@ async def test_kill_9_of_the_relay_loses_nothing_and_takes_its_server_down(
         assert (await resp.json())["persistence"] == {"appendonly": "yes", "appendfsync": "always"}
     served.proc.send_signal(signal.SIGTERM)
     assert await served.wait_exit(15) == 0, served.log()
-    listing = peek(served, "locations")
-    assert sorted(line.split("event_id=")[1] for line in listing.splitlines()) == sorted(event_ids)
+    assert sorted(event_ids_of(peek(served, "locations"))) == sorted(event_ids)
     assert len([e for e in served.log_events() if e.get("event") == "relay_started"]) == 2  # one per start
 
 

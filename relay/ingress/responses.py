@@ -2,40 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
-from relay.errors import InvalidEvent, Problem
+from relay.envelope import OCPI_CLIENT_ERROR, OCPI_OK, OCPI_SERVER_ERROR, Answer, json_response, now_iso
+from relay.errors import InvalidEvent
 
-_enc = msgspec.json.Encoder()
-
-# OCPI status codes for the ingress's own answers (the HTTP status carries the same meaning).
-OCPI_OK = 1000
-OCPI_CLIENT_ERROR = 2001
-OCPI_SERVER_ERROR = 3000
-
-
-class Answer(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """OCPI response envelope plus the relay's problem list."""
-
-    status_code: int
-    timestamp: str
-    status_message: str | None = None
-    data: Any = None
-    errors: list[Problem] | None = None
-
-
-def now_iso() -> str:
-    """OCPI DateTime, UTC, second precision."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def json_response(status: int, answer: Answer, headers: dict[str, str] | None = None) -> web.Response:
-    """Encode with msgspec; aiohttp's json_response would use the slower stdlib json."""
-    return web.Response(status=status, body=_enc.encode(answer), content_type="application/json", headers=headers)
+__all__ = ["Answer", "accepted", "json_response", "now_iso", "refused", "unavailable"]
 
 
 def accepted(data: Any) -> web.Response:

@@ -1,0 +1,342 @@
+"""OCPI credentials: the registration with the IOP (C1–C4), and the directory the forwarder reads.
+
+Token names follow the role they play, not the letters of the spec (which swap with direction):
+``incoming`` is what the IOP presents to us, ``outgoing`` what we present to the IOP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from typing import Any, Literal
+
+import aiohttp
+import msgspec
+import structlog
+
+from relay.config import Settings
+from relay.ocpi_client import StaticDirectory, authorization, ssl_context
+from relay.store import RegistrationStore
+
+log = structlog.get_logger(__name__)
+VERSION = "2.2.1"
+
+
+class Endpoint(msgspec.Struct, frozen=True):
+    """One module endpoint of a peer's version details."""
+
+    identifier: str
+    role: str
+    url: str
+
+
+class BusinessDetails(msgspec.Struct, omit_defaults=True):
+    name: str
+    website: str | None = None
+
+
+class CredentialsRole(msgspec.Struct, omit_defaults=True):
+    role: str
+    business_details: BusinessDetails
+    party_id: str
+    country_code: str
+
+
+class Credentials(msgspec.Struct, omit_defaults=True):
+    """The OCPI Credentials object."""
+
+    token: str
+    url: str
+    roles: list[CredentialsRole]
+
+
+class Registration(msgspec.Struct, kw_only=True):
+    """The connection with the IOP as stored in Redis."""
+
+    state: Literal["registered", "unregistered"]
+    direction: Literal["from_iop", "to_iop"]
+    incoming_token: str
+    outgoing_token: str
+    versions_url: str
+    version_url: str
+    endpoints: list[Endpoint]
+    roles: list[CredentialsRole] = []
+    registered_at: float
+    updated_at: float
+
+    def receiver(self, module: str) -> str | None:
+        """The IOP's Receiver endpoint of a module (where we push)."""
+        for e in self.endpoints:
+            if e.identifier == module and e.role.upper() == "RECEIVER":
+                return e.url
+        return None
+
+
+class HandshakeError(Exception):
+    """The peer's versions, details or credentials answer was unusable; nothing was stored."""
+
+
+def new_token() -> str:
+    """A fresh random token (URL-safe, 43 characters: under OCPI's string(64))."""
+    return secrets.token_urlsafe(32)
+
+
+def our_credentials(settings: Settings, token: str) -> Credentials:
+    """Our Credentials object: one CPO role per hosted operator, and our versions URL."""
+    return Credentials(
+        token=token,
+        url=versions_url(settings),
+        roles=[
+            CredentialsRole(
+                role="CPO",
+                business_details=BusinessDetails(name=op.name),
+                party_id=op.party_id,
+                country_code=op.country_code,
+            )
+            for op in settings.operators
+        ],
+    )
+
+
+def public_base(settings: Settings) -> str:
+    """Base URL under which the IOP reaches our OCPI listener."""
+    if settings.ocpi.public_url:
+        return settings.ocpi.public_url.rstrip("/")
+    host, _, port = settings.ocpi.listen.rpartition(":")
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return f"http://{host}:{port}/ocpi"
+
+
+def versions_url(settings: Settings) -> str:
+    """Our versions endpoint, as announced to the IOP."""
+    return f"{public_base(settings)}/versions"
+
+
+# -- talking to the peer's versions and details ----------------------------------------------------
+
+
+class _Envelope(msgspec.Struct):
+    status_code: int
+    data: Any = None
+    status_message: str | None = None
+
+
+class _Version(msgspec.Struct):
+    version: str
+    url: str
+
+
+class _Details(msgspec.Struct):
+    version: str
+    endpoints: list[Endpoint]
+
+
+def _client(settings: Settings) -> aiohttp.ClientSession:
+    timeout = aiohttp.ClientTimeout(total=settings.iop.connect_timeout_s + settings.iop.request_timeout_s)
+    return aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(ssl=ssl_context(settings.iop) or True)
+    )
+
+
+async def _get_ocpi(http: aiohttp.ClientSession, url: str, token: str) -> Any:
+    headers = {"Authorization": authorization(token), "X-Request-ID": new_token()[:16]}
+    headers["X-Correlation-ID"] = headers["X-Request-ID"]
+    try:
+        async with http.get(url, headers=headers) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise HandshakeError(f"GET {url}: HTTP {resp.status}")
+    except aiohttp.ClientError as exc:
+        raise HandshakeError(f"GET {url}: {exc.__class__.__name__}: {exc}") from exc
+    try:
+        env = msgspec.json.decode(body, type=_Envelope)
+    except msgspec.DecodeError as exc:
+        raise HandshakeError(f"GET {url}: not an OCPI answer: {exc}") from exc
+    if not 1000 <= env.status_code < 2000:
+        raise HandshakeError(f"GET {url}: OCPI {env.status_code} {env.status_message or ''}")
+    return env.data
+
+
+async def discover(http: aiohttp.ClientSession, versions: str, token: str) -> tuple[str, list[Endpoint]]:
+    """GET the peer's versions, pick 2.2.1, GET its details: (version URL, endpoints)."""
+    try:
+        listed = msgspec.convert(await _get_ocpi(http, versions, token), list[_Version])
+    except msgspec.ValidationError as exc:
+        raise HandshakeError(f"versions: {exc}") from exc
+    chosen = next((v for v in listed if v.version == VERSION), None)
+    if chosen is None:
+        raise HandshakeError(f"versions: the peer offers {[v.version for v in listed]}, not {VERSION}")
+    try:
+        details = msgspec.convert(await _get_ocpi(http, chosen.url, token), _Details)
+    except msgspec.ValidationError as exc:
+        raise HandshakeError(f"version details: {exc}") from exc
+    return chosen.url, details.endpoints
+
+
+async def accept_from_iop(settings: Settings, offered: Credentials) -> Registration:
+    """Register – FromIOP: check the IOP's versions with its token, and make a fresh token for it."""
+    async with _client(settings) as http:
+        version_url, endpoints = await discover(http, offered.url, offered.token)
+    now = time.time()
+    return Registration(
+        state="registered",
+        direction="from_iop",
+        incoming_token=new_token(),
+        outgoing_token=offered.token,
+        versions_url=offered.url,
+        version_url=version_url,
+        endpoints=endpoints,
+        roles=offered.roles,
+        registered_at=now,
+        updated_at=now,
+    )
+
+
+async def register_to_iop(settings: Settings, versions: str, token_a: str, token_b: str) -> Registration:
+    """Register – ToIOP: discover with A, POST our credentials carrying B, keep the returned token."""
+    async with _client(settings) as http:
+        version_url, endpoints = await discover(http, versions, token_a)
+        cred_url = next((e.url for e in endpoints if e.identifier == "credentials"), None)
+        if cred_url is None:
+            raise HandshakeError("version details: no credentials endpoint")
+        body = msgspec.json.encode(our_credentials(settings, token_b))
+        headers = {"Authorization": authorization(token_a), "Content-Type": "application/json"}
+        headers["X-Request-ID"] = headers["X-Correlation-ID"] = new_token()[:16]
+        try:
+            async with http.post(cred_url, data=body, headers=headers) as resp:
+                raw = await resp.read()
+                if resp.status not in (200, 201):
+                    raise HandshakeError(f"POST {cred_url}: HTTP {resp.status}: {raw[:200]!r}")
+        except aiohttp.ClientError as exc:
+            raise HandshakeError(f"POST {cred_url}: {exc}") from exc
+    try:
+        env = msgspec.json.decode(raw, type=_Envelope)
+        theirs = msgspec.convert(env.data, Credentials)
+    except msgspec.DecodeError as exc:
+        raise HandshakeError(f"POST {cred_url}: bad credentials answer: {exc}") from exc
+    now = time.time()
+    return Registration(
+        state="registered",
+        direction="to_iop",
+        incoming_token=token_b,
+        outgoing_token=theirs.token,
+        versions_url=versions,
+        version_url=version_url,
+        endpoints=endpoints,
+        roles=theirs.roles,
+        registered_at=now,
+        updated_at=now,
+    )
+
+
+class Directory:
+    """IopDirectory for the forwarder: the registration when there is one, else the static [iop] values.
+
+    An unregistered connection has no endpoints at all (C2): the forwarder pauses, the ingress
+    keeps queueing.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.static = StaticDirectory(settings.iop)
+        self.registration: Registration | None = None
+
+    def endpoint(self, module: str) -> str | None:
+        reg = self.registration
+        if reg is None:
+            return self.static.endpoint(module)
+        return reg.receiver(module) if reg.state == "registered" else None
+
+    def token(self) -> str | None:
+        reg = self.registration
+        if reg is None:
+            return self.static.token()
+        return reg.outgoing_token if reg.state == "registered" else None
+
+    def usable(self) -> bool:
+        """True when there is somewhere to deliver and a token to do it with."""
+        return self.token() is not None and any(self.endpoint(m) for m in ("locations", "sessions", "cdrs", "tariffs"))
+
+
+registration_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(Registration))
+
+
+def digest(token: str) -> str:
+    """How a used token A is remembered (never in clear)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Registry:
+    """The registration as this replica knows it; refreshed from Redis so replicas agree."""
+
+    def __init__(self, settings: Settings, store: RegistrationStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.directory = Directory(settings)
+        self.pending_a: str | None = None
+        self._used: set[str] = set()
+        self._raw: bytes | None = None
+        self.generation = 0  # bumped on every change, whoever made it
+
+    @property
+    def registration(self) -> Registration | None:
+        return self.directory.registration
+
+    async def refresh(self) -> bool:
+        """Reload from Redis; True if the registration changed."""
+        raw, pending, used = await self.store.load()
+        self.pending_a, self._used = pending, used
+        if raw == self._raw:
+            return False
+        self._raw = raw
+        self.directory.registration = registration_codec[1].decode(raw) if raw else None
+        self.generation += 1
+        return True
+
+    def token_a_candidates(self) -> list[str]:
+        """Tokens A that may still open a Register – FromIOP."""
+        out = [t for t in (self.pending_a, self.settings.ocpi.token_a) if t]
+        return [t for t in out if digest(t) not in self._used]
+
+    def role_of(self, token: str) -> Literal["registered", "token_a"] | None:
+        """What a presented (decoded) token is: the current incoming token, a token A, or nothing."""
+        reg = self.registration
+        if reg is not None and reg.state == "registered" and secrets.compare_digest(token, reg.incoming_token):
+            return "registered"
+        if any(secrets.compare_digest(token, a) for a in self.token_a_candidates()):
+            return "token_a"
+        return None
+
+    async def save(self, reg: Registration, used_token_a: str | None = None) -> None:
+        """Persist a (re-)registration; the token A that opened it stops working."""
+        raw = registration_codec[0].encode(reg)
+        await self.store.save(raw, digest(used_token_a) if used_token_a else None)
+        await self.refresh()
+        log.info("registered", direction=reg.direction, versions_url=reg.versions_url,
+                 endpoints=len(reg.endpoints))  # fmt: skip
+
+    async def unregister(self) -> bool:
+        """C2: forget the tokens, keep the record (state unregistered); False if not registered."""
+        reg = self.registration
+        if reg is None or reg.state != "registered":
+            return False
+        reg = msgspec.structs.replace(reg, state="unregistered", incoming_token="", outgoing_token="",
+                                      updated_at=time.time())  # fmt: skip
+        await self.store.save(registration_codec[0].encode(reg))
+        await self.refresh()
+        log.warning("unregistered", hint="events keep queueing until a new registration")
+        return True
+
+
+async def unregister_at_iop(settings: Settings, reg: Registration) -> str | None:
+    """DELETE our credentials at the IOP; returns a problem description, or None if it agreed."""
+    url = next((e.url for e in reg.endpoints if e.identifier == "credentials"), None)
+    if url is None:
+        return "no credentials endpoint"
+    headers = {"Authorization": authorization(reg.outgoing_token)}
+    headers["X-Request-ID"] = headers["X-Correlation-ID"] = new_token()[:16]
+    try:
+        async with _client(settings) as http, http.delete(url, headers=headers) as resp:
+            return None if resp.status == 200 else f"HTTP {resp.status}"
+    except aiohttp.ClientError as exc:
+        return f"{exc.__class__.__name__}: {exc}"

@@ -1,0 +1,44 @@
+"""The OCPI response envelope (``data``, ``status_code``, ``status_message``, ``timestamp``), for both listeners."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from relay.errors import Problem
+
+_enc = msgspec.json.Encoder()
+
+OCPI_OK = 1000
+OCPI_CLIENT_ERROR = 2001
+OCPI_SERVER_ERROR = 3000
+
+
+class Answer(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """OCPI response envelope, plus the relay's problem list on refusals."""
+
+    status_code: int
+    timestamp: str
+    status_message: str | None = None
+    data: Any = None
+    errors: list[Problem] | None = None
+
+
+def now_iso() -> str:
+    """OCPI DateTime, UTC, second precision."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def json_response(status: int, answer: Answer, headers: dict[str, str] | None = None) -> web.Response:
+    """Encode with msgspec; aiohttp's json_response would use the slower stdlib json."""
+    return web.Response(status=status, body=_enc.encode(answer), content_type="application/json", headers=headers)
+
+
+def ocpi(status: int, code: int, data: Any = None, message: str | None = None,
+         headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
+    """An OCPI answer with this HTTP status and OCPI status_code."""
+    answer = Answer(status_code=code, status_message=message, timestamp=now_iso(), data=data)
+    return json_response(status, answer, headers)

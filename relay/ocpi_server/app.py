@@ -1,0 +1,79 @@
+"""create_ocpi_app(): authentication, envelope and request-id echo around the OCPI modules."""
+
+from __future__ import annotations
+
+import ssl
+import uuid
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from relay import constants as K
+from relay.config import Settings
+from relay.credentials import Registry
+from relay.envelope import ocpi
+from relay.ocpi_server import credentials, versions
+from relay.ocpi_server.auth import authenticate
+from relay.ocpi_server.keys import REGISTRY, ROLE, SETTINGS, TOKEN_A_ROUTES
+
+log = structlog.get_logger(__name__)
+
+
+@web.middleware
+async def ocpi_envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticate, then answer in the OCPI envelope, echoing X-Request-ID and X-Correlation-ID (T5)."""
+    request_id = request.headers.get(K.H_REQUEST) or uuid.uuid4().hex
+    correlation_id = request.headers.get(K.H_CORRELATION) or request_id
+    structlog.contextvars.bind_contextvars(request_id=request_id, correlation_id=correlation_id)
+    try:
+        resp = await _dispatch(request, handler)
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id", "correlation_id")
+    resp.headers[K.H_REQUEST] = request_id
+    resp.headers[K.H_CORRELATION] = correlation_id
+    return resp
+
+
+async def _dispatch(request: web.Request, handler: Handler) -> web.StreamResponse:
+    registry = request.app[REGISTRY]
+    role = authenticate(
+        request.headers.get("Authorization", ""), registry, accept_plain=request.app[SETTINGS].ocpi.accept_plain_token
+    )
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else ""
+    allowed = role == "registered" or (role == "token_a" and (request.method, route) in TOKEN_A_ROUTES)
+    if not allowed:
+        log.info("ocpi_unauthorized", path=request.path, method=request.method)
+        return ocpi(401, 2000, message="Unauthorized: unknown or missing token")
+    request[ROLE] = role
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return ocpi(exc.status, 2000 if exc.status < 500 else 3000, message=exc.reason)
+    except Exception:
+        log.exception("ocpi_handler_failed", path=request.path)
+        return ocpi(500, 3000, message="Internal error")
+
+
+def create_ocpi_app(settings: Settings, registry: Registry) -> web.Application:
+    """The application the IOP calls; the caller owns the registry and the runner."""
+    app = web.Application(middlewares=[ocpi_envelope], client_max_size=1_048_576)
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry
+    versions.setup(app)
+    credentials.setup(app)
+    return app
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS for the OCPI listener; a client CA makes client certificates mandatory (mTLS)."""
+    if not settings.ocpi.tls_cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(settings.ocpi.tls_cert_file, settings.ocpi.tls_key_file)
+    if settings.ocpi.tls_client_ca_file:
+        ctx.load_verify_locations(settings.ocpi.tls_client_ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
