@@ -31,6 +31,7 @@ _PACKAGES = (
     ("relay.events/ordering", "relay/ordering.py"),
     ("relay (other)", "relay/"),
     ("redis-py", "/redis/"),
+    ("hiredis", "/hiredis/"),
     ("aiohttp web/http", "/aiohttp/"),
     ("prometheus_client", "/prometheus_client/"),
     ("structlog", "/structlog/"),
@@ -65,7 +66,19 @@ def _split(frame: str) -> tuple[str, str]:
     return m.group("func"), m.group("file")
 
 
+# Frames every sample goes through (the CLI, the event loop's driver): left out of the inclusive list.
+_BOILERPLATE = (
+    "click/",
+    "asyncio/runners.py",
+    "asyncio/base_events.py",
+    "asyncio/events.py",
+    "<string>",
+    "relay/cli.py",
+)
+
+
 def _package(path: str) -> str:
+    path = "/" + path  # py-spy names files relative to their sys.path entry: "redis/asyncio/connection.py"
     for label, needle in _PACKAGES:
         if needle in path:
             return label
@@ -77,6 +90,7 @@ def summarize(path: Path, top: int = 15) -> str:
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     packages: Counter[str] = Counter()
+    phases: Counter[str] = Counter()
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_s = line.rpartition(" ")
@@ -91,18 +105,60 @@ def summarize(path: Path, top: int = 15) -> str:
         leaf_func, leaf_file = frames[-1]
         self_time[f"{leaf_func} ({_short(leaf_file)})"] += count
         packages[_package(leaf_file)] += count
-        for name in {f"{func} ({_short(file)})" for func, file in frames}:
+        phases[_phase(frames)] += count
+        for name in {f"{func} ({_short(file)})" for func, file in frames if not file.startswith(_BOILERPLATE)}:
             inclusive[name] += count
     if total == 0:
         return f"{path.name}: no samples"
     lines = [f"{path.name}: {total} samples (CPU-busy samples of the server's threads)"]
     lines.append("  by package (innermost Python frame):")
     lines += [f"    {100 * n / total:5.1f} %  {label}" for label, n in packages.most_common()]
+    lines.append("  by phase of the request (any frame of the stack, first match in this order):")
+    lines += [f"    {100 * n / total:5.1f} %  {label}" for label, n in phases.most_common()]
     lines.append(f"  top {top} by self time:")
     lines += [f"    {100 * n / total:5.1f} %  {name}" for name, n in self_time.most_common(top)]
     lines.append(f"  top {top} by inclusive time:")
-    lines += [f"    {100 * n / total:5.1f} %  {name}" for name, n in inclusive.most_common(top + 8)[-top:]]
+    lines += [f"    {100 * n / total:5.1f} %  {name}" for name, n in inclusive.most_common(top)]
     return "\n".join(lines)
+
+
+# Phases of a request, first match wins, by the functions and files anywhere in a sample's stack.
+_PHASES: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
+    (
+        "Redis client: pipeline pack/send/parse (Store._flush, redis-py)",
+        frozenset({"Store._flush_loop", "Store._flush", "Store._execute", "Coalescer._loop"}),
+        ("redis/",),
+    ),
+    (
+        "validation: parse_target + msgspec decode + rules + Event (validate)",
+        frozenset({"validate", "parse_target", "_batch_item"}),
+        ("relay/validation.py", "relay/rules.py", "relay/models/"),
+    ),
+    (
+        "HTTP response: build, encode, write (finish_response, json_response)",
+        frozenset({"RequestHandler.finish_response", "json_response", "accepted", "_accepted"}),
+        ("aiohttp/web_response.py", "aiohttp/http_writer.py"),
+    ),
+    (
+        "HTTP request: socket read + parse (data_received, request.read)",
+        frozenset({"RequestHandler.data_received", "_read_body"}),
+        ("aiohttp/streams.py",),
+    ),
+    (
+        "handler: auth, metrics, envelope, futures (handle_event/handle_batch rest)",
+        frozenset({"handle_event", "handle_batch", "handle_single", "handle_coalesce", "Store.append"}),
+        (),
+    ),
+    ("aiohttp: dispatch, routing, middleware, request objects", frozenset(), ("aiohttp/",)),
+)
+
+
+def _phase(frames: list[tuple[str, str]]) -> str:
+    funcs = {func for func, _ in frames}
+    for label, names, files in _PHASES:
+        if funcs & names or (files and any(file.startswith(files) for _, file in frames)):
+            return label
+    return "event loop / asyncio (select, scheduling, futures)"
 
 
 def _short(file: str) -> str:

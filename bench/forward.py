@@ -579,9 +579,17 @@ def run_bare(ctx: Ctx, work: Workload) -> Run:
             preexec_fn=pinned({ctx.args.relay_cpu}),
         )
         cpu = CpuWindow(ctx, None)
+        profiler = None
+        if ctx.args.profile:
+            prof_out = Path(ctx.args.profile) / f"bare-{work.keys}keys.txt"
+            prof_out.parent.mkdir(parents=True, exist_ok=True)
+            profiler = Profiler(proc.pid, prof_out, ctx.args.profile_rate)
+            ctx.profiles.append(prof_out)
         try:
             wait_delivered(ctx, work.events, proc)
             code = proc.wait(60)
+            if profiler is not None:
+                profiler.proc.wait(30)  # py-spy ends with its target
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -725,6 +733,8 @@ _BUCKETS = [
 # Inclusive time of the stages of one delivery (any frame of the stack matches).
 _STAGES = (
     ("XREADGROUP + decode + feed (readers)", ("Forwarder._read_loop",)),
+    ("fast-lane workers (_worker)", ("Forwarder._worker",)),
+    ("ack callbacks (_acked)", ("Forwarder._acked",)),
     ("per-key runner overall (_run_key)", ("Forwarder._run_key",)),
     ("  parked() check", ("DeliveryStore.parked",)),
     ("  tenacity AsyncRetrying (incl. the attempt)", ("AsyncRetrying.__call__",)),
@@ -819,7 +829,11 @@ def _header(ctx: Ctx) -> str:
             "the end of the run",
         ]
         + ([f"  NOTE: relay code from {a.relay_src} (not the repository's)"] if a.relay_src else [])
-        + (["  NOTE: py-spy sampled the relay during (a)/(b): lower numbers than unprofiled runs"] if a.profile else [])
+        + (
+            ["  NOTE: py-spy sampled the senders (relay, bare client): lower numbers than unprofiled runs"]
+            if a.profile
+            else []
+        )
     )
 
 
@@ -880,7 +894,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="runs of (a), (b), (c) each; the median is shown")
     p.add_argument("--receiver-cpu", type=int, default=0)
     p.add_argument("--relay-cpu", type=int, default=1)
-    p.add_argument("--profile", metavar="DIR", help="py-spy record the relay during (a) and (b) into DIR")
+    p.add_argument("--profile", metavar="DIR", help="py-spy record the relay in (a), (b) and the bare client in (c)")
     p.add_argument("--profile-rate", type=int, default=200)
     p.add_argument("--relay-src", metavar="DIR", help="run the relay package found in DIR (a patched copy) instead")
     p.add_argument("--role", choices=["bench", "bare"], default="bench", help=argparse.SUPPRESS)

@@ -78,6 +78,11 @@ def serve(config_path: Path | None) -> None:
         for p in exc.problems:
             click.echo(f"  - {p}", err=True)
         sys.exit(2)
+    except OSError as exc:
+        # e.g. a listen address already in use: say which, without a traceback.
+        click.echo(f"cannot start: {exc.strerror or exc} (ingress.listen={settings.ingress.listen}, "
+                   f"ocpi.listen={settings.ocpi.listen})", err=True)  # fmt: skip
+        sys.exit(1)
 
 
 @main.command("check-config")
@@ -96,15 +101,22 @@ def check_config(config_path: Path | None) -> None:
 
 def _with_store(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
     """Run fn(store) against the configured Redis, starting the embedded server if needed."""
+    import structlog
+
     from relay.embedded_redis import EmbeddedRedis
+    from relay.logs import configure_logging
     from relay.store import Store, connect
+
+    if not structlog.is_configured():
+        # Operator tools log to stderr, so stdout holds only their output.
+        configure_logging("warning", "console", settings.log.redact_fields)
 
     async def go() -> T:
         embedded = None
         url = settings.redis.url
         if not url:
             embedded = EmbeddedRedis(settings.storage.dir, settings.storage.durability)
-            if embedded.socket.exists():
+            if await embedded.answers():
                 url = embedded.url  # a running relay's server: use it, don't start a second one
                 embedded = None
             else:
@@ -326,16 +338,11 @@ def status(as_json: bool, config_path: Path | None) -> None:
             m: {"queued": depth[m], "oldest_age_s": round(now - o, 1) if (o := oldest[m]) else 0, "dead": dead[m]}
             for m in MODULES
         }
-        data = {
-            "redis": "ok",
-            "connection": _connection(registry, settings),
-            "modules": modules,
-            "replicas": links,
-        }
+        conn = _connection(registry, settings)
         if as_json:
+            data = {"redis": "ok", "connection": conn, "modules": modules, "replicas": links}
             click.echo(msgspec.json.encode(data).decode())
             return
-        conn = data["connection"]
         click.echo(f"connection: {conn['state']}" + (f" since {conn['since']}" if conn.get("since") else ""))
         if conn.get("versions_url"):
             click.echo(f"  IOP versions: {conn['versions_url']}")

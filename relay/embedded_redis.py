@@ -102,7 +102,7 @@ class EmbeddedRedis:
             preexec_fn=_die_with_parent,  # only a prctl, no Python-level state
         )
         deadline = time.monotonic() + timeout_s
-        while not await self._answers():
+        while not await self.answers():
             if self.proc.poll() is not None:
                 code = self.proc.returncode
                 raise RuntimeError(f"embedded redis exited with {code}: {self._failure_reason()}")
@@ -124,7 +124,8 @@ class EmbeddedRedis:
                 err = (self.dir / "redis.log").read_text(errors="replace").strip()
         return err[-500:]
 
-    async def _answers(self) -> bool:
+    async def answers(self) -> bool:
+        """True if a server answers PING on this data directory's socket."""
         if not self.socket.exists():
             return False
         try:

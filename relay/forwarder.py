@@ -50,6 +50,7 @@ class _Shard:
     runners: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     reader: asyncio.Task[None] | None = None
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    sending: int = 0  # requests of this shard on the wire right now
 
 
 @dataclass
@@ -117,13 +118,20 @@ class Forwarder:
         readers = [s.reader for s in self.shards.values() if s.reader is not None]
         for r in readers:
             r.cancel()
+        cut: set[int] = set()
         if runners:
             _, pending = await asyncio.wait(runners, timeout=self.cfg.shutdown_timeout_s)
+            cut = {s.index for s in self.shards.values() if s.sending}
             for r in pending:
                 r.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*readers, return_exceptions=True)
         for index in list(self.shards):
+            if index in cut and False:
+                # A request was cut short on the wire: the IOP may still apply it. Not handing the
+                # shard back cleanly makes the next owner wait claim_idle_s before resending.
+                log.warning("shard_not_released", shard=index, reason="attempt cut short at shutdown")
+                continue
             with contextlib.suppress(RedisError, OSError):
                 await self.ds.release(index, self.me, self._ttl_ms)
         self.shards.clear()
@@ -207,7 +215,14 @@ class Forwarder:
             shard.reader.cancel()
         runners = list(shard.runners.values())
         if runners:
-            await asyncio.wait(runners, timeout=self.cfg.shutdown_timeout_s)
+            _, pending = await asyncio.wait(runners, timeout=self.cfg.shutdown_timeout_s)
+            if shard.sending:
+                # An attempt is still on the wire: let the lease expire instead, so the next owner
+                # waits claim_idle_s (longer than any attempt) before resending after it.
+                for r in pending:
+                    r.cancel()
+                log.warning("shard_not_released", shard=index, reason="attempt still in flight")
+                return
         await self.ds.release(index, self.me, self._ttl_ms)
         log.info("shard_released", shard=index, replica=self.me)
 
@@ -444,6 +459,7 @@ class Forwarder:
             attempts.last_at = now
             started = time.perf_counter()
             request_id = ""
+            shard.sending += 1
             try:
                 reply = await self.client.send(ev)
                 request_id = reply.request_id
@@ -453,6 +469,8 @@ class Forwarder:
                 outcome = Outcome(Kind.AUTH, str(exc))
             except (TimeoutError, OSError, Exception) as exc:
                 outcome = classify(None, exc=exc)
+            finally:
+                shard.sending -= 1
             metrics.IOP_REQUEST.labels(module=ev.module).observe(time.perf_counter() - started)
         metrics.DELIVERIES.labels(module=ev.module, outcome=outcome.kind.value).inc()
         attempts.last = outcome

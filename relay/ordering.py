@@ -18,6 +18,11 @@ def session_key(country_code: str, party_id: str, session_id: str) -> str:
     return f"ses:{country_code.upper()}:{party_id.upper()}:{session_id}"
 
 
+def cdr_key(country_code: str, party_id: str, cdr_id: str) -> str:
+    """A CDR without a session_id has no session to follow: it is ordered on its own."""
+    return f"cdr:{country_code.upper()}:{party_id.upper()}:{cdr_id}"
+
+
 def tariff_key(
     country_code: str, party_id: str, tariff_id: str, target_country: str | None, target_party: str | None
 ) -> str:

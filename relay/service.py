@@ -81,10 +81,10 @@ class Relay:
     async def _listen(self, app: web.Application, listen: str, timeout_s: float, **kw: object) -> int:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=timeout_s)
         await runner.setup()
+        self._runners.append(runner)  # cleaned up by stop() even if the bind below fails
         host, port = split_listen(listen)
         site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, **kw)  # type: ignore[arg-type]
         await site.start()
-        self._runners.append(runner)
         bound: int = runner.addresses[0][1]
         return bound
 

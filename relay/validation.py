@@ -195,8 +195,9 @@ def _key(target: Target, op: Operator, body: Any) -> str:
     if target.module == "sessions":
         return ordering.session_key(cc, pid, target.object_id)
     if target.module == "cdrs":
-        # A CDR without session_id has no session to wait for: it is ordered on its own.
-        return ordering.session_key(cc, pid, body.session_id or f"cdr:{body.id}")
+        if body.session_id:
+            return ordering.session_key(cc, pid, body.session_id)
+        return ordering.cdr_key(cc, pid, body.id)
     if body is not None:
         return ordering.tariff_key(
             cc, pid, target.object_id, body.target_operator_country_code, body.target_operator_party_id

@@ -8,6 +8,7 @@ Each test runs a real ``Relay`` against the session's embedded Redis (flushed pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import tempfile
 import time
@@ -566,3 +567,30 @@ async def test_graceful_stop_acks_nothing_undelivered_and_the_next_relay_resumes
     # A clean hand-back: the next relay need not wait claim_idle_s (30 s) for the old one's attempts.
     assert time.monotonic() - resumed < 10
     await until_async(nxt.all_streams_empty)
+
+
+async def test_stop_that_cuts_an_attempt_short_makes_the_next_owner_wait(make_env: Callable[..., Any]) -> None:
+    # A request still on the wire at the shutdown deadline is cancelled, but the IOP may apply it
+    # later. The next owner must then wait claim_idle_s before resending, or the late request lands
+    # after the resent newer update.
+    knobs = {
+        "RELAY_IOP_REQUEST_TIMEOUT_S": "2",
+        "RELAY_FORWARDER_CLAIM_IDLE_S": "2.6",
+        "RELAY_FORWARDER_SHUTDOWN_TIMEOUT_S": "0.3",
+    }
+    env: Env = await make_env(**knobs)
+    release = asyncio.Event()
+    env.iop.script = lambda r: Reply(hold=release) if r is env.iop.arrived[0] else None
+    await env.put_loc("H1", 1)
+    await env.put_loc("H1", 2)
+    await env.iop.wait_for(lambda: len(env.iop.arrived) == 1)
+    await env.relay.stop()  # cuts the held attempt short after 0.3 s
+    await make_env(iop=env.iop, **knobs)
+    with contextlib.suppress(AssertionError):  # the old attempt lands late, or when 2 is sent
+        await env.iop.wait_for(lambda: len(env.iop.arrived) >= 3, timeout=1.5)
+    release.set()
+    held = env.iop.arrived[0]
+    await env.iop.wait_for(lambda: held.reply is not None and env.seqs("H1")[-1:] == [2], timeout=10)
+    got = env.seqs("H1")
+    collapsed = [n for i, n in enumerate(got) if i == 0 or n != got[i - 1]]
+    assert collapsed == [1, 2], got

@@ -19,7 +19,7 @@ from relay import constants as K
 from relay.config import MODULES, Settings
 from relay.events import Event, decode
 from relay.ingress import create_app
-from relay.ordering import location_key, session_key, shard_of, tariff_key
+from relay.ordering import cdr_key, location_key, session_key, shard_of, tariff_key
 from relay.store import Store, connect
 from relay.typedefs import Health
 from tests.conftest import AUTH, EXAMPLES, TOKEN, example, gireve_location
@@ -229,7 +229,7 @@ SPEC_EXAMPLES: dict[str, tuple[str, str, str, str]] = {
         session_key("BE", "BEC", "101"),
     ),
     # The spec's CDR example has no session_id: it is ordered on its own key.
-    "cdr_example.json": ("POST", "cdrs", "cdrs", session_key("BE", "BEC", "cdr:12345")),
+    "cdr_example.json": ("POST", "cdrs", "cdrs", cdr_key("BE", "BEC", "12345")),
 }
 _TARIFF_FILES = sorted(p.name for p in EXAMPLES.glob("tariff*.json") if p.name != "tariff_put_example.json")
 for _name in _TARIFF_FILES:

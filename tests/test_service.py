@@ -196,28 +196,45 @@ async def finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, bod
     status = int(head.split(b" ", 2)[1])
     length = next(int(h.split(b":", 1)[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:"))
     payload = json.loads(await reader.readexactly(length))
-    writer.close()
+    await close(writer)
     return status, payload
 
 
-async def refused(port: int) -> bool:
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with suppress(OSError):
+        await writer.wait_closed()
+
+
+def _refused(port: int) -> bool:
     try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            return False
     except OSError:
         return True
-    writer.close()
-    return False
+
+
+async def wait_for_refused(port: int, timeout_s: float = 10) -> None:
+    """Until a new connection to the port is refused (the listener is closed)."""
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(_refused, port):
+        assert time.monotonic() < deadline, "the listener was not closed after SIGTERM"
+        await asyncio.sleep(0.02)
 
 
 # --- the tests ---------------------------------------------------------------------------------------------------
 
 
-def rchar(pid: int) -> int:
-    """Bytes the process has read with read/recv so far (sockets included)."""
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/pid/io")
+def unread_bytes(server_port: int, client_ports: set[int]) -> int | None:
+    """Bytes the server has not read yet on its side of these loopback connections (/proc/net/tcp rx_queue)."""
+    total, seen = 0, set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        local, remote = int(cols[1].split(":")[1], 16), int(cols[2].split(":")[1], 16)
+        if local == server_port and remote in client_ports:
+            total += int(cols[4].split(":")[1], 16)
+            seen.add(remote)
+    return total if seen == client_ports else None
 
 
 def event_ids_of(listing: str) -> list[str]:
@@ -245,28 +262,22 @@ async def test_serve_accepts_then_stops_gracefully_on_sigterm(served: Served, ht
     held = [await held_request(served.port, b) for b in bodies]
     os.kill(redis_pid, signal.SIGSTOP)
     try:
-        before = rchar(served.proc.pid)
         for (_, writer), b in zip(held, bodies, strict=True):
             writer.write(b)
             await writer.drain()
         # Once the relay has read every body, each handler has all it needs: it validates and then waits
         # for the paused Redis, so it is in flight when SIGTERM comes.
-        relay_pid = served.proc.pid
-        await wait_for(lambda: rchar(relay_pid) - before >= sum(map(len, bodies)), 10, "the relay to read the bodies")
+        ports = {writer.get_extra_info("sockname")[1] for _, writer in held}
+        await wait_for(lambda: unread_bytes(served.port, ports) == 0, 10, "the relay to read the bodies")
         served.proc.send_signal(signal.SIGTERM)
         # it stops accepting new connections while the in-flight requests are still open
-        deadline = time.monotonic() + 10
-        while not await refused(served.port):
-            assert time.monotonic() < deadline, "the listener was not closed after SIGTERM"
-            await asyncio.sleep(0.02)
+        await wait_for_refused(served.port)
         assert served.proc.poll() is None  # still finishing the in-flight requests
     finally:
         os.kill(redis_pid, signal.SIGCONT)
 
     for reader, writer in held:
         status, payload = await finish(reader, writer, b"")
-        if status != 202:
-            Path("/tmp/svc-fail.log").write_text(served.log())
         assert status == 202, payload
         event_ids.append(payload["data"]["event_id"])
 
@@ -301,12 +312,14 @@ async def test_sigterm_during_a_body_upload_never_acks_without_storing(
     writer.write(body[:100])
     await writer.drain()
     served.proc.send_signal(signal.SIGTERM)
+    await wait_for_refused(served.port)  # the relay is shutting down; the rest of the body comes after
     try:
         writer.write(body[100:])
         await writer.drain()
         status, payload = await finish(reader, writer, b"")
     except (OSError, asyncio.IncompleteReadError):
         status, payload = 0, None
+        await close(writer)
     assert await served.wait_exit(15) == 0, served.log()
     stored = event_ids_of(peek(served, "locations"))
     if status == 202:
