@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -230,6 +232,12 @@ def stream_state(client: redis.Redis, shards: int) -> StreamState:
     return StreamState(entries, pending, dead)
 
 
+def redis_calls(client: redis.Redis) -> dict[str, int]:
+    """Calls per command since CONFIG RESETSTAT (the bench's own polling included: a few per second)."""
+    stats: dict[str, Any] = client.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items() if isinstance(v, dict)}
+
+
 # -- the receiver -----------------------------------------------------------------------------------
 
 
@@ -275,10 +283,11 @@ class Check:
     out_of_order: int = 0  # an event of a key arriving after a later one of the same key (or at the wrong URL)
     missing: int = 0
     errors: int = 0  # non-200 answers seen by the bare client
+    error: str = ""  # the run did not complete
     state: StreamState | None = None  # relay runs only
 
     def problems(self) -> list[str]:
-        out = []
+        out = [self.error] if self.error else []
         if self.missing:
             out.append(f"{self.missing} missing")
         if self.duplicates:
@@ -287,7 +296,7 @@ class Check:
             out.append(f"{self.out_of_order} out of order")
         if self.errors:
             out.append(f"{self.errors} non-200 answers")
-        if self.state is not None:
+        if self.state is not None and not self.error:
             if self.state.entries:
                 out.append(f"{self.state.entries} left in streams")
             if self.state.pending:
@@ -380,6 +389,7 @@ def relay_env(redis_url: str, iop_url: str, port: int, data_dir: Path) -> dict[s
 def start_relay(ctx: Ctx, iop_url: str, tag: str) -> Server:
     port = free_port()
     env = relay_env(ctx.server.url, iop_url, port, ctx.workdir / "relay-data")
+    env.update(kv.split("=", 1) for kv in ctx.args.relay_env)
     argv = [python(), "-m", "relay", "serve", "--config", str(CONFIG)]
     if ctx.args.relay_src:  # a private copy of the relay package (experiments): it must win over the repo's
         src = Path(ctx.args.relay_src).resolve()
@@ -389,9 +399,18 @@ def start_relay(ctx: Ctx, iop_url: str, tag: str) -> Server:
     return start_server(f"relay-{tag}", argv, env, port, ctx.workdir / f"relay-{tag}.log", {ctx.args.relay_cpu})
 
 
-def stop_process(srv: Server, timeout_s: float) -> float:
+def stop_process(srv: Server, timeout_s: float, keep_log: str | None = None) -> float:
     """SIGTERM, wait up to timeout_s, then SIGKILL; returns how long the graceful stop took."""
     t0 = time.monotonic()
+    try:
+        return _stop(srv, timeout_s, t0)
+    finally:
+        if keep_log:
+            Path(keep_log).mkdir(parents=True, exist_ok=True)
+            shutil.copy(srv.log_path, Path(keep_log) / srv.log_path.name)
+
+
+def _stop(srv: Server, timeout_s: float, t0: float) -> float:
     if srv.proc.poll() is None:
         srv.proc.send_signal(signal.SIGTERM)
         try:
@@ -432,6 +451,19 @@ class CpuWindow:
     def share(self, name: str) -> float:
         """Fraction of one core."""
         return self.used.get(name, 0.0) / self.wall if self.wall else 0.0
+
+
+def wait_quiet(max_wait_s: float, threshold: float = 0.15) -> float:
+    """Wait (up to max_wait_s) until the machine's other processes use less than ``threshold`` of a
+    core over one second; returns the last measured share (the bench's own servers are idle then)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        b0 = busy_seconds()
+        time.sleep(1.0)
+        share = busy_seconds() - b0
+        if share < threshold or time.monotonic() >= deadline:
+            return share
+        time.sleep(1.0)
 
 
 def _own_cpu() -> float:
@@ -486,10 +518,13 @@ class Run:
     cpu: CpuWindow | None = None
     rss_peak_mb: float = 0.0
     rss_end_mb: float = 0.0
+    redis_calls: dict[str, int] = field(default_factory=dict)  # commands the relay sent, by name
     check: Check = field(default_factory=Check)
 
     @property
     def rate(self) -> float:
+        if self.check.error:
+            return 0.0
         return self.work.events / self.seconds if self.seconds else 0.0
 
     @property
@@ -531,6 +566,8 @@ def run_relay(ctx: Ctx, key: str, label: str, work: Workload) -> Run:
     prefill_store(ctx.server.url, ctx.settings, work)
     assert stream_state(ctx.client, ctx.settings.redis.shards).entries == work.events
     ctx.receiver.reset()
+    wait_quiet(ctx.args.wait_quiet)
+    ctx.client.config_resetstat()
     srv = start_relay(ctx, ctx.receiver.iop_url, key)
     try:
         profiler = None
@@ -543,10 +580,11 @@ def run_relay(ctx: Ctx, key: str, label: str, work: Workload) -> Run:
         with RssSampler(srv.pid) as rss:
             try:
                 wait_delivered(ctx, work.events, srv.proc)
-            except RuntimeError as exc:
-                raise RuntimeError(f"{label}: {exc}; relay log:\n{srv.log_tail()}") from exc
-            drained_at, state = wait_drained(ctx)
+            except RuntimeError as exc:  # stalled or died: report it in the table, go on with the other runs
+                run.check.error = f"{exc}; relay log: {_log_gist(srv.log_tail(20_000))}"
+            drained_at, _ = wait_drained(ctx, timeout_s=0.0 if run.check.error else 30.0)
             cpu.stop()
+            run.redis_calls = redis_calls(ctx.client)
             run.rss_end_mb = rss_kb(srv.pid) / 1024
         if profiler is not None:
             profiler.stop()
@@ -554,21 +592,44 @@ def run_relay(ctx: Ctx, key: str, label: str, work: Workload) -> Run:
         if srv.proc.poll() is not None:
             raise RuntimeError(f"relay died during the run:\n{srv.log_tail()}")
     finally:
-        stop_process(srv, 15)
+        stop_process(srv, 15, ctx.args.logs)
     st = ctx.receiver.stats()
     run.seconds = st.last - st.first
-    run.drain_s = drained_at - st.first
+    run.drain_s = 0.0 if run.check.error else drained_at - st.first
     run.cpu, run.cpu_s = cpu, cpu.used["sender"]
+    error = run.check.error
     run.check = check_records(ctx.receiver.dump(), work)
     run.check.state = stream_state(ctx.client, ctx.settings.redis.shards)
+    run.check.error = error
     return run
+
+
+def _log_gist(text: str) -> str:
+    """The most frequent error/warning event of a relay log (JSON lines), with its count."""
+    seen: Counter[str] = Counter()
+    for line in text.splitlines():
+        try:
+            rec = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("level") in ("error", "warning"):
+            exc = str(rec.get("exception", "")).strip().splitlines()
+            seen[f"{rec.get('event')}" + (f" ({exc[-1][:120]})" if exc else "")] += 1
+    if not seen:
+        return text.strip().splitlines()[-1][:200] if text.strip() else "(empty)"
+    event, n = seen.most_common(1)[0]
+    return f"{n} x {event}"
 
 
 def run_bare(ctx: Ctx, work: Workload) -> Run:
     run = Run("c", f"(c) bare aiohttp client, {CONCURRENCY} in flight", work)
     ctx.receiver.reset()
+    wait_quiet(ctx.args.wait_quiet)
     argv = [python(), str(Path(__file__).resolve()), "--role", "bare", "--iop-url", ctx.receiver.iop_url]
     argv += ["--bare-keys", str(work.keys), "--bare-per-key", str(work.per_key), "--bare-tag", work.tag]
+    if ctx.args.bare_uvloop:
+        argv += ["--bare-uvloop", str(Path(ctx.args.bare_uvloop).resolve())]
+        run.label = f"(c) bare aiohttp client + uvloop, {CONCURRENCY} in flight"
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(
             argv,
@@ -645,7 +706,7 @@ def run_backlog(ctx: Ctx) -> Backlog:
         if srv.proc.poll() is not None:
             raise RuntimeError(f"relay died during the backlog run:\n{srv.log_tail()}")
     finally:
-        stop_s = stop_process(srv, 20)
+        stop_s = stop_process(srv, 20, ctx.args.logs)
     return Backlog(
         events=work.events,
         prefill_s=prefill_s,
@@ -792,11 +853,13 @@ def _median(runs: list[Run]) -> Run:
 
 def _row(r: Run) -> str:
     w = r.work
-    us_per_ev = 1e6 * r.cpu_s / w.events if w.events else 0.0
+    done = r.check.delivered if r.check.error else w.events
+    us_per_ev = 1e6 * r.cpu_s / done if done else 0.0
     drain = f"{r.drain_s:7.2f}" if r.drain_s else f"{'-':>7}"
+    rate = "FAILED" if r.check.error else f"{r.rate:,.0f}"
     shares = "".join(f" {100 * r.cpu.share(k):>5.0f}%" if r.cpu else f" {'-':>6}" for k in SHARES)
     return (
-        f"{r.label:<38} {w.events:>8,} {w.keys:>6,} {w.per_key:>4} {r.rate:>9,.0f} {r.seconds:>7.2f} {drain} "
+        f"{r.label:<38} {w.events:>8,} {w.keys:>6,} {w.per_key:>4} {rate:>9} {r.seconds:>7.2f} {drain} "
         f"{us_per_ev:>7.0f}{shares} {r.rss_peak_mb:>6.0f} {r.rss_end_mb:>5.0f}  {r.check.text()}"
     )
 
@@ -829,12 +892,21 @@ def _header(ctx: Ctx) -> str:
             "the end of the run",
         ]
         + ([f"  NOTE: relay code from {a.relay_src} (not the repository's)"] if a.relay_src else [])
+        + ([f"  NOTE: relay environment overrides: {' '.join(a.relay_env)}"] if a.relay_env else [])
         + (
             ["  NOTE: py-spy sampled the senders (relay, bare client): lower numbers than unprofiled runs"]
             if a.profile
             else []
         )
     )
+
+
+def _calls_line(r: Run, top: int = 6) -> str:
+    n = r.work.events
+    busiest = sorted(r.redis_calls.items(), key=lambda kv: -kv[1])[:top]
+    total = sum(r.redis_calls.values())
+    parts = ", ".join(f"{name} {calls / n:.3f}" for name, calls in busiest)
+    return f"  {r.label}: {total / n:.3f} in all; {parts}"
 
 
 def report(ctx: Ctx, rows: dict[str, list[Run]], backlog: Backlog | None) -> str:
@@ -849,10 +921,16 @@ def report(ctx: Ctx, rows: dict[str, list[Run]], backlog: Backlog | None) -> str
             out.append(_row(med[k]))
             if len(rows[k]) > 1:
                 out.append(f"{'':<38} runs: " + ", ".join(f"{r.rate:,.0f}" for r in rows[k]) + " events/s")
+    calls = [_calls_line(med[k]) for k in "ab" if k in med and med[k].redis_calls]
+    if calls:
+        out += ["", "Redis commands sent per delivered event (CONFIG RESETSTAT .. drained; the bench polls a few/s):"]
+        out += calls
     out += ["", "ratios and targets:"]
     if "c" in med and med["c"].rate:
         for k, target in (("a", TARGET_RATIO), ("b", None)):
-            if k in med:
+            if k in med and med[k].check.error:
+                out.append(f"  (d) ({k})/(c) = n/a: run ({k}) failed" + (" (target >= 75 %: MISS)" if target else ""))
+            elif k in med:
                 ratio = med[k].rate / med["c"].rate
                 verdict = (
                     f" (target >= {100 * target:.0f} %: {'PASS' if ratio >= target else 'MISS'})" if target else ""
@@ -892,10 +970,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle", type=float, help="seconds the relay faces the down IOP in (e) (default 12)")
     p.add_argument("--only", default="abce", help="runs to do (default abce; the ratios need c)")
     p.add_argument("--repeat", type=int, default=1, help="runs of (a), (b), (c) each; the median is shown")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="before each run, wait up to S seconds for other processes to leave the CPUs idle (default 30)",
+    )
     p.add_argument("--receiver-cpu", type=int, default=0)
     p.add_argument("--relay-cpu", type=int, default=1)
     p.add_argument("--profile", metavar="DIR", help="py-spy record the relay in (a), (b) and the bare client in (c)")
     p.add_argument("--profile-rate", type=int, default=200)
+    p.add_argument("--logs", metavar="DIR", help="keep the relay's logs in DIR")
+    p.add_argument("--bare-uvloop", metavar="DIR", help="run the bare client on uvloop, imported from DIR")
+    p.add_argument("--relay-env", action="append", default=[], metavar="K=V", help="extra env for the relay (tuning)")
     p.add_argument("--relay-src", metavar="DIR", help="run the relay package found in DIR (a patched copy) instead")
     p.add_argument("--role", choices=["bench", "bare"], default="bench", help=argparse.SUPPRESS)
     p.add_argument("--iop-url", help=argparse.SUPPRESS)
@@ -940,6 +1028,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
                     label, work = plan[key]
                     rows[key].append(run_relay(ctx, key, label, work))
                 print(_row(rows[key][-1]), file=sys.stderr, flush=True)
+                if rows[key][-1].redis_calls:
+                    print(_calls_line(rows[key][-1]), file=sys.stderr, flush=True)
         backlog = run_backlog(ctx) if "e" in args.only else None
         print()
         print(report(ctx, rows, backlog))
@@ -961,7 +1051,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.role == "bare":
         work = Workload(args.bare_tag, args.bare_keys, args.bare_per_key)
-        result = asyncio.run(bare_client(args.iop_url, work))
+        if args.bare_uvloop:  # a directory holding the uvloop package (not a dependency of the project)
+            sys.path.insert(0, args.bare_uvloop)
+            uvloop = importlib.import_module("uvloop")
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                result = runner.run(bare_client(args.iop_url, work))
+        else:
+            result = asyncio.run(bare_client(args.iop_url, work))
         print("BARE_RESULT " + msgspec.json.encode(result).decode(), flush=True)
         return 0
     if len(os.sched_getaffinity(0)) < 2 or args.relay_cpu == args.receiver_cpu:

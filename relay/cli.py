@@ -437,12 +437,18 @@ def register(from_iop: bool, versions_url: str | None, token_a: str | None, as_j
         token_b = new_token()
         # The IOP may call us back with B during its handling of our POST: let B open the door
         # the way a token A does, until the registration is stored.
+        previous_a = (await rs.load())[1]
         await rs.set_token_a(token_b)
         try:
             reg = await register_to_iop(settings, versions_url, token_a, token_b)
-        except HandshakeError as exc:
-            click.echo(f"registration failed: {exc}", err=True)
-            sys.exit(1)
+        except BaseException as exc:
+            # B went to a peer that did not take it: it must not open a Register – FromIOP later,
+            # and a token A made earlier by `register --from-iop` stays valid.
+            await rs.withdraw_token_a(token_b, restore=previous_a)
+            if isinstance(exc, HandshakeError):
+                click.echo(f"registration failed: {exc}", err=True)
+                sys.exit(1)
+            raise
         registry = Registry(settings, rs)
         await registry.refresh()
         await registry.save(reg, used_token_a=token_b)

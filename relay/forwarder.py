@@ -127,7 +127,7 @@ class Forwarder:
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*readers, return_exceptions=True)
         for index in list(self.shards):
-            if index in cut and False:
+            if index in cut:
                 # A request was cut short on the wire: the IOP may still apply it. Not handing the
                 # shard back cleanly makes the next owner wait claim_idle_s before resending.
                 log.warning("shard_not_released", shard=index, reason="attempt cut short at shutdown")

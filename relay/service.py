@@ -34,6 +34,20 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel a background loop and wait for its end.
+
+    redis-py (8.x) can swallow a CancelledError that lands in the middle of a command or pipeline;
+    the loop then carries on as if nothing happened and a single cancel() would be waited on
+    forever. Cancel again until the task is done.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    with suppress(asyncio.CancelledError):
+        await task
+
+
 class Relay:
     """One relay process: start() brings every part up in order, stop() takes it down in reverse."""
 
@@ -197,9 +211,7 @@ class Relay:
         self.health.stopping = True
         for task in (self._gauges, self._watch):
             if task is not None:
-                task.cancel()
-                with suppress(asyncio.CancelledError):
-                    await task
+                await _cancel(task)
         if self.forwarder is not None:
             await self.forwarder.stop()
             self.forwarder = None

@@ -620,3 +620,12 @@ class RegistrationStore:
     async def set_token_a(self, token: str) -> None:
         """A new one-time token A for the next Register – FromIOP."""
         await self.redis.set(TOKEN_A_KEY, token)
+
+    async def withdraw_token_a(self, token: str, restore: str | None = None) -> bool:
+        """Take back a pending token A if it is still this one, putting ``restore`` back in its place."""
+        script = (
+            "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end "
+            "if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2]) end "
+            "return 1"
+        )
+        return bool(await self.redis.eval(script, 1, TOKEN_A_KEY, token, restore or ""))

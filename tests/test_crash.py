@@ -372,5 +372,3 @@ async def until(cond: Callable[[], Any], timeout: float, what: str) -> None:
     while not await cond():
         assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
         await asyncio.sleep(0.05)
-
-

@@ -55,8 +55,12 @@ async def client(iop: FakeIop) -> AsyncIterator[OcpiClient]:
 URLS = [
     ("location", event("locations", "PUT", "LOC1"), "PUT", "/ocpi/2.2.1/locations/FR/AB1/LOC1"),
     ("evse", event("locations", "PATCH", "LOC1", evse="3256"), "PATCH", "/ocpi/2.2.1/locations/FR/AB1/LOC1/3256"),
-    ("connector", event("locations", "PUT", "LOC1", evse="3256", conn="1"), "PUT",
-     "/ocpi/2.2.1/locations/FR/AB1/LOC1/3256/1"),  # fmt: skip
+    (
+        "connector",
+        event("locations", "PUT", "LOC1", evse="3256", conn="1"),
+        "PUT",
+        "/ocpi/2.2.1/locations/FR/AB1/LOC1/3256/1",
+    ),  # fmt: skip
     ("session", event("sessions", "PUT", "S1"), "PUT", "/ocpi/2.2.1/sessions/FR/AB1/S1"),
     ("session patch", event("sessions", "PATCH", "S1"), "PATCH", "/ocpi/2.2.1/sessions/FR/AB1/S1"),
     ("cdr", event("cdrs", "POST", "CDR1"), "POST", "/ocpi/2.2.1/cdrs"),

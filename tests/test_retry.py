@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import socket
@@ -57,8 +56,15 @@ ROWS: list[tuple[str, int, bytes | None, Kind, bool, int | None, bool]] = [
     ("204", 204, None, Kind.DELIVERED, False, None, False),
     ("200 json not ocpi", 200, b'{"result": "fine"}', Kind.DELIVERED, False, None, False),
     ("200 status_code not an int", 200, b'{"status_code": "1000"}', Kind.DELIVERED, False, None, False),
-    ("422 detail body", 422, b'{"detail": [{"loc": ["body", "evses"], "msg": "field required"}]}',
-     Kind.PERMANENT, False, None, False),  # fmt: skip
+    (
+        "422 detail body",
+        422,
+        b'{"detail": [{"loc": ["body", "evses"], "msg": "field required"}]}',
+        Kind.PERMANENT,
+        False,
+        None,
+        False,
+    ),  # fmt: skip
     ("400 html", 400, b"<html>Bad Request</html>", Kind.PERMANENT, False, None, False),
     ("404 no body: unknown object", 404, None, Kind.PERMANENT, False, None, True),
     ("302 left over", 302, None, Kind.PERMANENT, False, None, False),
@@ -135,7 +141,7 @@ def _connector_error(os_error: OSError) -> aiohttp.ClientConnectorError:
 
 
 EXCEPTIONS: list[tuple[str, BaseException]] = [
-    ("asyncio timeout", asyncio.TimeoutError()),
+    ("asyncio timeout", TimeoutError()),
     ("builtin timeout", TimeoutError()),
     ("server timeout", aiohttp.ServerTimeoutError("read timed out")),
     ("connection refused", ConnectionRefusedError(111, "Connection refused")),

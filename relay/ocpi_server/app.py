@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ssl
 import uuid
+from contextlib import suppress
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.exceptions import RedisError
 
 from relay import constants as K
 from relay.config import Settings
@@ -37,15 +39,22 @@ async def ocpi_envelope(request: web.Request, handler: Handler) -> web.StreamRes
 
 async def _dispatch(request: web.Request, handler: Handler) -> web.StreamResponse:
     registry = request.app[REGISTRY]
-    role = authenticate(
-        request.headers.get("Authorization", ""), registry, accept_plain=request.app[SETTINGS].ocpi.accept_plain_token
-    )
+    header, plain = request.headers.get("Authorization", ""), request.app[SETTINGS].ocpi.accept_plain_token
+    role = authenticate(header, registry, accept_plain=plain)
+    if role != "registered" and header:
+        # This replica's view may be stale: a token A just made (or replaced) by `relay register
+        # --from-iop`, the token B that `relay register --versions-url` hands the IOP (which calls
+        # back at once), a token A another replica has just spent, a registration made elsewhere.
+        # Unknown tokens and one-time tokens A are checked against Redis before the answer.
+        with suppress(RedisError, OSError):
+            await registry.refresh()
+        role = authenticate(header, registry, accept_plain=plain)
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else ""
     allowed = role == "registered" or (role == "token_a" and (request.method, route) in TOKEN_A_ROUTES)
     if not allowed:
         log.info("ocpi_unauthorized", path=request.path, method=request.method)
         return ocpi(401, 2000, message="Unauthorized: unknown or missing token")
-    request[ROLE] = role
+    reset = ROLE.set(role)
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -55,6 +64,8 @@ async def _dispatch(request: web.Request, handler: Handler) -> web.StreamRespons
     except Exception:
         log.exception("ocpi_handler_failed", path=request.path)
         return ocpi(500, 3000, message="Internal error")
+    finally:
+        ROLE.reset(reset)
 
 
 def create_ocpi_app(settings: Settings, registry: Registry) -> web.Application:

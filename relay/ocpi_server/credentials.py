@@ -34,7 +34,7 @@ async def _register(request: web.Request) -> web.Response:
     except HandshakeError as exc:
         log.warning("registration_failed", error=str(exc), versions_url=offered.url)
         return ocpi(400, 3001, message=f"Unable to use the client's API: {exc}")
-    used_a = _presented_token_a(request) if request[ROLE] == "token_a" else None
+    used_a = _presented_token_a(request) if ROLE.get() == "token_a" else None
     await registry.save(reg, used_token_a=used_a)
     return ocpi(200, 1000, our_credentials(request.app[SETTINGS], reg.incoming_token))
 
@@ -52,7 +52,7 @@ def _presented_token_a(request: web.Request) -> str | None:
 
 async def post_credentials(request: web.Request) -> web.Response:
     """Register – FromIOP with token A; a registered peer must use PUT (OCPI: 405)."""
-    if request[ROLE] == "registered":
+    if ROLE.get() == "registered":
         return ocpi(405, 2000, message="Already registered: use PUT to update, or DELETE then register again")
     return await _register(request)
 

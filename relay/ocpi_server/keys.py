@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+from typing import Literal
+
 from aiohttp import web
 
 from relay.config import Settings
@@ -10,7 +13,10 @@ from relay.credentials import Endpoint, Registry
 SETTINGS = web.AppKey("ocpi_settings", Settings)
 REGISTRY = web.AppKey("ocpi_registry", Registry)
 ENDPOINTS = web.AppKey("ocpi_endpoints", list[Endpoint])
-ROLE = "ocpi_token_role"
+# What the presented token is ("registered" or "token_a"), for the handler of the current request.
+# A context variable, not request storage: aiohttp >= 3.14 warns on plain-string request keys and
+# RequestKey does not exist before 3.14 (each request is handled in its own task, so no leaking).
+ROLE: ContextVar[Literal["registered", "token_a"] | None] = ContextVar("ocpi_token_role", default=None)
 
 # (method, canonical route) that the one-time token A may call: enough to register, nothing more.
 TOKEN_A_ROUTES = {
