@@ -549,13 +549,17 @@ def wait_delivered(ctx: Ctx, n: int, proc: subprocess.Popen[bytes], stall_s: flo
         time.sleep(0.1)
 
 
-def wait_drained(ctx: Ctx, timeout_s: float = 30.0) -> tuple[float, StreamState]:
-    """Until no entry is left in the streams (acks done); returns (monotonic time, state)."""
-    deadline = time.monotonic() + timeout_s
+def wait_drained(ctx: Ctx, stall_s: float = 30.0) -> tuple[float, StreamState]:
+    """Until no entry is left in the streams (acks done), or no progress for ``stall_s``: (monotonic time, state)."""
+    last, last_change = None, time.monotonic()
     while True:
         state = stream_state(ctx.client, ctx.settings.redis.shards)
         now = time.monotonic()
-        if (state.entries == 0 and state.pending == 0) or now > deadline:
+        if state.entries == 0 and state.pending == 0:
+            return now, state
+        if (state.entries, state.pending) != last:
+            last, last_change = (state.entries, state.pending), now
+        elif now - last_change >= stall_s:
             return now, state
         time.sleep(0.02)
 
@@ -582,7 +586,7 @@ def run_relay(ctx: Ctx, key: str, label: str, work: Workload) -> Run:
                 wait_delivered(ctx, work.events, srv.proc)
             except RuntimeError as exc:  # stalled or died: report it in the table, go on with the other runs
                 run.check.error = f"{exc}; relay log: {_log_gist(srv.log_tail(20_000))}"
-            drained_at, _ = wait_drained(ctx, timeout_s=0.0 if run.check.error else 30.0)
+            drained_at, _ = wait_drained(ctx, stall_s=0.0 if run.check.error else 30.0)
             cpu.stop()
             run.redis_calls = redis_calls(ctx.client)
             run.rss_end_mb = rss_kb(srv.pid) / 1024

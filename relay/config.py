@@ -107,6 +107,16 @@ class ForwarderSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     shutdown_timeout_s: PositiveFloat = 10.0
 
 
+class StateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Current object state kept from what the CSMS sends (Sender interfaces, healing)."""
+
+    enabled: bool = True
+    max_page_limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    sessions_patch_to_put: bool = True
+    heal_patches: bool = True
+    tariffs_immutable: Literal["reject", "warn", "off"] = "warn"
+
+
 class Operator(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A CPO operator hosted on this platform (T6)."""
 
@@ -142,6 +152,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ocpi: OcpiSettings = msgspec.field(default_factory=OcpiSettings)
     iop: IopSettings = msgspec.field(default_factory=IopSettings)
     forwarder: ForwarderSettings = msgspec.field(default_factory=ForwarderSettings)
+    state: StateSettings = msgspec.field(default_factory=StateSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     operators: list[Operator] = []
 

@@ -41,6 +41,16 @@ def delivered_key(shard: int) -> str:
     return f"{PREFIX}:{{r{shard}}}:delivered"
 
 
+def state_key(module: str, shard: int) -> str:
+    """Hash: ``CC:PID:ID[:TARGET]`` → ``<version>|<current object JSON>``."""
+    return f"{PREFIX}:{{r{shard}}}:state:{module}"
+
+
+def index_key(module: str, shard: int, country_code: str, party_id: str) -> str:
+    """Sorted set of one operator's objects by last_updated (ms): member ``ID[:TARGET]``."""
+    return f"{PREFIX}:{{r{shard}}}:idx:{module}:{country_code}:{party_id}"
+
+
 def lease_key(shard: int) -> str:
     """String: the replica that owns a shard, with an expiry."""
     return f"{PREFIX}:{{r{shard}}}:lease"

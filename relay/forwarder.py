@@ -26,7 +26,7 @@ from relay import constants as K
 from relay import metrics
 from relay.config import MODULES, Settings
 from relay.errors import StoreUnavailable
-from relay.link import Link
+from relay.link import GaveUp, Link
 from relay.ocpi_client import NotConfigured, OcpiClient
 from relay.retry import Kind, Outcome, backoff_s, classify
 from relay.store import DeliveryStore, Entry, Store, id_tuple, is_nogroup
@@ -89,6 +89,7 @@ class Forwarder:
         self.clock = clock
         self.shards: dict[int, _Shard] = {}
         self._buffered = 0
+        self._cdrs = 0  # of which CDRs (they may wait for session updates not read yet)
         self._room = asyncio.Condition()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -109,6 +110,7 @@ class Forwarder:
         waiting in a backoff or in memory stay pending in Redis and the next owner resumes them.
         """
         self._stopping.set()
+        await self.link.wake()  # attempts waiting behind a paused or down link give up now
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -211,6 +213,7 @@ class Forwarder:
         """Rebalance: stop the shard, wait for its in-flight attempts, then release it cleanly."""
         shard = self.shards.pop(index)
         shard.lost.set()
+        await self.link.wake()  # its attempts waiting behind a paused or down link give up now
         if shard.reader is not None:
             shard.reader.cancel()
         runners = list(shard.runners.values())
@@ -233,9 +236,10 @@ class Forwarder:
             await self._room.wait_for(lambda: self._buffered < self.cfg.max_buffered)
             return self.cfg.max_buffered - self._buffered
 
-    async def _free(self, n: int) -> None:
+    async def _free(self, n: int, cdrs: int = 0) -> None:
         async with self._room:
             self._buffered -= n
+            self._cdrs -= cdrs
             self._room.notify_all()
 
     async def _recover(self, shard: _Shard) -> None:
@@ -268,6 +272,9 @@ class Forwarder:
 
     async def _read_loop(self, shard: _Shard) -> None:
         streams = {K.stream_key(m, shard.index): shard.index for m in MODULES}
+        cdr_stream = K.stream_key("cdrs", shard.index)
+        without_cdrs = {s: i for s, i in streams.items() if s != cdr_stream}
+        half = max(1, self.cfg.max_buffered // 2)
         delay = 0.1
         while not self._stopping.is_set() and not shard.lost.is_set():
             try:
@@ -281,7 +288,13 @@ class Forwarder:
         while not self._stopping.is_set() and not shard.lost.is_set():
             try:
                 room = await self._wait_room()
-                entries = await self.ds.read_new(streams, self.me, min(room, self.cfg.read_batch), 1000)
+                count = min(room, self.cfg.read_batch)
+                # CDRs wait for their session's updates, which may still be unread in Redis: never let
+                # them fill more than half the buffer, or a CDR backlog would deadlock the reader.
+                if self._cdrs < half:
+                    entries = await self.ds.read_new(streams, self.me, min(count, half), 1000)
+                else:
+                    entries = await self.ds.read_new(without_cdrs, self.me, count, 1000)
                 delay = 0.1
             except (RedisError, OSError) as exc:
                 await self._redis_trouble(exc, delay)
@@ -308,7 +321,8 @@ class Forwarder:
             return
         async with self._room:
             self._buffered += len(entries)
-        held = 0
+            self._cdrs += sum(1 for e in entries if e.event.module == "cdrs")
+        held = held_cdrs = 0
         for entry in entries:
             qkey = (entry.event.module, entry.event.key)
             q = shard.queues.get(qkey)
@@ -318,18 +332,20 @@ class Forwarder:
                 # Already held in memory: a consumer group recreated after NOGROUP hands out its
                 # stream again from 0. Queued twice, the key would go back to an older update.
                 held += 1
+                held_cdrs += entry.event.module == "cdrs"
                 continue
             q.append(entry)
             if qkey not in shard.runners:
                 shard.runners[qkey] = asyncio.create_task(self._run_key(shard, qkey))
         if held:
-            await self._free(held)
+            await self._free(held, held_cdrs)
 
     # -- one ordering key -----------------------------------------------------------------------
 
     async def _run_key(self, shard: _Shard, qkey: tuple[str, str]) -> None:
         """Deliver a key's entries strictly one after the other; a retrying key holds only itself."""
         q = shard.queues[qkey]
+        cdr = int(qkey[0] == "cdrs")
         delay = 0.05
         try:
             while q and not shard.lost.is_set():
@@ -343,8 +359,8 @@ class Forwarder:
                     continue
                 delay = 0.05
                 q.popleft()
-                await self._free(1)
-        except (Abandon, asyncio.CancelledError):
+                await self._free(1, cdr)
+        except (Abandon, GaveUp, asyncio.CancelledError):
             pass
         except Exception:
             # A bug or Redis failure while finishing: the entry stays pending and is retried
@@ -354,7 +370,7 @@ class Forwarder:
         finally:
             left = len(q)
             if left:
-                await self._free(left)
+                await self._free(left, left * cdr)
                 q.clear()
             shard.queues.pop(qkey, None)
             shard.runners.pop(qkey, None)
@@ -450,7 +466,7 @@ class Forwarder:
         ev = entry.event
         if self._stopping.is_set() or shard.lost.is_set():
             raise Abandon()
-        async with self.link.slot() as probe:
+        async with self.link.slot(lambda: self._stopping.is_set() or shard.lost.is_set()) as probe:
             if self._stopping.is_set() or shard.lost.is_set():
                 raise Abandon()
             now = self.clock()

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 import structlog
@@ -20,6 +20,10 @@ from relay import metrics
 
 log = structlog.get_logger(__name__)
 State = Literal["up", "down", "auth_failed", "paused", "unconfigured"]
+
+
+class GaveUp(Exception):
+    """``slot(give_up)`` stopped waiting for permission because ``give_up()`` became true."""
 
 
 class Link:
@@ -59,10 +63,16 @@ class Link:
         return False
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[bool]:
-        """Wait for permission to send; yields True when this attempt is the link probe."""
+    async def slot(self, give_up: Callable[[], bool] | None = None) -> AsyncIterator[bool]:
+        """Wait for permission to send; yields True when this attempt is the link probe.
+
+        ``give_up`` is checked whenever the wait is woken (see ``wake()``): when it is true the
+        wait ends with ``GaveUp`` (a stopping relay must not sit behind a paused link).
+        """
         async with self._cond:
             while not self._may_send():
+                if give_up is not None and give_up():
+                    raise GaveUp()
                 timeout = max(0.01, self._probe_at - time.monotonic()) if self.state == "down" else None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._cond.wait(), timeout)
@@ -119,6 +129,11 @@ class Link:
             elif self.state == "up" and self._failures >= self.failure_threshold:
                 self._set("down", reason)
                 self._probe_at = time.monotonic() + self._probe_wait
+            self._cond.notify_all()
+
+    async def wake(self) -> None:
+        """Make every waiting ``slot()`` look at its ``give_up()`` again."""
+        async with self._cond:
             self._cond.notify_all()
 
     async def auth_failed(self, reason: str) -> None:

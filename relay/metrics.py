@@ -11,6 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, His
 ACCEPTED = Counter("relay_events_accepted_total", "Events durably accepted at the ingress", ["module"])
 REFUSED = Counter("relay_events_refused_total", "Events refused at the ingress, nothing stored", ["module", "status"])
 INGRESS_STORE_ERRORS = Counter("relay_ingress_store_errors_total", "Ingress writes that Redis did not take (503)")
+UNKNOWN_OBJECT = Counter(
+    "relay_events_unknown_object_total", "PATCHes (or child PUTs) for objects the relay has never seen", ["module"]
+)
+STATE_CONFLICTS = Counter("relay_state_conflicts_total", "State merges retried because another writer got in first")
 WARNINGS = Counter("relay_events_warnings_total", "GIREVE rule warnings on accepted events", ["module", "rule"])
 
 DELIVERIES = Counter(

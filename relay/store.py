@@ -41,6 +41,57 @@ return redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
 """
 
 
+# One event and the current state of its object, in one step (so they never disagree).
+# KEYS: stream, session-last, state hash, index zset
+# ARGV: envelope, kind ('session'|'cdr'|''), ordering key, mode ('put'|'cas'|'del'|'none'),
+#       state field, expected version (cas), document, score (last_updated ms), index member
+# Returns the stream id, or false when a 'cas' finds another version (the caller merges again).
+_COMMIT = """
+local mode = ARGV[4]
+local ver = 0
+if mode ~= 'none' then
+  local cur = redis.call('HGET', KEYS[3], ARGV[5])
+  if cur then ver = tonumber(string.match(cur, '^(%d+)|')) or 0 end
+  if mode == 'cas' and ver ~= tonumber(ARGV[6]) then return false end
+end
+local id
+if ARGV[2] == 'cdr' then
+  local after = redis.call('HGET', KEYS[2], ARGV[3])
+  if after then id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'a', after)
+  else id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1]) end
+else
+  id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
+  if ARGV[2] == 'session' then redis.call('HSET', KEYS[2], ARGV[3], id) end
+end
+if mode == 'put' or mode == 'cas' then
+  redis.call('HSET', KEYS[3], ARGV[5], (ver + 1) .. '|' .. ARGV[7])
+  redis.call('ZADD', KEYS[4], ARGV[8], ARGV[9])
+elseif mode == 'del' then
+  redis.call('HDEL', KEYS[3], ARGV[5])
+  redis.call('ZREM', KEYS[4], ARGV[9])
+end
+return id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StateWrite:
+    """How an event changes its object's stored state."""
+
+    mode: str  # put | cas | del | none
+    field: str
+    member: str
+    country_code: str
+    party_id: str
+    doc: bytes = b""
+    score: int = 0
+    expected: int = 0
+
+
+class Conflict(Exception):
+    """Another writer changed the object between our read and our write: read and merge again."""
+
+
 def connect(url: str, settings: RedisSettings) -> aioredis.Redis:
     """A client for redis://, rediss:// or unix:// URLs, bytes in and out."""
     return aioredis.Redis.from_url(
@@ -75,7 +126,7 @@ class Store:
 
     async def load_scripts(self) -> None:
         """Register the Lua scripts; called at start and again after a NOSCRIPT (Redis restarted)."""
-        for name, src in (("session", _APPEND_SESSION), ("cdr", _APPEND_CDR)):
+        for name, src in (("session", _APPEND_SESSION), ("cdr", _APPEND_CDR), ("commit", _COMMIT)):
             self._sha[name] = await self.redis.script_load(src)
 
     async def ensure_groups(self) -> None:
@@ -147,6 +198,43 @@ class Store:
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_loop())
         return fut
+
+    def _commit_args(self, event: Event, write: StateWrite) -> tuple[Any, ...]:
+        shard = shard_of(event.key, self.shards)
+        kind = "session" if event.module == "sessions" else "cdr" if event.module == "cdrs" else ""
+        return (
+            "EVALSHA", self._sha["commit"], 4,
+            K.stream_key(event.module, shard), K.session_last_key(shard), K.state_key(event.module, shard),
+            K.index_key(event.module, shard, write.country_code, write.party_id),
+            encode(event), kind, event.key, write.mode, write.field, write.expected, write.doc, write.score,
+            write.member,
+        )  # fmt: skip
+
+    async def commit(self, event: Event, write: StateWrite) -> str:
+        """Append the event and apply its state change atomically; raises Conflict or StoreUnavailable.
+
+        Failure policy: as append(); a 'cas' write that finds a newer version stores nothing.
+        """
+        result = await self.call(*self._commit_args(event, write))
+        if result is None:
+            raise Conflict(write.field)
+        return _s(result)
+
+    async def commit_many(self, items: Sequence[tuple[Event, StateWrite]]) -> list[str | StoreUnavailable]:
+        """commit() for a batch of unconditional writes, in one pipeline."""
+        futures = [self.call(*self._commit_args(ev, w)) for ev, w in items]
+        out: list[str | StoreUnavailable] = []
+        for fut in futures:
+            try:
+                out.append(_s(await fut))
+            except StoreUnavailable as exc:
+                out.append(exc)
+        return out
+
+    async def read_state(self, module: str, key: str, field: str) -> tuple[int, bytes | None]:
+        """(version, JSON document) of an object's stored state; (0, None) if unknown."""
+        raw = await self.call("HGET", K.state_key(module, shard_of(key, self.shards)), field)
+        return split_state(raw)
 
     async def append_many(self, events: Sequence[Event]) -> list[str | StoreUnavailable]:
         """Append a batch in one pipeline; each item succeeds or fails on its own."""
@@ -233,6 +321,14 @@ class Store:
             if len(out) >= count:
                 break
         return out
+
+
+def split_state(raw: bytes | None) -> tuple[int, bytes | None]:
+    """``b"3|{...}"`` → (3, b"{...}")."""
+    if raw is None:
+        return 0, None
+    ver, _, doc = raw.partition(b"|")
+    return int(ver), doc
 
 
 def _s(v: Any) -> str:

@@ -38,6 +38,7 @@ class Accepted:
 
     event: Event
     warnings: list[Problem]
+    updated_ms: int = 0  # the body's last_updated, for the state index
 
 
 _DECODERS: dict[tuple[str, str, int], msgspec.json.Decoder[Any]] = {
@@ -178,7 +179,9 @@ def validate(
         received_at=time.time(),
         body=raw if method != "DELETE" else b"",
     )
-    return Accepted(event, warnings)
+    stamp = getattr(body, "last_updated", None)
+    updated_ms = int(stamp.timestamp() * 1000) if stamp is not None and stamp is not msgspec.UNSET else 0
+    return Accepted(event, warnings, updated_ms)
 
 
 def _owner_from_body(target: Target, body: Any) -> Target:

@@ -44,7 +44,6 @@ FAST = {
     "RELAY_FORWARDER_BACKOFF_INITIAL_S": "0.01",
     "RELAY_FORWARDER_BACKOFF_MAX_S": "0.05",
     "RELAY_OPERATORS_JSON": OPERATORS,
-    # Key runners waiting on a paused link ignore stop() until this deadline (see the xfail below).
     "RELAY_FORWARDER_SHUTDOWN_TIMEOUT_S": "0.5",
 }
 
@@ -477,9 +476,6 @@ async def test_reregistration_resumes_a_link_stopped_by_401(
         assert [s.headers["Authorization"] for s in accepted] == [token_header(b2)] * 2
 
 
-@pytest.mark.xfail(reason="forwarder: key runners blocked in Link.slot() on a paused link do not see stop(); "
-                   "stop() waits forwarder.shutdown_timeout_s (10 s by default) whenever a backlog waits "
-                   "for a registration")  # fmt: skip
 async def test_stop_is_prompt_while_unregistered_with_a_backlog(make_settings: Callable[..., Settings]) -> None:
     relay = Relay(make_settings(**{**FAST, "RELAY_FORWARDER_SHUTDOWN_TIMEOUT_S": "3"}))
     await relay.start()

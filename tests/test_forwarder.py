@@ -302,6 +302,17 @@ async def test_auth_failure_pauses_the_link_until_resumed(make_env: Callable[...
     assert await env.dead() == []  # the refused event was not dead-lettered: it was resent
 
 
+async def test_stop_is_prompt_while_the_link_is_auth_failed(make_env: Callable[..., Any]) -> None:
+    env: Env = await make_env(RELAY_FORWARDER_SHUTDOWN_TIMEOUT_S="5")
+    env.iop.script = lambda r: Reply(status=401, ocpi=None)
+    await put_many(env, ["Z1", "Z2", "Z3"], 2)
+    await until(lambda: env.relay.link.state == "auth_failed", what="auth_failed")
+    started = time.monotonic()
+    await env.relay.stop()  # runners waiting for a slot behind the paused link give up at once
+    assert time.monotonic() - started < 1.5
+    assert await env.stream_len() == 6  # and nothing was acknowledged
+
+
 async def test_retry_after_is_honoured(make_env: Callable[..., Any]) -> None:
     env: Env = await make_env()
     env.iop.script = lambda r: Reply(status=429, ocpi=None, headers={"Retry-After": "1"}) if not env.iop.arrived[
@@ -470,6 +481,29 @@ async def test_cdr_after_a_dead_lettered_session_update_is_sent(make_env: Callab
     assert len(await env.dead("sessions")) == 1
 
 
+async def test_cdr_backlog_larger_than_the_buffer_does_not_deadlock(make_env: Callable[..., Any]) -> None:
+    # A backlog (after an outage) of sessions with several updates each, then their CDRs. CDRs that
+    # wait for session updates still unread in Redis must not fill the bounded read buffer.
+    knobs = {"RELAY_REDIS_SHARDS": "1", "RELAY_FORWARDER_MAX_BUFFERED": "6", "RELAY_FORWARDER_READ_BATCH": "3"}
+    first: Env = await make_env(RELAY_FORWARDER_ENABLED="false", **knobs)  # accept and queue only
+    for i in range(10):
+        for k in range(4):
+            await first.send("PUT", f"/sessions/FR/AB1/S{i}", fr_session(f"S{i}", kwh=float(k)))
+    for i in range(10):
+        await first.send("POST", "/cdrs", fr_cdr(f"C{i}", f"S{i}"))
+    await first.relay.stop()
+    nxt: Env = await make_env(iop=first.iop, **knobs)
+    iop = nxt.iop
+    await iop.wait_for(lambda: len(iop.delivered("/ocpi/2.2.1/cdrs")) == 10, timeout=15)
+    for i in range(10):
+        path = f"/ocpi/2.2.1/sessions/FR/AB1/S{i}"
+        updates = iop.delivered(path)
+        assert [r.json()["kwh"] for r in updates] == [0.0, 1.0, 2.0, 3.0]
+        [cdr] = [r for r in iop.delivered("/ocpi/2.2.1/cdrs") if r.json()["session_id"] == f"S{i}"]
+        assert cdr.at >= updates[-1].answered_at
+    await until_async(nxt.all_streams_empty)
+
+
 # -- Redis trouble -------------------------------------------------------------------------------
 
 
@@ -515,12 +549,13 @@ async def _has_group(env: Env, stream: str) -> bool:
 
 
 async def test_redis_restart_loses_nothing(make_env: Callable[..., Any]) -> None:
-    # A Redis of its own (AOF, fsync always) that this test may stop and start.
+    # A Redis of its own (AOF, fsync always) that this test may stop and start. After the restart
+    # its script cache is empty (NOSCRIPT) and connections are new; pending entries and groups persist.
     with tempfile.TemporaryDirectory(prefix="rr-", dir="/tmp") as d:
         server = EmbeddedRedis(Path(d) / "r", fsync="always")
         await server.start()
+        env: Env = await make_env(RELAY_REDIS_URL=server.url)
         try:
-            env: Env = await make_env(RELAY_REDIS_URL=server.url)
             env.iop.script = lambda r: Reply(status=200, ocpi=3000) if loc_of(r) == "X1" else None
             await put_many(env, ["X1", "X2"], 3)
             await env.iop.wait_for(lambda: env.seqs("X2") == [1, 2, 3] and len(env.iop.arrived) >= 6)
@@ -528,10 +563,12 @@ async def test_redis_restart_loses_nothing(make_env: Callable[..., Any]) -> None
             await server.start()
             env.iop.script = lambda r: None
             await put_many(env, ["X1", "X2"], 2, start=4)
-            await env.iop.wait_for(lambda: env.seqs("X1") == [1, 2, 3, 4, 5] and env.seqs("X2") == [1, 2, 3, 4, 5],
-                                   timeout=20)  # fmt: skip
+            done = [1, 2, 3, 4, 5]
+            await env.iop.wait_for(lambda: env.seqs("X1") == done and env.seqs("X2") == done, timeout=20)
             await until_async(env.all_streams_empty, timeout=10)
             assert await env.dead() == []
+            # Nothing sent twice: the acks that failed while Redis was away were retried, the shards kept.
+            assert len(env.iop.delivered()) == 10
         finally:
             await env.relay.stop()
             await server.stop()

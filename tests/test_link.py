@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from prometheus_client import REGISTRY
 
-from relay.link import Link
+from relay.link import GaveUp, Link
 
 
 def state(link: Link) -> str:
@@ -181,3 +181,21 @@ async def test_auth_failure_blocks_every_slot_until_resume(how: str) -> None:
     await link.resume("operator")
     await asyncio.wait_for(task, 1)
     assert state(link) == "up" and link.limit == 1 and gauge("up") == 1 and gauge("auth_failed") == 0
+
+
+async def test_a_waiting_slot_gives_up_when_woken() -> None:
+    link = Link(concurrency=4, failure_threshold=5, probe_initial_s=0.01, probe_max_s=1.0)
+    await link.pause("unregistered")
+    stopping = False
+
+    async def wants_to_send() -> None:
+        async with link.slot(lambda: stopping):
+            raise AssertionError("admitted while paused")
+
+    task = asyncio.create_task(wants_to_send())
+    await not_within(task.done, 0.05)
+    stopping = True
+    await link.wake()
+    with pytest.raises(GaveUp):
+        await asyncio.wait_for(task, 1)
+    assert link.inflight == 0

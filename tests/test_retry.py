@@ -36,6 +36,7 @@ ROWS: list[tuple[str, int, bytes | None, Kind, bool, int | None, bool]] = [
     ("503 ocpi 3002", 503, ocpi(3002), Kind.TRANSIENT, True, 3002, False),
     ("200 ocpi 4001 unknown receiver", 200, ocpi(4001), Kind.PERMANENT, False, 4001, False),
     ("400 ocpi 4001 unknown receiver", 400, ocpi(4001), Kind.PERMANENT, False, 4001, False),
+    ("200 ocpi 4000 hub error", 200, ocpi(4000), Kind.TRANSIENT, True, 4000, False),
     ("200 ocpi 4002", 200, ocpi(4002), Kind.TRANSIENT, False, 4002, False),
     ("200 ocpi 4003", 200, ocpi(4003), Kind.TRANSIENT, False, 4003, False),
     ("500 no body", 500, None, Kind.TRANSIENT, True, None, False),

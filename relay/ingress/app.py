@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import structlog
@@ -15,6 +15,7 @@ from relay.config import Settings
 from relay.constants import H_CORRELATION
 from relay.errors import InvalidEvent, Problem, StoreUnavailable
 from relay.events import Method
+from relay.ingest import Ingest, Ingested
 from relay.ingress.responses import Answer, accepted, json_response, now_iso, refused, unavailable
 from relay.store import Store
 from relay.typedefs import HEALTH, SETTINGS, STORE, Health
@@ -45,10 +46,12 @@ class ItemResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: int
     event_id: str | None = None
     warnings: list[Problem] | None = None
+    unknown_object: bool | None = None
     errors: list[Problem] | None = None
 
 
 _batch_decoder = msgspec.json.Decoder(Batch)
+INGEST = web.AppKey("ingest", Ingest)
 
 
 def _authorised(request: web.Request, tokens: tuple[str, ...]) -> bool:
@@ -73,12 +76,18 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return raw
 
 
-def _warnings(acc: Accepted) -> list[Problem] | None:
-    if not acc.warnings:
-        return None
-    for w in acc.warnings:
+def _warnings(acc: Accepted, done: Ingested) -> list[Problem] | None:
+    found = acc.warnings + done.warnings
+    for w in found:
         metrics.WARNINGS.labels(module=acc.event.module, rule=w.rule).inc()
-    return acc.warnings
+    return found or None
+
+
+def _accepted_data(acc: Accepted, done: Ingested) -> dict[str, Any]:
+    data: dict[str, Any] = {"event_id": acc.event.id, "warnings": _warnings(acc, done)}
+    if done.unknown_object:
+        data["unknown_object"] = True  # forwarded all the same; the relay had no state for it
+    return data
 
 
 async def handle_event(request: web.Request) -> web.Response:
@@ -97,14 +106,17 @@ async def handle_event(request: web.Request) -> web.Response:
         metrics.REFUSED.labels(module=module, status=str(exc.status)).inc()
         return refused(exc)
     try:
-        stream_id = await request.app[STORE].append(acc.event)
+        done = await request.app[INGEST].one(acc)
     except StoreUnavailable as exc:
         metrics.INGRESS_STORE_ERRORS.inc()
         log.warning("ingress_store_unavailable", error=str(exc), module=module)
         return unavailable("event not stored: Redis unavailable, send again")
+    except InvalidEvent as exc:  # a rule that needs the stored state (tariff immutability)
+        metrics.REFUSED.labels(module=module, status=str(exc.status)).inc()
+        return refused(exc)
     metrics.ACCEPTED.labels(module=module).inc()
-    log.debug("accepted", event_id=acc.event.id, module=module, key=acc.event.key, stream_id=stream_id)
-    return accepted({"event_id": acc.event.id, "warnings": _warnings(acc)})
+    log.debug("accepted", event_id=acc.event.id, module=module, key=acc.event.key, stream_id=done.stream_id)
+    return accepted(_accepted_data(acc, done))
 
 
 def _batch_item(index: int, op: BatchOperation, settings: Settings) -> Accepted | ItemResult:
@@ -140,15 +152,18 @@ async def handle_batch(request: web.Request) -> web.Response:
             results.append(item)
         else:
             ok.append((i, item))
-    stored = await request.app[STORE].append_many([acc.event for _, acc in ok])
+    stored = await request.app[INGEST].many([acc for _, acc in ok])
     for (i, acc), outcome in zip(ok, stored, strict=True):
         if isinstance(outcome, StoreUnavailable):
             metrics.INGRESS_STORE_ERRORS.inc()
             problem = Problem(field="$", rule="store", message=str(outcome))
             results.append(ItemResult(index=i, status=503, errors=[problem]))
+        elif isinstance(outcome, InvalidEvent):
+            results.append(ItemResult(index=i, status=outcome.status, errors=outcome.problems))
         else:
             metrics.ACCEPTED.labels(module=acc.event.module).inc()
-            results.append(ItemResult(index=i, status=202, event_id=acc.event.id, warnings=_warnings(acc)))
+            results.append(ItemResult(index=i, status=202, event_id=acc.event.id, warnings=_warnings(acc, outcome),
+                                      unknown_object=outcome.unknown_object or None))  # fmt: skip
     results.sort(key=lambda r: r.index)
     n_ok = sum(1 for r in results if r.status == 202)
     data = {"accepted": n_ok, "refused": len(results) - n_ok, "results": results}
@@ -194,6 +209,7 @@ def create_app(settings: Settings, store: Store, health: Health) -> web.Applicat
     app = web.Application(client_max_size=settings.ingress.max_body_bytes * 64, middlewares=[json_errors])
     app[SETTINGS] = settings
     app[STORE] = store
+    app[INGEST] = Ingest(store, settings)
     app[HEALTH] = health
     app.router.add_post(f"{PREFIX}/batch", handle_batch)
     app.router.add_route("*", PREFIX + "/{tail:.*}", handle_event)
