@@ -117,6 +117,16 @@ class StateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tariffs_immutable: Literal["reject", "warn", "off"] = "warn"
 
 
+class AdvenirSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The CdrToken that replaces the real one on non-roaming charges (values confirmed by GIREVE at onboarding)."""
+
+    country_code: str = "$$"
+    party_id: str = "ADV"
+    uid: str = "12345671234567"
+    type: str = "RFID"
+    contract_id: str = "Gireve2Advenir"
+
+
 class Operator(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A CPO operator hosted on this platform (T6)."""
 
@@ -124,6 +134,10 @@ class Operator(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     party_id: CiParty
     emi3_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}\*?[A-Z0-9]{3}$")]
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    # Advenir (S4): send this operator's non-roaming Sessions/CDRs with GIREVE's anonymous CdrToken.
+    advenir: bool = False
+    # Token issuers ("CC:PID") whose charges are not roaming; empty = the operator itself.
+    advenir_local_issuers: list[str] = []
 
     @property
     def key(self) -> tuple[str, str]:
@@ -153,6 +167,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     iop: IopSettings = msgspec.field(default_factory=IopSettings)
     forwarder: ForwarderSettings = msgspec.field(default_factory=ForwarderSettings)
     state: StateSettings = msgspec.field(default_factory=StateSettings)
+    advenir: AdvenirSettings = msgspec.field(default_factory=AdvenirSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     operators: list[Operator] = []
 

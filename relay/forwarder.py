@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result
 
 from relay import constants as K
-from relay import metrics
+from relay import metrics, outgoing
 from relay.config import MODULES, Settings
 from relay.errors import StoreUnavailable
 from relay.link import GaveUp, Link
@@ -59,6 +59,10 @@ class _Attempts:
     first_at: float = 0.0
     last_at: float = 0.0
     last: Outcome | None = None
+    heal: bool = False  # the IOP did not know the object: send a PUT of the whole object next
+
+
+_HEALING = "healing: the IOP does not know the object; a PUT of the whole object follows"
 
 
 def default_replica_id() -> str:
@@ -425,8 +429,8 @@ class Forwarder:
 
         def wait(rs: RetryCallState) -> float:
             last: Outcome = rs.outcome.result() if rs.outcome else Outcome(Kind.TRANSIENT, "")
-            if last.kind is Kind.AUTH:
-                return 0.0  # the next attempt waits in Link.slot() until the link is resumed
+            if last.kind is Kind.AUTH or last.reason == _HEALING:
+                return 0.0  # AUTH: the next attempt waits in Link.slot() until the link is resumed
             return backoff_s(rs.attempt_number, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, last.retry_after_s)
 
         def expired(_: RetryCallState) -> bool:
@@ -466,6 +470,12 @@ class Forwarder:
         ev = entry.event
         if self._stopping.is_set() or shard.lost.is_set():
             raise Abandon()
+        try:
+            wire = await outgoing.prepare(self.store, self.settings, ev, heal=attempts.heal)
+        except (RedisError, OSError, StoreUnavailable) as exc:
+            # Without the stored state we cannot build the PUT the IOP needs: try again later.
+            metrics.REDIS_ERRORS.labels(op="state").inc()
+            return Outcome(Kind.TRANSIENT, f"state unavailable: {exc}")
         async with self.link.slot(lambda: self._stopping.is_set() or shard.lost.is_set()) as probe:
             if self._stopping.is_set() or shard.lost.is_set():
                 raise Abandon()
@@ -477,7 +487,7 @@ class Forwarder:
             request_id = ""
             shard.sending += 1
             try:
-                reply = await self.client.send(ev)
+                reply = await self.client.send(wire)
                 request_id = reply.request_id
                 outcome = classify(reply.status, reply.headers, reply.body)
             except NotConfigured as exc:
@@ -489,6 +499,11 @@ class Forwarder:
                 shard.sending -= 1
             metrics.IOP_REQUEST.labels(module=ev.module).observe(time.perf_counter() - started)
         metrics.DELIVERIES.labels(module=ev.module, outcome=outcome.kind.value).inc()
+        if outcome.unknown_object and wire.method == "PATCH" and not attempts.heal and self.settings.state.heal_patches:
+            attempts.heal = True
+            metrics.HEALED.labels(module=ev.module).inc()
+            outcome = Outcome(Kind.TRANSIENT, _HEALING, http_status=outcome.http_status, ocpi_code=outcome.ocpi_code,
+                              ocpi_message=outcome.ocpi_message)  # fmt: skip
         attempts.last = outcome
         if outcome.kind is Kind.AUTH:
             if outcome.http_status is not None:

@@ -19,6 +19,7 @@ from relay import metrics, state
 from relay.config import Settings
 from relay.errors import InvalidEvent, Problem, StoreUnavailable
 from relay.events import Event
+from relay.state import state_field
 from relay.store import Conflict, StateWrite, Store
 from relay.validation import Accepted
 
@@ -35,17 +36,6 @@ class Ingested:
     stream_id: str
     unknown_object: bool = False
     warnings: list[Problem] = field(default_factory=list)
-
-
-def state_field(event: Event) -> tuple[str, str]:
-    """(hash field, index member) of the event's object: ``CC:PID:ID[:TARGET]`` and ``ID[:TARGET]``."""
-    if event.module == "cdrs":
-        member = event.object_id
-    elif event.module == "tariffs":
-        member = event.key.split(":", 3)[3]  # tar:CC:PID:<id>:<target>
-    else:
-        member = event.object_id
-    return f"{event.country_code}:{event.party_id}:{member}", member
 
 
 def _ms(stamp: Any) -> int:

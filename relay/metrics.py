@@ -24,6 +24,8 @@ DELIVERED = Counter("relay_events_delivered_total", "Events delivered to the IOP
 DEAD_LETTERED = Counter(
     "relay_events_dead_lettered_total", "Events moved to the dead-letter stream", ["module", "kind"]
 )
+HEALED = Counter("relay_patches_healed_total", "PATCHes the IOP did not know, resent as a PUT of the whole object",
+                 ["module"])  # fmt: skip
 REPLAYED = Counter("relay_events_replayed_total", "Dead letters put back on the delivery path", ["module"])
 DELIVERY_LATENCY = Histogram(
     "relay_delivery_latency_seconds",

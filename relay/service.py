@@ -22,7 +22,7 @@ from relay.link import Link
 from relay.ocpi_client import OcpiClient
 from relay.ocpi_server import create_ocpi_app
 from relay.ocpi_server.app import server_ssl_context
-from relay.store import DeliveryStore, RegistrationStore, Store, connect
+from relay.store import DeliveryStore, RegistrationStore, StateReader, Store, connect
 from relay.typedefs import Health
 
 log = structlog.get_logger(__name__)
@@ -112,9 +112,8 @@ class Relay:
             create_app(s, self.store, self.health), s.ingress.listen, s.ingress.shutdown_timeout_s
         )
         tls = server_ssl_context(s)
-        self.ocpi_port = await self._listen(
-            create_ocpi_app(s, self.registry), s.ocpi.listen, s.ocpi.shutdown_timeout_s, ssl_context=tls
-        )
+        ocpi_app = create_ocpi_app(s, self.registry, StateReader(self.store))
+        self.ocpi_port = await self._listen(ocpi_app, s.ocpi.listen, s.ocpi.shutdown_timeout_s, ssl_context=tls)
         if not s.ocpi.public_url:
             # Announce the port actually bound (the config may say :0); production sets public_url.
             host = split_listen(s.ocpi.listen)[0]

@@ -12,7 +12,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from relay.events import Event
+
 Doc = dict[str, Any]
+
+
+def state_field(event: Event) -> tuple[str, str]:
+    """(hash field, index member) of the event's object: ``CC:PID:ID[:TARGET]`` and ``ID[:TARGET]``."""
+    if event.module == "cdrs":
+        member = event.object_id
+    elif event.module == "tariffs":
+        member = event.key.split(":", 3)[3]  # tar:CC:PID:<id>:<target>
+    else:
+        member = event.object_id
+    return f"{event.country_code}:{event.party_id}:{member}", member
 
 
 @dataclass(frozen=True, slots=True)

@@ -725,3 +725,54 @@ class RegistrationStore:
             "return 1"
         )
         return bool(await self.redis.eval(script, 1, TOKEN_A_KEY, token, restore or ""))
+
+
+# -- current state, as the Sender interfaces read it ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a Sender list: the total matching, and the documents in order."""
+
+    total: int
+    docs: list[tuple[str, bytes]]  # (state field, JSON document)
+
+
+class StateReader:
+    """Reads of the state store for the OCPI listener (never writes)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.redis: Any = store.redis
+
+    async def page(self, module: str, operators: Sequence[tuple[str, str]], date_from_ms: int | None,
+                   date_to_ms: int | None, offset: int, limit: int) -> Page:  # fmt: skip
+        """Objects of these operators with date_from <= last_updated < date_to, by (last_updated, id)."""
+        lo = str(date_from_ms) if date_from_ms is not None else "-inf"
+        hi = f"({date_to_ms}" if date_to_ms is not None else "+inf"
+        sources = [(cc, pid, shard) for cc, pid in operators for shard in range(self.store.shards)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for cc, pid, shard in sources:
+                idx = K.index_key(module, shard, cc, pid)
+                pipe.zcount(idx, lo, hi)
+                pipe.zrangebyscore(idx, lo, hi, start=0, num=offset + limit, withscores=True)
+            res = await pipe.execute()
+        total = sum(int(n) for n in res[0::2])
+        merged: list[tuple[float, str, int]] = []
+        for (cc, pid, shard), rows in zip(sources, res[1::2], strict=True):
+            merged += [(score, f"{cc}:{pid}:{_s(member)}", shard) for member, score in rows]
+        merged.sort()
+        chosen = merged[offset : offset + limit]
+        if not chosen:
+            return Page(total, [])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, fld, shard in chosen:
+                pipe.hget(K.state_key(module, shard), fld)
+            raws = await pipe.execute()
+        docs = [(fld, doc) for (_, fld, _), raw in zip(chosen, raws, strict=True) if (doc := split_state(raw)[1])]
+        return Page(total, docs)
+
+    async def one(self, module: str, key: str, fld: str) -> bytes | None:
+        """One object's current document (the shard comes from its ordering key)."""
+        raw = await self.redis.hget(K.state_key(module, shard_of(key, self.store.shards)), fld)
+        return split_state(raw)[1]

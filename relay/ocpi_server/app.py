@@ -15,9 +15,10 @@ from relay import constants as K
 from relay.config import Settings
 from relay.credentials import Registry
 from relay.envelope import ocpi
-from relay.ocpi_server import credentials, versions
+from relay.ocpi_server import credentials, sender, versions
 from relay.ocpi_server.auth import authenticate
-from relay.ocpi_server.keys import REGISTRY, ROLE, SETTINGS, TOKEN_A_ROUTES
+from relay.ocpi_server.keys import REGISTRY, ROLE, SETTINGS, STATE, TOKEN_A_ROUTES
+from relay.store import StateReader
 
 log = structlog.get_logger(__name__)
 
@@ -68,13 +69,16 @@ async def _dispatch(request: web.Request, handler: Handler) -> web.StreamRespons
         ROLE.reset(reset)
 
 
-def create_ocpi_app(settings: Settings, registry: Registry) -> web.Application:
+def create_ocpi_app(settings: Settings, registry: Registry, state: StateReader) -> web.Application:
     """The application the IOP calls; the caller owns the registry and the runner."""
     app = web.Application(middlewares=[ocpi_envelope], client_max_size=1_048_576)
     app[SETTINGS] = settings
     app[REGISTRY] = registry
+    app[STATE] = state
     versions.setup(app)
     credentials.setup(app)
+    if settings.state.enabled:
+        sender.setup(app)
     return app
 
 

@@ -9,10 +9,12 @@ from aiohttp import web
 
 from relay.config import Settings
 from relay.credentials import Endpoint, Registry
+from relay.store import StateReader
 
 SETTINGS = web.AppKey("ocpi_settings", Settings)
 REGISTRY = web.AppKey("ocpi_registry", Registry)
 ENDPOINTS = web.AppKey("ocpi_endpoints", list[Endpoint])
+STATE = web.AppKey("ocpi_state", StateReader)
 # What the presented token is ("registered" or "token_a"), for the handler of the current request.
 # A context variable, not request storage: aiohttp >= 3.14 warns on plain-string request keys and
 # RequestKey does not exist before 3.14 (each request is handled in its own task, so no leaking).

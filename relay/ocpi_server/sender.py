@@ -1,0 +1,133 @@
+"""Sender interfaces (L4, S5): the IOP pulls Locations, Sessions, CDRs and Tariffs from the relay.
+
+Answered from the state the CSMS sent, filtered by the operator(s) named in the routing headers,
+paginated as OCPI says (``date_from``, ``date_to``, ``offset``, ``limit``, ``Link``,
+``X-Total-Count``, ``X-Limit``), ordered by ``last_updated`` then id so that pages are stable.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import msgspec
+from aiohttp import web
+
+from relay import advenir
+from relay import constants as K
+from relay.config import Settings
+from relay.credentials import VERSION, public_base
+from relay.envelope import now_iso, ocpi
+from relay.ocpi_server.keys import SETTINGS, STATE
+from relay.ocpi_server.versions import announce
+from relay.ordering import location_key
+
+MODULES = ("locations", "sessions", "cdrs", "tariffs")
+
+
+class BadRequest(Exception):
+    """A query parameter OCPI defines was unusable."""
+
+
+def _operators(request: web.Request, settings: Settings) -> list[tuple[str, str]] | None:
+    """The hosted operator(s) the request is for: the OCPI-to headers, or all when they are absent."""
+    cc, pid = request.headers.get(K.H_TO_CC), request.headers.get(K.H_TO_PID)
+    if cc and pid:
+        op = settings.operator(cc, pid)
+        return [(op.country_code, op.party_id)] if op is not None else None
+    return [(o.country_code, o.party_id) for o in settings.operators]
+
+
+def _ms(value: str | None, name: str) -> int | None:
+    if not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{name}: not an OCPI DateTime") from None
+    return int(dt.timestamp() * 1000) if dt.tzinfo else int(dt.replace(tzinfo=None).timestamp() * 1000)
+
+
+def _int(value: str | None, name: str, default: int) -> int:
+    if value is None or value == "":
+        return default
+    if not value.isdigit():
+        raise BadRequest(f"{name}: not a non-negative integer")
+    return int(value)
+
+
+def _masked(settings: Settings, module: str, fld: str, doc: bytes) -> bytes:
+    """Sessions and CDRs of Advenir operators go through the same anonymisation as pushes (S4)."""
+    if module not in ("sessions", "cdrs"):
+        return doc
+    cc, pid, _ = fld.split(":", 2)
+    op = settings.operator(cc, pid)
+    if op is None or not op.advenir:
+        return doc
+    body: dict[str, Any] = msgspec.json.decode(doc)
+    return msgspec.json.encode(advenir.anonymise(settings, cc, pid, body))
+
+
+def _unknown_receiver() -> web.Response:
+    return ocpi(404, 4001, message="Unknown receiver: the OCPI-to operator is not hosted here")
+
+
+async def list_objects(request: web.Request) -> web.Response:
+    """GET {module}?date_from&date_to&offset&limit."""
+    settings = request.app[SETTINGS]
+    module = request.match_info["module"]
+    operators = _operators(request, settings)
+    if operators is None:
+        return _unknown_receiver()
+    q = request.query
+    try:
+        date_from, date_to = _ms(q.get("date_from"), "date_from"), _ms(q.get("date_to"), "date_to")
+        offset = _int(q.get("offset"), "offset", 0)
+        limit = min(_int(q.get("limit"), "limit", settings.state.max_page_limit), settings.state.max_page_limit)
+    except BadRequest as exc:
+        return ocpi(400, 2001, message=str(exc))
+    page = await request.app[STATE].page(module, operators, date_from, date_to, offset, limit)
+    docs = [_masked(settings, module, fld, doc) for fld, doc in page.docs]
+    # The documents are stored as JSON: splice them in rather than decode and encode each.
+    body = b'{"data":[' + b",".join(docs) + b'],"status_code":1000,"timestamp":"' + now_iso().encode() + b'"}'
+    headers = {"X-Total-Count": str(page.total), "X-Limit": str(limit)}
+    if offset + limit < page.total:
+        params = {k: v for k, v in q.items() if k in ("date_from", "date_to")}
+        params.update(offset=str(offset + limit), limit=str(limit))
+        url = f"{public_base(settings)}/{VERSION}/{module}?{urlencode(params)}"
+        headers["Link"] = f'<{url}>; rel="next"'
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+async def get_location(request: web.Request) -> web.Response:
+    """GET locations/{location_id}[/{evse_uid}[/{connector_id}]] of the operator(s) addressed."""
+    settings = request.app[SETTINGS]
+    operators = _operators(request, settings)
+    if operators is None:
+        return _unknown_receiver()
+    loc_id = request.match_info["location_id"]
+    evse_uid, connector_id = request.match_info.get("evse_uid"), request.match_info.get("connector_id")
+    for cc, pid in operators:
+        doc = await request.app[STATE].one("locations", location_key(cc, pid, loc_id), f"{cc}:{pid}:{loc_id}")
+        if doc is None:
+            continue
+        found: Any = msgspec.json.decode(doc)
+        if evse_uid is not None:
+            found = next((e for e in found.get("evses") or [] if str(e.get("uid")) == evse_uid), None)
+        if found is not None and connector_id is not None:
+            found = next((c for c in found.get("connectors") or [] if str(c.get("id")) == connector_id), None)
+        if found is not None:
+            return ocpi(200, 1000, found)
+    return ocpi(404, 2003, message="Unknown location" if evse_uid is None else "Unknown EVSE or connector")
+
+
+def setup(app: web.Application) -> None:
+    """Routes of the four Sender interfaces and their version-details entries."""
+    base = f"/ocpi/{VERSION}"
+    app.router.add_get(base + "/{module:locations|sessions|cdrs|tariffs}", list_objects)
+    app.router.add_get(base + "/locations/{location_id}", get_location)
+    app.router.add_get(base + "/locations/{location_id}/{evse_uid}", get_location)
+    app.router.add_get(base + "/locations/{location_id}/{evse_uid}/{connector_id}", get_location)
+    for module in MODULES:
+        announce(app, module, "SENDER", f"/{module}")
