@@ -22,8 +22,9 @@ CiCountry = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")]
 CiParty = Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9]{3}$")]
 Listen = Annotated[str, msgspec.Meta(pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$")]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
-Module = Literal["locations", "sessions", "cdrs", "tariffs"]
-MODULES: tuple[Module, ...] = ("locations", "sessions", "cdrs", "tariffs")
+Module = Literal["locations", "sessions", "cdrs", "tariffs", "commands"]
+# "commands" carries CommandResults to the IOP's response_url, with the same guarantees.
+MODULES: tuple[Module, ...] = ("locations", "sessions", "cdrs", "tariffs", "commands")
 
 
 class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -86,6 +87,21 @@ class IopSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tls_ca_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    authorize_timeout_s: PositiveFloat = 5.0
+
+
+CommandName = Literal["START_SESSION", "STOP_SESSION", "RESERVE_NOW", "CANCEL_RESERVATION", "UNLOCK_CONNECTOR"]
+
+
+class CsmsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How the relay hands commands and tokens from the IOP to the CSMS (a webhook the CSMS serves)."""
+
+    webhook_url: str = ""
+    token: str = ""
+    token_file: str = ""
+    timeout_s: PositiveFloat = 5.0
+    commands: list[CommandName] = msgspec.field(default_factory=lambda: ["START_SESSION", "STOP_SESSION"])
+    command_result_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 120
 
 
 class ForwarderSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -168,6 +184,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     forwarder: ForwarderSettings = msgspec.field(default_factory=ForwarderSettings)
     state: StateSettings = msgspec.field(default_factory=StateSettings)
     advenir: AdvenirSettings = msgspec.field(default_factory=AdvenirSettings)
+    csms: CsmsSettings = msgspec.field(default_factory=CsmsSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     operators: list[Operator] = []
 
@@ -187,7 +204,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 # Secrets: the env var wins, then the *_file companion, then the (discouraged) inline value.
-_SECRETS = {("ingress", "token"), ("iop", "token"), ("ocpi", "token_a")}
+_SECRETS = {("ingress", "token"), ("iop", "token"), ("ocpi", "token_a"), ("csms", "token")}
 _ENV_RE = re.compile(r"^RELAY_([A-Z]+)_([A-Z0-9_]+)$")
 
 
@@ -274,7 +291,8 @@ def _validate_urls_and_tls(s: Settings) -> list[str]:
     url = s.redis.url
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
         errors.append("redis.url: must start with redis://, rediss://, unix:// (or be empty for the embedded server)")
-    for name, value in (("iop.url", s.iop.url), ("ocpi.public_url", s.ocpi.public_url)):
+    for name, value in (("iop.url", s.iop.url), ("ocpi.public_url", s.ocpi.public_url),
+                        ("csms.webhook_url", s.csms.webhook_url)):  # fmt: skip
         if value and not value.startswith(("http://", "https://")):
             errors.append(f"{name}: must be an http(s) URL")
     for section, tls in (("iop", s.iop), ("ocpi", s.ocpi)):

@@ -65,10 +65,10 @@ class Registration(msgspec.Struct, kw_only=True):
     registered_at: float
     updated_at: float
 
-    def receiver(self, module: str) -> str | None:
-        """The IOP's Receiver endpoint of a module (where we push)."""
+    def receiver(self, module: str, role: str = "RECEIVER") -> str | None:
+        """The IOP's endpoint of a module in a role (Receiver: where we push)."""
         for e in self.endpoints:
-            if e.identifier == module and e.role.upper() == "RECEIVER":
+            if e.identifier == module and e.role.upper() == role:
                 return e.url
         return None
 
@@ -241,11 +241,11 @@ class Directory:
         self.static = StaticDirectory(settings.iop)
         self.registration: Registration | None = None
 
-    def endpoint(self, module: str) -> str | None:
+    def endpoint(self, module: str, role: str = "RECEIVER") -> str | None:
         reg = self.registration
         if reg is None:
-            return self.static.endpoint(module)
-        return reg.receiver(module) if reg.state == "registered" else None
+            return self.static.endpoint(module, role)
+        return reg.receiver(module, role) if reg.state == "registered" else None
 
     def token(self) -> str | None:
         reg = self.registration

@@ -32,11 +32,12 @@ class Event(msgspec.Struct, array_like=True, kw_only=True, frozen=True):
     correlation_id: str
     received_at: float
     body: bytes = b""
+    url: str | None = None  # an absolute target (a command's response_url) instead of the module endpoint
 
     def url_path(self) -> str:
         """Path below the module endpoint of the IOP's Receiver interface."""
-        if self.module == "cdrs":
-            return ""  # CDRs are POSTed to the endpoint itself
+        if self.module in ("cdrs", "commands"):
+            return ""  # CDRs are POSTed to the endpoint itself; results go to their response_url
         parts = [self.country_code, self.party_id, self.object_id]
         if self.evse_uid is not None:
             parts.append(self.evse_uid)

@@ -442,11 +442,17 @@ class Forwarder:
             if self._stopping.is_set() or shard.lost.is_set():
                 raise Abandon()
 
+        def count_retry(rs: RetryCallState) -> None:
+            last = rs.outcome.result() if rs.outcome else None
+            if last is not None and last.kind is Kind.TRANSIENT and last.reason != _HEALING:
+                metrics.RETRIED.labels(module=ev.module).inc()
+
         retrying = AsyncRetrying(
             retry=retry_if_result(lambda o: o.kind in (Kind.TRANSIENT, Kind.AUTH)),
             wait=wait,
             stop=expired,
             sleep=sleep,
+            before_sleep=count_retry,
             retry_error_callback=lambda rs: rs.outcome.result() if rs.outcome else Outcome(Kind.TRANSIENT, "expired"),
             reraise=True,
         )
@@ -557,4 +563,5 @@ class Forwarder:
         dead_id = await self._record(shard, lambda: self.ds.dead_letter(entry, _info_encoder.encode(info), park=park))
         metrics.DEAD_LETTERED.labels(module=ev.module, kind=info["kind"]).inc()
         log.warning("dead_lettered", event_id=ev.id, module=ev.module, key=ev.key, dead_id=dead_id,
-                    reason=outcome.reason, attempts=attempts.count, parked=park)  # fmt: skip
+                    reason=outcome.reason, attempts=attempts.count, parked=park,
+                    correlation_id=ev.correlation_id or ev.id)  # fmt: skip

@@ -1,15 +1,25 @@
 """Prometheus metrics, defined once at module level, and the /metrics handler.
 
-Label sets are bounded: module, outcome, reason kind. Never an object id.
+Label sets are bounded: module, outcome, reason kind, validation rule, hosted operator (the
+operators of the config, ``CC/PID``). Never an object id. docs/operations.md lists every metric.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info, generate_latest
 
-ACCEPTED = Counter("relay_events_accepted_total", "Events durably accepted at the ingress", ["module"])
-REFUSED = Counter("relay_events_refused_total", "Events refused at the ingress, nothing stored", ["module", "status"])
+from relay import __version__
+from relay.errors import Problem
+
+BUILD = Info("relay_build", "The running relay's version")
+BUILD.info({"version": __version__})
+ACCEPTED = Counter("relay_events_accepted_total", "Events durably accepted at the ingress", ["module", "operator"])
+REFUSED = Counter(
+    "relay_events_refused_total",
+    "Events refused at the ingress, nothing stored (reason: the first broken rule)",
+    ["module", "operator", "status", "reason"],
+)
 INGRESS_STORE_ERRORS = Counter("relay_ingress_store_errors_total", "Ingress writes that Redis did not take (503)")
 UNKNOWN_OBJECT = Counter(
     "relay_events_unknown_object_total", "PATCHes (or child PUTs) for objects the relay has never seen", ["module"]
@@ -21,6 +31,10 @@ DELIVERIES = Counter(
     "relay_delivery_attempts_total", "Delivery attempts to the IOP by outcome", ["module", "outcome"]
 )
 DELIVERED = Counter("relay_events_delivered_total", "Events delivered to the IOP", ["module"])
+RETRIED = Counter(
+    "relay_delivery_retries_total", "Attempts that failed transiently and will be tried again after a backoff",
+    ["module"],
+)
 DEAD_LETTERED = Counter(
     "relay_events_dead_lettered_total", "Events moved to the dead-letter stream", ["module", "kind"]
 )
@@ -44,10 +58,40 @@ QUEUE_DEPTH = Gauge("relay_queue_depth", "Events accepted and not yet delivered 
 OLDEST_AGE = Gauge("relay_oldest_event_age_seconds", "Age of the oldest undelivered event", ["module"])
 DLQ_DEPTH = Gauge("relay_dead_letters", "Entries in the dead-letter stream", ["module"])
 LINK_STATE = Gauge("relay_iop_link_state", "1 for the IOP link's current state", ["state"])
+AUTHORIZATIONS = Counter("relay_authorizations_total", "Real-time authorisations answered to the CSMS",
+                         ["decided_by", "allowed"])  # fmt: skip
+COMMANDS = Counter("relay_commands_total", "Commands from the IOP by type and immediate answer", ["command", "result"])
+COMMAND_RESULTS = Counter("relay_command_results_total", "CommandResults queued for the IOP", ["result"])
+TOKENS_RECEIVED = Counter("relay_tokens_received_total", "Tokens pushed by the IOP", ["method"])
 REDIS_ERRORS = Counter("relay_redis_errors_total", "Redis errors seen by the relay", ["op"])
+REDIS_ROUNDTRIP = Histogram(
+    "relay_redis_roundtrip_seconds",
+    "PING round trip to Redis, measured by every replica's gauge loop",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+REGISTRATION = Gauge("relay_registration_state", "1 for the current state of the OCPI connection", ["state"])
 SHARDS_OWNED = Gauge("relay_shards_owned", "Shards whose lease this replica holds")
 
 LINK_STATES = ("up", "down", "auth_failed", "paused", "unconfigured")
+# registered / unregistered: the credentials handshake; static: [iop] url + token; none: nothing to deliver to.
+REGISTRATION_STATES = ("registered", "unregistered", "static", "none")
+
+
+def operator_label(country_code: str, party_id: str) -> str:
+    """``CC/PID``; pass only hosted operators (bounded by the config), else the empty string."""
+    return f"{country_code.upper()}/{party_id.upper()}" if country_code and party_id else ""
+
+
+def count_refused(module: str, operator: str, status: int, problems: list[Problem]) -> None:
+    """One refused event, labelled with the first rule it broke (rules are a fixed set of names)."""
+    reason = problems[0].rule if problems else ""
+    REFUSED.labels(module=module, operator=operator, status=str(status), reason=reason).inc()
+
+
+def set_registration_state(state: str) -> None:
+    """Exactly one registration state gauge is 1."""
+    for s in REGISTRATION_STATES:
+        REGISTRATION.labels(state=s).set(1 if s == state else 0)
 
 
 def set_link_state(state: str) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 import uuid
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -22,8 +23,8 @@ _MAX_REDIRECTS = 3
 class IopDirectory(Protocol):
     """Where the IOP's module endpoints are and which token to send (config now, the handshake later)."""
 
-    def endpoint(self, module: str) -> str | None:
-        """Receiver endpoint URL of a module, or None when the IOP has not announced it."""
+    def endpoint(self, module: str, role: str = "RECEIVER") -> str | None:
+        """Endpoint URL of a module in a role, or None when the IOP has not announced it."""
 
     def token(self) -> str | None:
         """The plain token to present to the IOP, or None when there is none."""
@@ -36,7 +37,7 @@ class StaticDirectory:
         self._url = settings.url.rstrip("/")
         self._token = settings.token or None
 
-    def endpoint(self, module: str) -> str | None:
+    def endpoint(self, module: str, role: str = "RECEIVER") -> str | None:
         return f"{self._url}/{module}" if self._url else None
 
     def token(self) -> str | None:
@@ -122,7 +123,9 @@ class OcpiClient:
         return headers
 
     def url(self, event: Event) -> str:
-        """The Receiver URL of the event's object at the IOP."""
+        """The Receiver URL of the event's object at the IOP (or the absolute URL it carries)."""
+        if event.url is not None:
+            return event.url
         endpoint = self.directory.endpoint(event.module)
         if endpoint is None:
             raise NotConfigured(f"no IOP endpoint for {event.module}")
@@ -130,17 +133,41 @@ class OcpiClient:
 
     async def send(self, event: Event) -> Reply:
         """One attempt with a fresh X-Request-ID. Raises aiohttp/timeout errors, or NotConfigured."""
-        assert self._session is not None, "start() first"
         url = self.url(event)
         request_id = uuid.uuid4().hex
         headers = self.headers(event, request_id)
         data = event.body if event.method != "DELETE" else None
+        return await self._exchange(event.method, url, data, headers, request_id)
+
+    async def authorize(self, uid: str, token_type: str, body: bytes, owner: tuple[str, str], correlation_id: str,
+                        timeout_s: float) -> Reply:  # fmt: skip
+        """K1: POST {tokens endpoint}/{uid}/authorize?type=… to the IOP's Tokens Sender interface."""
+        endpoint = self.directory.endpoint("tokens", "SENDER")
+        if endpoint is None:
+            raise NotConfigured("no IOP endpoint for tokens")
+        request_id = uuid.uuid4().hex
+        headers = {
+            "Authorization": self._auth(),
+            K.H_REQUEST: request_id,
+            K.H_CORRELATION: correlation_id or request_id,
+            K.H_FROM_CC: owner[0],
+            K.H_FROM_PID: owner[1],
+            K.H_TO_CC: self.settings.country_code,
+            K.H_TO_PID: self.settings.party_id,
+            "Content-Type": "application/json",
+        }
+        url = f"{endpoint.rstrip('/')}/{quote(uid, safe='')}/authorize?type={quote(token_type)}"
+        return await asyncio.wait_for(self._exchange("POST", url, body, headers, request_id), timeout_s)
+
+    async def _exchange(self, method: str, url: str, data: bytes | None, headers: dict[str, str],
+                        request_id: str) -> Reply:  # fmt: skip
+        assert self._session is not None, "start() first"
         # Redirects are followed by hand: aiohttp would turn a PUT into a GET on 301/302, and
         # real receivers redirect to the same path with a trailing slash.
         redirects = 0
         while True:
             async with self._session.request(
-                event.method, url, data=data, headers=headers, allow_redirects=False
+                method, url, data=data, headers=headers, allow_redirects=False
             ) as resp:
                 body = await resp.read()
                 location = resp.headers.get("Location")

@@ -11,18 +11,22 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from relay import metrics
+from relay import logs, metrics
+from relay.authorize import Authorizer
+from relay.commands import Commands
 from relay.config import Settings
 from relay.credentials import Registry
+from relay.csms import CsmsClient
 from relay.embedded_redis import EmbeddedRedis
-from relay.errors import ConfigError
+from relay.errors import ConfigError, StoreUnavailable
 from relay.forwarder import Forwarder
 from relay.ingress import create_app
+from relay.ingress.roaming import RoamingDeps
 from relay.link import Link
 from relay.ocpi_client import OcpiClient
 from relay.ocpi_server import create_ocpi_app
 from relay.ocpi_server.app import server_ssl_context
-from relay.store import DeliveryStore, RegistrationStore, StateReader, Store, connect
+from relay.store import DeliveryStore, RegistrationStore, RoamingStore, StateReader, Store, connect
 from relay.typedefs import Health
 
 log = structlog.get_logger(__name__)
@@ -53,6 +57,7 @@ class Relay:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        logs.add_secrets(logs.settings_secrets(settings))  # never logged, whatever the message
         self.health = Health()
         self.embedded: EmbeddedRedis | None = None
         self.store: Store | None = None
@@ -71,6 +76,9 @@ class Relay:
         )
         self._gauges: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._timeouts: asyncio.Task[None] | None = None
+        self.csms: CsmsClient | None = None
+        self.commands: Commands | None = None
 
     async def _open_store(self) -> Store:
         url = self.settings.redis.url
@@ -108,11 +116,18 @@ class Relay:
         self.registry = Registry(self.settings, RegistrationStore(self.store))
         await self.registry.refresh()
         s = self.settings
+        self.client = OcpiClient(s.iop, self.registry.directory, pool=s.forwarder.concurrency * 2)
+        await self.client.start()
+        self.csms = CsmsClient(s.csms)
+        await self.csms.start()
+        state, roaming = StateReader(self.store), RoamingStore(self.store)
+        self.commands = Commands(s, self.store, roaming, state, self.csms)
+        deps = RoamingDeps(Authorizer(s, self.client, state, roaming), self.commands, roaming)
         self.ingress_port = await self._listen(
-            create_app(s, self.store, self.health), s.ingress.listen, s.ingress.shutdown_timeout_s
+            create_app(s, self.store, self.health, deps), s.ingress.listen, s.ingress.shutdown_timeout_s
         )
         tls = server_ssl_context(s)
-        ocpi_app = create_ocpi_app(s, self.registry, StateReader(self.store))
+        ocpi_app = create_ocpi_app(s, self.registry, state, (self.commands, roaming, self.csms))
         self.ocpi_port = await self._listen(ocpi_app, s.ocpi.listen, s.ocpi.shutdown_timeout_s, ssl_context=tls)
         if not s.ocpi.public_url:
             # Announce the port actually bound (the config may say :0); production sets public_url.
@@ -123,6 +138,7 @@ class Relay:
         await self._start_forwarder()
         self._gauges = asyncio.create_task(self._gauge_loop(), name="relay-gauges")
         self._watch = asyncio.create_task(self._watch_registration(), name="relay-registration")
+        self._timeouts = asyncio.create_task(self._command_timeouts(), name="relay-command-timeouts")
         host = split_listen(s.ingress.listen)[0]
         log.info(
             "relay_started",
@@ -177,49 +193,78 @@ class Relay:
             await self.link.pause(why)
             log.warning("iop_not_connected", reason=why, hint="events are queued until a registration")
         self.health.link_state = self.link.state
-        pool = self.settings.forwarder.concurrency * 2
-        self.client = OcpiClient(self.settings.iop, self.registry.directory, pool=pool)
-        await self.client.start()
+        assert self.client is not None
         self.forwarder = Forwarder(self.settings, self.store, self.client, self.link)
         await self.forwarder.start()
 
-    async def _gauge_loop(self, interval_s: float = 5.0) -> None:
-        """Queue depth, oldest age and dead letters come from Redis, so any replica reports them."""
-        assert self.store is not None
-        ds = DeliveryStore(self.store)
+    async def _command_timeouts(self, interval_s: float = 1.0) -> None:
+        """Answer TIMEOUT to the IOP for commands whose result the CSMS never sent (any replica may)."""
+        assert self.commands is not None
         while True:
             try:
-                depth = await self.store.stream_lengths()
-                oldest = await ds.oldest()
-                dead = await ds.dlq_lengths()
-                now = time.time()
-                for module, n in depth.items():
-                    metrics.QUEUE_DEPTH.labels(module=module).set(n)
-                    first = oldest.get(module)
-                    metrics.OLDEST_AGE.labels(module=module).set(now - first if first else 0)
-                    metrics.DLQ_DEPTH.labels(module=module).set(dead[module])
-                if self.forwarder is not None:
-                    self.health.link_state = self.link.state
-            except (RedisError, OSError) as exc:
-                metrics.REDIS_ERRORS.labels(op="gauges").inc()
-                log.debug("gauges_failed", error=str(exc))
+                await self.commands.expire()
+            except (RedisError, OSError, StoreUnavailable) as exc:
+                metrics.REDIS_ERRORS.labels(op="commands").inc()
+                log.debug("command_timeouts_failed", error=str(exc))
+            await asyncio.sleep(interval_s)
+
+    def _registration_state(self) -> str:
+        reg = self.registry.registration if self.registry is not None else None
+        if reg is not None:
+            return reg.state
+        return "static" if self.settings.iop.url and self.settings.iop.token else "none"
+
+    async def update_gauges(self) -> bool:
+        """One pass of the gauge loop; False (and a Redis error counted) if Redis did not answer.
+
+        Queue depth, oldest age and dead letters come from Redis, so any replica reports them.
+        """
+        assert self.store is not None
+        if self.forwarder is not None:
+            self.health.link_state = self.link.state
+        metrics.set_registration_state(self._registration_state())
+        ds = DeliveryStore(self.store)
+        try:
+            started = time.perf_counter()
+            if not await self.store.ping():
+                raise ConnectionError("no answer to PING")
+            metrics.REDIS_ROUNDTRIP.observe(time.perf_counter() - started)
+            depth = await self.store.stream_lengths()
+            oldest = await ds.oldest()
+            dead = await ds.dlq_lengths()
+        except (RedisError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels(op="gauges").inc()
+            log.debug("gauges_failed", error=str(exc))
+            return False
+        now = time.time()
+        for module, n in depth.items():
+            metrics.QUEUE_DEPTH.labels(module=module).set(n)
+            first = oldest.get(module)
+            metrics.OLDEST_AGE.labels(module=module).set(now - first if first else 0)
+            metrics.DLQ_DEPTH.labels(module=module).set(dead[module])
+        return True
+
+    async def _gauge_loop(self, interval_s: float = 5.0) -> None:
+        while True:
+            await self.update_gauges()
             await asyncio.sleep(interval_s)
 
     async def stop(self) -> None:
         """Stop accepting, finish in-flight work, close Redis, stop the embedded server."""
         self.health.stopping = True
-        for task in (self._gauges, self._watch):
+        for task in (self._gauges, self._watch, self._timeouts):
             if task is not None:
                 await _cancel(task)
-        if self.forwarder is not None:
-            await self.forwarder.stop()
-            self.forwarder = None
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
         for runner in reversed(self._runners):
             await runner.cleanup()  # stops the site, waits shutdown_timeout for handlers, then cancels
         self._runners.clear()
+        if self.forwarder is not None:
+            await self.forwarder.stop()
+            self.forwarder = None
+        for client in (self.client, self.csms):
+            if client is not None:
+                await client.close()
+        self.client = self.csms = None
         if self.store is not None:
             await self.store.close()
             self.store = None

@@ -776,3 +776,54 @@ class StateReader:
         """One object's current document (the shard comes from its ordering key)."""
         raw = await self.redis.hget(K.state_key(module, shard_of(key, self.store.shards)), fld)
         return split_state(raw)[1]
+
+
+# -- tokens from the IOP and commands in progress (K2, K3) ----------------------------------------
+
+COMMANDS_DUE_KEY = f"{K.PREFIX}:commands:due"
+
+
+def _token_key(token_type: str, uid: str) -> str:
+    return f"{K.PREFIX}:token:{token_type}:{uid.upper()}"
+
+
+class RoamingStore:
+    """Tokens pushed by the IOP and commands waiting for their result."""
+
+    def __init__(self, store: Store) -> None:
+        self.redis: Any = store.redis
+
+    async def token(self, token_type: str, uid: str, country_code: str, party_id: str) -> bytes | None:
+        """One token as the IOP last sent it."""
+        raw: bytes | None = await self.redis.hget(_token_key(token_type, uid), f"{country_code}:{party_id}".upper())
+        return raw
+
+    async def tokens_by_uid(self, token_type: str, uid: str) -> list[bytes]:
+        """Every issuer's token with this uid and type (for offline decisions)."""
+        raw: dict[bytes, bytes] = await self.redis.hgetall(_token_key(token_type, uid))
+        return list(raw.values())
+
+    async def put_token(self, token_type: str, uid: str, country_code: str, party_id: str, doc: bytes) -> None:
+        """Store (replace) a token."""
+        await self.redis.hset(_token_key(token_type, uid), f"{country_code}:{party_id}".upper(), doc)
+
+    async def put_command(self, command_id: str, doc: bytes, due_ms: int, ttl_s: int) -> None:
+        """Remember a command accepted by the CSMS and when its result is due."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(f"{K.PREFIX}:command:{command_id}", doc, ex=ttl_s)
+            pipe.zadd(COMMANDS_DUE_KEY, {command_id: due_ms})
+            await pipe.execute()
+
+    async def command(self, command_id: str) -> bytes | None:
+        """A command in progress (or recently finished)."""
+        raw: bytes | None = await self.redis.get(f"{K.PREFIX}:command:{command_id}")
+        return raw
+
+    async def settle(self, command_id: str) -> bool:
+        """Take the command off the due list; only the first caller (result or timeout) gets True."""
+        return bool(await self.redis.zrem(COMMANDS_DUE_KEY, command_id))
+
+    async def overdue(self, now_ms: int, count: int = 100) -> list[str]:
+        """Commands whose result is late."""
+        rows = await self.redis.zrangebyscore(COMMANDS_DUE_KEY, "-inf", now_ms, start=0, num=count)
+        return [_s(r) for r in rows]

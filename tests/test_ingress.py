@@ -938,7 +938,7 @@ async def test_batch_mixed_items(ingress: Client, store: Store) -> None:
     assert all("event_id" not in r for r in results if r["status"] != 202)
     # only good items are stored, and the items of one key keep their batch order
     lengths = await store.stream_lengths()
-    assert lengths == {"locations": 4, "sessions": 1, "cdrs": 1, "tariffs": 1}
+    assert lengths == {"locations": 4, "sessions": 1, "cdrs": 1, "tariffs": 1, "commands": 0}
     locs = [ev for ev in await events(store, "locations") if ev.key == "loc:FR:AB1:LOC1"]
     assert [ev.id for ev in locs] == [results[i]["event_id"] for i in (0, 1, 4, 9)]
     assert [(ev.method, ev.evse_uid, ev.connector_id, ev.correlation_id) for ev in locs] == [

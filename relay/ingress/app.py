@@ -16,7 +16,9 @@ from relay.constants import H_CORRELATION
 from relay.errors import InvalidEvent, Problem, StoreUnavailable
 from relay.events import Method
 from relay.ingest import Ingest, Ingested
+from relay.ingress import roaming as roaming_routes
 from relay.ingress.responses import Answer, accepted, json_response, now_iso, refused, unavailable
+from relay.ingress.roaming import RoamingDeps
 from relay.store import Store
 from relay.typedefs import HEALTH, SETTINGS, STORE, Health
 from relay.validation import Accepted, decode_problem, parse_target, validate
@@ -90,21 +92,28 @@ def _accepted_data(acc: Accepted, done: Ingested) -> dict[str, Any]:
     return data
 
 
+def _operator(settings: Settings, country_code: str, party_id: str) -> str:
+    """Metrics label of an event's operator: hosted ones only (a bounded set), else ""."""
+    op = settings.operator(country_code, party_id)
+    return metrics.operator_label(op.country_code, op.party_id) if op is not None else ""
+
+
 async def handle_event(request: web.Request) -> web.Response:
     """Any Receiver-shaped route: validate, append durably, 202 with the event id."""
     settings = request.app[SETTINGS]
-    module = "unknown"
+    module, operator = "unknown", ""
     try:
         if not _authorised(request, settings.ingress.tokens()):
             raise InvalidEvent([Problem(field="Authorization", rule="auth", message="missing or wrong token")], 401)
         target = parse_target(request.method, request.match_info["tail"], dict(request.query))
-        module = target.module
+        module, operator = target.module, _operator(settings, target.country_code, target.party_id)
         raw = await _read_body(request, settings.ingress.max_body_bytes)
         method: Method = request.method  # type: ignore[assignment]  # parse_target checked it
         acc = validate(target, method, raw, settings, correlation_id=request.headers.get(H_CORRELATION, ""))
     except InvalidEvent as exc:
-        metrics.REFUSED.labels(module=module, status=str(exc.status)).inc()
+        metrics.count_refused(module, operator, exc.status, exc.problems)
         return refused(exc)
+    operator = metrics.operator_label(acc.event.country_code, acc.event.party_id)  # hosted: validate() checked
     try:
         done = await request.app[INGEST].one(acc)
     except StoreUnavailable as exc:
@@ -112,19 +121,21 @@ async def handle_event(request: web.Request) -> web.Response:
         log.warning("ingress_store_unavailable", error=str(exc), module=module)
         return unavailable("event not stored: Redis unavailable, send again")
     except InvalidEvent as exc:  # a rule that needs the stored state (tariff immutability)
-        metrics.REFUSED.labels(module=module, status=str(exc.status)).inc()
+        metrics.count_refused(module, operator, exc.status, exc.problems)
         return refused(exc)
-    metrics.ACCEPTED.labels(module=module).inc()
+    metrics.ACCEPTED.labels(module=module, operator=operator).inc()
     log.debug("accepted", event_id=acc.event.id, module=module, key=acc.event.key, stream_id=done.stream_id)
     return accepted(_accepted_data(acc, done))
 
 
 def _batch_item(index: int, op: BatchOperation, settings: Settings) -> Accepted | ItemResult:
+    module, operator = "batch", ""
     try:
         target = parse_target(op.method, op.path.removeprefix(PREFIX), op.query)
+        module, operator = target.module, _operator(settings, target.country_code, target.party_id)
         return validate(target, op.method, bytes(op.body), settings, correlation_id=op.correlation_id)
     except InvalidEvent as exc:
-        metrics.REFUSED.labels(module="batch", status=str(exc.status)).inc()
+        metrics.count_refused(module, operator, exc.status, exc.problems)
         return ItemResult(index=index, status=exc.status, errors=exc.problems)
 
 
@@ -159,9 +170,14 @@ async def handle_batch(request: web.Request) -> web.Response:
             problem = Problem(field="$", rule="store", message=str(outcome))
             results.append(ItemResult(index=i, status=503, errors=[problem]))
         elif isinstance(outcome, InvalidEvent):
+            ev = acc.event
+            metrics.count_refused(ev.module, metrics.operator_label(ev.country_code, ev.party_id), outcome.status,
+                                  outcome.problems)  # fmt: skip
             results.append(ItemResult(index=i, status=outcome.status, errors=outcome.problems))
         else:
-            metrics.ACCEPTED.labels(module=acc.event.module).inc()
+            ev = acc.event
+            operator = metrics.operator_label(ev.country_code, ev.party_id)
+            metrics.ACCEPTED.labels(module=ev.module, operator=operator).inc()
             results.append(ItemResult(index=i, status=202, event_id=acc.event.id, warnings=_warnings(acc, outcome),
                                       unknown_object=outcome.unknown_object or None))  # fmt: skip
     results.sort(key=lambda r: r.index)
@@ -204,7 +220,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return refused(InvalidEvent([Problem(field="url", rule="route", message=exc.reason)], exc.status))
 
 
-def create_app(settings: Settings, store: Store, health: Health) -> web.Application:
+def create_app(settings: Settings, store: Store, health: Health, roaming: RoamingDeps | None = None) -> web.Application:
     """The ingress application; the caller owns the store and the runner."""
     app = web.Application(client_max_size=settings.ingress.max_body_bytes * 64, middlewares=[json_errors])
     app[SETTINGS] = settings
@@ -212,6 +228,8 @@ def create_app(settings: Settings, store: Store, health: Health) -> web.Applicat
     app[INGEST] = Ingest(store, settings)
     app[HEALTH] = health
     app.router.add_post(f"{PREFIX}/batch", handle_batch)
+    if roaming is not None:
+        roaming_routes.setup(app, PREFIX, roaming)
     app.router.add_route("*", PREFIX + "/{tail:.*}", handle_event)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)

@@ -12,13 +12,15 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
 from relay import constants as K
+from relay.commands import Commands
 from relay.config import Settings
 from relay.credentials import Registry
+from relay.csms import CsmsClient
 from relay.envelope import ocpi
-from relay.ocpi_server import credentials, sender, versions
+from relay.ocpi_server import credentials, roaming, sender, versions
 from relay.ocpi_server.auth import authenticate
 from relay.ocpi_server.keys import REGISTRY, ROLE, SETTINGS, STATE, TOKEN_A_ROUTES
-from relay.store import StateReader
+from relay.store import RoamingStore, StateReader
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +71,12 @@ async def _dispatch(request: web.Request, handler: Handler) -> web.StreamRespons
         ROLE.reset(reset)
 
 
-def create_ocpi_app(settings: Settings, registry: Registry, state: StateReader) -> web.Application:
+def create_ocpi_app(
+    settings: Settings,
+    registry: Registry,
+    state: StateReader,
+    roaming_deps: tuple[Commands, RoamingStore, CsmsClient] | None = None,
+) -> web.Application:
     """The application the IOP calls; the caller owns the registry and the runner."""
     app = web.Application(middlewares=[ocpi_envelope], client_max_size=1_048_576)
     app[SETTINGS] = settings
@@ -79,6 +86,8 @@ def create_ocpi_app(settings: Settings, registry: Registry, state: StateReader) 
     credentials.setup(app)
     if settings.state.enabled:
         sender.setup(app)
+    if roaming_deps is not None:
+        roaming.setup(app, *roaming_deps)
     return app
 
 

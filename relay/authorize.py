@@ -1,0 +1,134 @@
+"""Real-time authorisation (K1): the CSMS asks, the relay checks, asks the IOP, or decides offline."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import structlog
+
+from relay import metrics
+from relay.config import Settings
+from relay.errors import InvalidEvent, Problem
+from relay.models.tokens import AuthorizationInfo, LocationReferences, Token
+from relay.ocpi_client import NotConfigured, OcpiClient
+from relay.ordering import location_key
+from relay.retry import Kind, classify
+from relay.store import RoamingStore, StateReader
+
+log = structlog.get_logger(__name__)
+_RFID = re.compile(r"^(?:[0-9A-Fa-f]{8}|[0-9A-Fa-f]{14})$")
+_TOKEN_TYPES = {"RFID", "APP_USER", "AD_HOC_USER", "OTHER"}
+_OFFLINE_OK = {"ALWAYS", "ALLOWED", "ALLOWED_OFFLINE"}
+
+
+class _Answer(msgspec.Struct):
+    status_code: int
+    data: Any = None
+    status_message: str | None = None
+
+
+@dataclass
+class Decision:
+    """What the CSMS gets back: who decided, the answer, and why the IOP did not, if it did not."""
+
+    decided_by: str  # iop | whitelist | none
+    allowed: str
+    authorization: dict[str, Any] | None = None
+    iop_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_uid(uid: str, token_type: str) -> str:
+    """RFID UIDs are 8 or 14 hexadecimal characters, sent upper case; others are refused here."""
+    if token_type not in _TOKEN_TYPES:
+        problem = Problem(field="query.type", rule="ocpi.enum", message=f"unknown token type {token_type!r}")
+        raise InvalidEvent([problem])
+    if token_type == "RFID":
+        if not _RFID.match(uid):
+            raise InvalidEvent([Problem(field="url.token_uid", rule="gireve.K1.rfid_uid",
+                                        message="an RFID UID is 8 or 14 hexadecimal characters")])  # fmt: skip
+        return uid.upper()
+    if not 1 <= len(uid) <= 36:
+        raise InvalidEvent([Problem(field="url.token_uid", rule="ocpi.id", message="1 to 36 characters")])
+    return uid
+
+
+def offline(tokens: list[Token]) -> Decision:
+    """OCPI's whitelist rules when the eMSP cannot be asked: ALWAYS/ALLOWED/ALLOWED_OFFLINE allow, NEVER refuses."""
+    if not tokens:
+        return Decision("none", "NOT_ALLOWED", extra={"reason": "token unknown to the relay"})
+    token = max(tokens, key=lambda t: t.last_updated)
+    allowed = "ALLOWED" if token.valid and token.whitelist in _OFFLINE_OK else "NOT_ALLOWED"
+    info = {"allowed": allowed, "token": msgspec.to_builtins(token)}
+    return Decision("whitelist", allowed, authorization=info, extra={"whitelist": token.whitelist})
+
+
+class Authorizer:
+    """Checks a CSMS authorisation request and answers it."""
+
+    def __init__(self, settings: Settings, client: OcpiClient | None, state: StateReader, roaming: RoamingStore):
+        self.settings = settings
+        self.client = client
+        self.state = state
+        self.roaming = roaming
+
+    async def _owner(self, location_id: str, named: tuple[str, str] | None) -> tuple[str, str]:
+        candidates = [named] if named else [(o.country_code, o.party_id) for o in self.settings.operators]
+        found = []
+        for cc, pid in candidates:
+            if await self.state.one("locations", location_key(cc, pid, location_id), f"{cc}:{pid}:{location_id}"):
+                found.append((cc, pid))
+        if not found:
+            raise InvalidEvent([Problem(field="$.location_id", rule="gireve.K1.location",
+                                        message=f"location {location_id!r} is unknown to the relay")])  # fmt: skip
+        if len(found) > 1:
+            message = "several operators have this location: name one in the OCPI-from-* headers"
+            raise InvalidEvent([Problem(field="OCPI-from-party-id", rule="gireve.K1.operator", message=message)])
+        return found[0]
+
+    async def authorize(self, uid: str, token_type: str, raw: bytes, named: tuple[str, str] | None,
+                        correlation_id: str) -> Decision:  # fmt: skip
+        """Validate (raises InvalidEvent), ask the IOP within the deadline, else decide from known tokens."""
+        uid = check_uid(uid, token_type)
+        try:
+            refs = msgspec.json.decode(raw, type=LocationReferences)
+        except msgspec.DecodeError as exc:
+            raise InvalidEvent([Problem(field="$.location_id", rule="gireve.K1.location", message=str(exc))]) from None
+        if named is not None and self.settings.operator(*named) is None:
+            raise InvalidEvent([Problem(field="OCPI-from-party-id", rule="operator", message="not hosted here")], 404)
+        owner = await self._owner(refs.location_id, named)
+        decision = await self._ask_iop(uid, token_type, raw, owner, correlation_id)
+        if decision is None or decision.decided_by != "iop":
+            known = [msgspec.json.decode(t, type=Token) for t in await self.roaming.tokens_by_uid(token_type, uid)]
+            fallback = offline(known)
+            fallback.iop_error = decision.iop_error if decision else "IOP not reachable"
+            decision = fallback
+        metrics.AUTHORIZATIONS.labels(decided_by=decision.decided_by, allowed=decision.allowed).inc()
+        return decision
+
+    async def _ask_iop(self, uid: str, token_type: str, raw: bytes, owner: tuple[str, str],
+                       correlation_id: str) -> Decision | None:  # fmt: skip
+        if self.client is None:
+            return Decision("none", "NOT_ALLOWED", iop_error="no IOP connection")
+        try:
+            reply = await self.client.authorize(uid, token_type, raw, owner, correlation_id,
+                                                self.settings.iop.authorize_timeout_s)  # fmt: skip
+        except NotConfigured as exc:
+            return Decision("none", "NOT_ALLOWED", iop_error=str(exc))
+        except Exception as exc:
+            return Decision("none", "NOT_ALLOWED", iop_error=classify(None, exc=exc).reason)
+        outcome = classify(reply.status, reply.headers, reply.body)
+        if outcome.kind is not Kind.DELIVERED:
+            if outcome.kind is Kind.PERMANENT and outcome.ocpi_code is not None:
+                # The eMSP answered (e.g. 2004 unknown token): that is its decision.
+                return Decision("iop", "NOT_ALLOWED", extra={"ocpi_code": outcome.ocpi_code,
+                                                             "ocpi_message": outcome.ocpi_message})  # fmt: skip
+            return Decision("none", "NOT_ALLOWED", iop_error=outcome.reason)
+        try:
+            info = msgspec.convert(msgspec.json.decode(reply.body, type=_Answer).data, AuthorizationInfo)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return Decision("none", "NOT_ALLOWED", iop_error=f"unusable AuthorizationInfo: {exc}")
+        return Decision("iop", info.allowed, authorization=msgspec.to_builtins(info))

@@ -1,0 +1,150 @@
+"""Remote commands (K2): from the IOP to the CSMS, and the CSMS's results back to the IOP.
+
+The IOP's request is answered at once with the CSMS's verdict (CommandResponse); the result comes
+later from the CSMS through the ingress and is delivered to the command's ``response_url`` on the
+ordered, retried, dead-lettered path of every other event. A result that never comes is sent as
+TIMEOUT when its deadline passes (whichever comes first wins, atomically).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import structlog
+
+from relay import metrics
+from relay.config import Settings
+from relay.csms import CsmsClient, CsmsUnavailable
+from relay.errors import InvalidEvent, Problem
+from relay.events import Event, new_event_id
+from relay.models.common import DisplayText
+from relay.models.tokens import CommandResponse, CommandResult, StartSession, StopSession
+from relay.ordering import location_key
+from relay.store import RoamingStore, StateReader, Store
+
+log = structlog.get_logger(__name__)
+_REQUESTS: dict[str, type[msgspec.Struct]] = {"START_SESSION": StartSession, "STOP_SESSION": StopSession}
+
+
+class Command(msgspec.Struct, kw_only=True):
+    """A command the CSMS accepted and whose result is awaited."""
+
+    id: str
+    type: str
+    response_url: str
+    country_code: str
+    party_id: str
+    correlation_id: str
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """HTTP status, OCPI status code, and the CommandResponse (or an error message)."""
+
+    status: int
+    code: int
+    data: CommandResponse | None = None
+    message: str | None = None
+
+
+class Commands:
+    """Receives the IOP's commands and the CSMS's results."""
+
+    def __init__(self, settings: Settings, store: Store, roaming: RoamingStore, state: StateReader,
+                 csms: CsmsClient) -> None:  # fmt: skip
+        self.settings = settings
+        self.store = store
+        self.roaming = roaming
+        self.state = state
+        self.csms = csms
+
+    def _response(self, command: str, result: str, message: str | None = None) -> Reply:
+        metrics.COMMANDS.labels(command=command, result=result).inc()
+        timeout = self.settings.csms.command_result_timeout_s
+        msg = [DisplayText(language="en", text=message[:512])] if message else None
+        return Reply(200, 1000, CommandResponse(result=result, timeout=timeout, message=msg))  # type: ignore[arg-type]
+
+    async def receive(self, command: str, raw: bytes, operator: tuple[str, str], correlation_id: str) -> Reply:
+        """One command from the IOP, for a hosted operator: validate, ask the CSMS, answer."""
+        if command not in self.settings.csms.commands or not self.csms.configured:
+            return self._response(command, "NOT_SUPPORTED", "not supported by this CPO")
+        kind = _REQUESTS.get(command)
+        try:
+            request: Any = msgspec.json.decode(raw, type=kind) if kind else msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            return Reply(400, 2001, message=f"invalid {command} request: {exc}")
+        response_url = request.response_url if kind else (request or {}).get("response_url")
+        if not isinstance(response_url, str) or not response_url.startswith(("http://", "https://")):
+            return Reply(400, 2001, message="response_url: required http(s) URL")
+        if isinstance(request, StartSession):
+            if request.connector_id is None:
+                return Reply(400, 2001, message="connector_id: required by GIREVE in START_SESSION")
+            cc, pid = operator
+            key = location_key(cc, pid, request.location_id)
+            if self.settings.state.enabled and not await self.state.one("locations", key,
+                                                                         f"{cc}:{pid}:{request.location_id}"):
+                return Reply(404, 2003, message=f"unknown location {request.location_id}")
+        cmd = Command(id=new_event_id(), type=command, response_url=response_url, country_code=operator[0],
+                      party_id=operator[1], correlation_id=correlation_id or new_event_id(),
+                      received_at=time.time())  # fmt: skip
+        payload = {"kind": "command", "command_id": cmd.id, "command": command,
+                   "country_code": cmd.country_code, "party_id": cmd.party_id,
+                   "request": msgspec.to_builtins(request)}  # fmt: skip
+        try:
+            answer = await self.csms.post(payload, cmd.correlation_id)
+        except CsmsUnavailable as exc:
+            log.warning("csms_command_failed", command=command, command_id=cmd.id, error=str(exc))
+            return self._response(command, "REJECTED", "charge point management system unavailable")
+        result = str(answer.get("result", "REJECTED")).upper()
+        if result not in ("ACCEPTED", "REJECTED", "NOT_SUPPORTED", "UNKNOWN_SESSION"):
+            result = "REJECTED"
+        if result == "ACCEPTED":
+            due_s = self.settings.csms.command_result_timeout_s
+            await self.roaming.put_command(cmd.id, msgspec.json.encode(cmd), int((time.time() + due_s) * 1000),
+                                           ttl_s=due_s + 86_400)  # fmt: skip
+        log.info("command_received", command=command, command_id=cmd.id, result=result,
+                 correlation_id=cmd.correlation_id)  # fmt: skip
+        message = answer.get("message")
+        return self._response(command, result, message if isinstance(message, str) else None)
+
+    async def result(self, command_id: str, raw: bytes) -> str:
+        """The CSMS's CommandResult: queued for the IOP's response_url. Raises InvalidEvent (404/409/422)."""
+        try:
+            msgspec.json.decode(raw, type=CommandResult)
+        except msgspec.DecodeError as exc:
+            raise InvalidEvent([Problem(field="$", rule="ocpi.type", message=str(exc))]) from None
+        doc = await self.roaming.command(command_id)
+        if doc is None:
+            raise InvalidEvent([Problem(field="url.command_id", rule="command", message="unknown command")], 404)
+        cmd = msgspec.json.decode(doc, type=Command)
+        if not await self.roaming.settle(command_id):
+            message = "the result already went to the IOP (or TIMEOUT did)"
+            raise InvalidEvent([Problem(field="url.command_id", rule="command", message=message)], 409)
+        return await self._queue(cmd, raw)
+
+    async def _queue(self, cmd: Command, body: bytes) -> str:
+        result = msgspec.json.decode(body, type=CommandResult).result
+        metrics.COMMAND_RESULTS.labels(result=result).inc()
+        event = Event(
+            id=new_event_id(), module="commands", method="POST", country_code=cmd.country_code,
+            party_id=cmd.party_id, object_id=cmd.id, key=f"cmd:{cmd.country_code}:{cmd.party_id}:{cmd.id}",
+            correlation_id=cmd.correlation_id, received_at=time.time(), body=body, url=cmd.response_url,
+        )  # fmt: skip
+        return await self.store.append(event)
+
+    async def expire(self) -> int:
+        """Send TIMEOUT for every command whose result is overdue; returns how many."""
+        n = 0
+        for command_id in await self.roaming.overdue(int(time.time() * 1000)):
+            doc = await self.roaming.command(command_id)
+            if not await self.roaming.settle(command_id) or doc is None:
+                continue
+            cmd = msgspec.json.decode(doc, type=Command)
+            await self._queue(cmd, msgspec.json.encode(CommandResult(result="TIMEOUT")))
+            log.warning("command_timeout", command=cmd.type, command_id=command_id)
+            n += 1
+        return n

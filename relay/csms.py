@@ -1,0 +1,63 @@
+"""The relay's calls to the CSMS: a webhook the CSMS serves, for commands and tokens from the IOP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import msgspec
+import structlog
+
+from relay.config import CsmsSettings
+
+log = structlog.get_logger(__name__)
+
+
+class CsmsUnavailable(Exception):
+    """The CSMS webhook did not answer usefully in time."""
+
+
+class CsmsClient:
+    """POSTs ``{"kind": …, …}`` JSON to ``[csms] webhook_url`` with the configured bearer token."""
+
+    def __init__(self, settings: CsmsSettings) -> None:
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.settings.webhook_url)
+
+    async def start(self) -> None:
+        """Open the connection pool."""
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s))
+
+    async def close(self) -> None:
+        """Close the pool."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def post(self, payload: dict[str, Any], correlation_id: str = "") -> dict[str, Any]:
+        """Send one notification or request; returns the CSMS's JSON answer. Raises CsmsUnavailable."""
+        if self._session is None or not self.configured:
+            raise CsmsUnavailable("no CSMS webhook configured")
+        headers = {"Content-Type": "application/json", "X-Correlation-ID": correlation_id}
+        if self.settings.token:
+            headers["Authorization"] = f"Bearer {self.settings.token}"
+        try:
+            async with self._session.post(
+                self.settings.webhook_url, data=msgspec.json.encode(payload), headers=headers
+            ) as resp:
+                body = await resp.read()
+                if resp.status // 100 != 2:
+                    raise CsmsUnavailable(f"CSMS webhook answered HTTP {resp.status}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise CsmsUnavailable(f"CSMS webhook: {exc.__class__.__name__}: {exc}") from exc
+        if not body:
+            return {}
+        try:
+            answer: dict[str, Any] = msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise CsmsUnavailable(f"CSMS webhook answered non-JSON: {exc}") from exc
+        return answer if isinstance(answer, dict) else {}

@@ -1,0 +1,74 @@
+"""Ingress routes of roaming charges: real-time authorisation (K1), command results (K2), tokens (K3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+from aiohttp import web
+
+from relay import constants as K
+from relay.authorize import Authorizer
+from relay.commands import Commands
+from relay.envelope import OCPI_OK, ocpi
+from relay.errors import InvalidEvent, Problem, StoreUnavailable
+from relay.ingress.responses import accepted, refused, unavailable
+from relay.store import RoamingStore
+
+
+@dataclass(frozen=True, slots=True)
+class RoamingDeps:
+    """What the roaming routes need; absent when the relay runs without them (tests of the ingress alone)."""
+
+    authorizer: Authorizer
+    commands: Commands
+    roaming: RoamingStore
+
+
+DEPS = web.AppKey("roaming_deps", RoamingDeps)
+
+
+async def authorize(request: web.Request) -> web.Response:
+    """POST tokens/{token_uid}/authorize?type=RFID with LocationReferences → the decision (200)."""
+    named = None
+    cc, pid = request.headers.get(K.H_FROM_CC), request.headers.get(K.H_FROM_PID)
+    if cc and pid:
+        named = (cc.upper(), pid.upper())
+    try:
+        decision = await request.app[DEPS].authorizer.authorize(
+            request.match_info["uid"], request.query.get("type", "RFID"), await request.read(), named,
+            request.headers.get(K.H_CORRELATION, ""),
+        )  # fmt: skip
+    except InvalidEvent as exc:
+        return refused(exc)
+    data = {"decided_by": decision.decided_by, "allowed": decision.allowed,
+            "authorization": decision.authorization, "iop_error": decision.iop_error, **decision.extra}  # fmt: skip
+    return ocpi(200, OCPI_OK, data)
+
+
+async def command_result(request: web.Request) -> web.Response:
+    """POST commands/{command_id}/result with a CommandResult → 202, delivered to the IOP's response_url."""
+    try:
+        await request.app[DEPS].commands.result(request.match_info["command_id"], await request.read())
+    except InvalidEvent as exc:
+        return refused(exc)
+    except StoreUnavailable:
+        return unavailable("result not stored: Redis unavailable, send again")
+    return accepted({"command_id": request.match_info["command_id"]})
+
+
+async def get_token(request: web.Request) -> web.Response:
+    """GET tokens/{cc}/{pid}/{uid}?type=: a token the IOP pushed (K3), for the CSMS."""
+    m = request.match_info
+    doc = await request.app[DEPS].roaming.token(request.query.get("type", "RFID"), m["uid"], m["cc"], m["pid"])
+    if doc is None:
+        return refused(InvalidEvent([Problem(field="url.uid", rule="token", message="unknown token")], 404))
+    return ocpi(200, OCPI_OK, msgspec.json.decode(doc))
+
+
+def setup(app: web.Application, prefix: str, deps: RoamingDeps) -> None:
+    """Routes, registered before the catch-all event route."""
+    app[DEPS] = deps
+    app.router.add_post(prefix + "/tokens/{uid}/authorize", authorize)
+    app.router.add_get(prefix + "/tokens/{cc}/{pid}/{uid}", get_token)
+    app.router.add_post(prefix + "/commands/{command_id}/result", command_result)

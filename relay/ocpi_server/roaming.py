@@ -1,0 +1,119 @@
+"""Commands Receiver (K2) and Tokens Receiver (K3) on the OCPI listener."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from relay import constants as K
+from relay import metrics
+from relay.commands import Commands
+from relay.config import Settings
+from relay.csms import CsmsClient, CsmsUnavailable
+from relay.envelope import ocpi
+from relay.models.tokens import Token, TokenPatch
+from relay.ocpi_server.keys import SETTINGS
+from relay.ocpi_server.versions import announce
+from relay.store import RoamingStore
+
+log = structlog.get_logger(__name__)
+COMMANDS = web.AppKey("ocpi_commands", Commands)
+ROAMING = web.AppKey("ocpi_roaming", RoamingStore)
+CSMS = web.AppKey("ocpi_csms", CsmsClient)
+_notifications: set[asyncio.Task[None]] = set()
+
+
+def _addressed(request: web.Request, settings: Settings) -> tuple[str, str] | None:
+    """The hosted operator a request is for: OCPI-to-*, or the only one hosted when they are absent."""
+    cc, pid = request.headers.get(K.H_TO_CC), request.headers.get(K.H_TO_PID)
+    if cc and pid:
+        op = settings.operator(cc, pid)
+        return (op.country_code, op.party_id) if op else None
+    if len(settings.operators) == 1:
+        return settings.operators[0].country_code, settings.operators[0].party_id
+    return None
+
+
+async def post_command(request: web.Request) -> web.Response:
+    """POST commands/{command}: answered with a CommandResponse once the CSMS has said yes or no."""
+    operator = _addressed(request, request.app[SETTINGS])
+    if operator is None:
+        return ocpi(404, 4001, message="Unknown receiver: name a hosted operator in OCPI-to-*")
+    reply = await request.app[COMMANDS].receive(
+        request.match_info["command"], await request.read(), operator, request.headers.get(K.H_CORRELATION, "")
+    )
+    return ocpi(reply.status, reply.code, reply.data, reply.message)
+
+
+def _token_ref(request: web.Request) -> tuple[str, str, str, str]:
+    m = request.match_info
+    return m["country_code"].upper(), m["party_id"].upper(), m["uid"], request.query.get("type", "RFID")
+
+
+async def get_token(request: web.Request) -> web.Response:
+    """GET tokens/{cc}/{pid}/{uid}?type=: the token as the IOP last sent it."""
+    cc, pid, uid, kind = _token_ref(request)
+    doc = await request.app[ROAMING].token(kind, uid, cc, pid)
+    if doc is None:
+        return ocpi(404, 2004, message="Unknown token")
+    return ocpi(200, 1000, msgspec.json.decode(doc))
+
+
+async def put_token(request: web.Request) -> web.Response:
+    """PUT (whole token) or PATCH (fields + last_updated) from the IOP; stored, then handed to the CSMS."""
+    cc, pid, uid, kind = _token_ref(request)
+    roaming = request.app[ROAMING]
+    raw = await request.read()
+    try:
+        if request.method == "PUT":
+            token = msgspec.json.decode(raw, type=Token)
+        else:
+            patch = msgspec.json.decode(raw, type=TokenPatch)
+            current = await roaming.token(kind, uid, cc, pid)
+            if current is None:
+                return ocpi(404, 2004, message="Unknown token: PUT it first")
+            merged: dict[str, Any] = {**msgspec.json.decode(current), **msgspec.to_builtins(patch)}
+            token = msgspec.convert(merged, Token, strict=False)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return ocpi(400, 2001, message=f"invalid token: {exc}")
+    if (token.country_code.upper(), token.party_id.upper(), token.uid, token.type) != (cc, pid, uid, kind):
+        return ocpi(400, 2001, message="token ids differ from the URL")
+    token = msgspec.structs.replace(token, last_updated=token.last_updated.astimezone(UTC))
+    doc = msgspec.json.encode(token)
+    await roaming.put_token(kind, uid, cc, pid, doc)
+    metrics.TOKENS_RECEIVED.labels(method=request.method).inc()
+    _notify(request.app[CSMS], token, request.headers.get(K.H_CORRELATION, ""))
+    return ocpi(200, 1000)
+
+
+def _notify(csms: CsmsClient, token: Token, correlation_id: str) -> None:
+    """Hand the token to the CSMS without holding the IOP's request (it is stored either way)."""
+    if not csms.configured:
+        return
+
+    async def send() -> None:
+        try:
+            await csms.post({"kind": "token", "token": msgspec.to_builtins(token)}, correlation_id)
+        except CsmsUnavailable as exc:
+            log.warning("csms_token_notification_failed", error=str(exc), hint="the CSMS can GET it from the ingress")
+
+    task = asyncio.create_task(send())
+    _notifications.add(task)
+    task.add_done_callback(_notifications.discard)
+
+
+def setup(app: web.Application, commands: Commands, roaming: RoamingStore, csms: CsmsClient) -> None:
+    """Routes and version-details entries of the two Receiver interfaces."""
+    app[COMMANDS], app[ROAMING], app[CSMS] = commands, roaming, csms
+    app.router.add_post("/ocpi/2.2.1/commands/{command}", post_command)
+    path = "/ocpi/2.2.1/tokens/{country_code}/{party_id}/{uid}"
+    app.router.add_get(path, get_token)
+    app.router.add_put(path, put_token)
+    app.router.add_patch(path, put_token)
+    announce(app, "commands", "RECEIVER", "/commands")
+    announce(app, "tokens", "RECEIVER", "/tokens")
