@@ -21,10 +21,10 @@ def anonymise(settings: Settings, country_code: str, party_id: str, doc: dict[st
     if op is None or not op.advenir or not isinstance(token, dict) or not is_local(op, token):
         return doc
     a = settings.advenir
+    # The whole cdr_token is replaced, not patched: an extra field of the CSMS's must not identify the driver.
     return {
         **doc,
         "cdr_token": {
-            **token,
             "country_code": a.country_code,
             "party_id": a.party_id,
             "uid": a.uid,

@@ -77,6 +77,12 @@ class Authorizer:
 
     async def _owner(self, location_id: str, named: tuple[str, str] | None) -> tuple[str, str]:
         candidates = [named] if named else [(o.country_code, o.party_id) for o in self.settings.operators]
+        if not self.settings.state.enabled:
+            # No state kept: locations cannot be checked; the owner is the one named, or the only one hosted.
+            if len(candidates) == 1:
+                return candidates[0]
+            message = "several operators are hosted and [state] is off: name one in the OCPI-from-* headers"
+            raise InvalidEvent([Problem(field="OCPI-from-party-id", rule="gireve.K1.operator", message=message)])
         found = []
         for cc, pid in candidates:
             if await self.state.one("locations", location_key(cc, pid, location_id), f"{cc}:{pid}:{location_id}"):

@@ -51,11 +51,24 @@ def _settings(config_path: Path | None, *, serving: bool = False) -> Settings:
 def main() -> None:
     """Store-and-forward OCPI 2.2.1 relay between a CSMS and GIREVE's IOP.
 
+    Every command reads the same configuration: --config FILE (or RELAY_CONFIG), then RELAY_<SECTION>_<KEY>
+    environment variables. Operator commands talk to the relay's Redis (the embedded one of a running
+    relay in [storage] dir, or [redis] url) and work while the relay runs. `relay COMMAND --help` for more.
+
     \b
     Examples:
       RELAY_INGRESS_TOKEN=secret relay serve --config config/relay.toml
       relay check-config --config config/relay.toml
+      relay status                      # queues, oldest age, dead letters, link
       relay peek locations --count 5
+      relay dlq list --since 2h
+      relay link resume                 # after fixing a token the IOP refused
+
+    \b
+    Exit codes:
+      0  success
+      1  runtime failure (Redis unreachable, unknown id, declined prompt, handshake refused)
+      2  usage or configuration error (the message names the option or the key)
     """
 
 
@@ -65,7 +78,16 @@ def serve(config_path: Path | None) -> None:
     """Run the relay until SIGTERM/SIGINT.
 
     With no [redis] url (RELAY_REDIS_URL empty) an embedded Redis-compatible server is started
-    with its append-only file in [storage] dir.
+    with its append-only file in [storage] dir. Logs go to stderr ([log] format json or console).
+    SIGTERM is graceful: stop accepting, finish in-flight work within the shutdown timeouts, exit 0.
+
+    \b
+    Examples:
+      RELAY_INGRESS_TOKEN=secret relay serve --config config/relay.toml
+      RELAY_REDIS_URL=redis://redis:6379/0 RELAY_INGRESS_TOKEN_FILE=/run/secrets/token relay serve
+    \b
+    Endpoints on the ingress port: /healthz (alive), /readyz (Redis reachable), /metrics (Prometheus).
+    Exit codes: 0 after a graceful stop, 1 cannot start (port in use…), 2 configuration error.
     """
     from relay.logs import configure_logging
     from relay.service import Relay
@@ -88,7 +110,15 @@ def serve(config_path: Path | None) -> None:
 @main.command("check-config")
 @config_option
 def check_config(config_path: Path | None) -> None:
-    """Validate the configuration (file + env) and print the effective values, secrets hidden."""
+    """Validate the configuration (file + env) and print the effective values, secrets hidden.
+
+    \b
+    Examples:
+      relay check-config --config config/relay.toml
+      RELAY_IOP_PARTY_ID=007 relay check-config | jq .iop
+    \b
+    Exit codes: 0 valid (JSON on stdout), 2 invalid (each problem on stderr, naming the key).
+    """
     settings = _settings(config_path, serving=True)
     data = msgspec.to_builtins(settings)
     for section in ("ingress", "iop"):
@@ -139,7 +169,15 @@ def _with_store(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
 @click.option("--count", default=10, show_default=True, help="How many entries to show.")
 @config_option
 def peek(module: str, count: int, config_path: Path | None) -> None:
-    """Print the first queued entries of MODULE's streams (delivered ones are trimmed away)."""
+    """Print the first queued entries of MODULE's streams (delivered ones are trimmed away).
+
+    One line per entry: stream id, method, object, ordering key and event id, oldest first per shard.
+
+    \b
+    Examples:
+      relay peek locations
+      relay peek cdrs --count 50
+    """
     from relay.events import decode
 
     settings = _settings(config_path)
@@ -202,7 +240,14 @@ def dlq() -> None:
 @config_option
 def dlq_list(module: str | None, kind: str | None, reason: str | None, key: str | None, since: str | None,
              limit: int, as_json: bool, config_path: Path | None) -> None:  # fmt: skip
-    """List dead letters (oldest first per module)."""
+    """List dead letters (oldest first per module).
+
+    \b
+    Examples:
+      relay dlq list --since 2h
+      relay dlq list --module sessions --reason "OCPI 2001"
+      relay dlq list --json | jq -r .dead_id
+    """
     settings = _settings(config_path)
     flt = _filter((), module, kind, reason, key, since)
 
@@ -300,7 +345,14 @@ def dlq_replay(ids: tuple[str, ...], module: str | None, kind: str | None, reaso
 @config_option
 def dlq_purge(ids: tuple[str, ...], module: str | None, kind: str | None, reason: str | None, key: str | None,
               since: str | None, all_: bool, dry_run: bool, yes: bool, config_path: Path | None) -> None:  # fmt: skip
-    """Delete dead letters for good."""
+    """Delete dead letters for good.
+
+    \b
+    Examples:
+      relay dlq purge 1764151200000-0
+      relay dlq purge --module cdrs --kind parked --dry-run
+      relay dlq purge --all --yes
+    """
     settings = _settings(config_path)
     flt = _filter(ids, module, kind, reason, key, since)
     _confirm_bulk(ids, all_, flt, yes or dry_run, "purge")
@@ -319,7 +371,16 @@ def dlq_purge(ids: tuple[str, ...], module: str | None, kind: str | None, reason
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @config_option
 def status(as_json: bool, config_path: Path | None) -> None:
-    """Queue depth and oldest age per module, dead letters, IOP link state per replica."""
+    """Queue depth and oldest age per module, dead letters, IOP link state per replica.
+
+    Also the OCPI connection (registered, since when, the IOP's endpoints). Works while the relay runs;
+    the same numbers as the relay_queue_depth, relay_oldest_event_age_seconds and relay_dead_letters metrics.
+
+    \b
+    Examples:
+      relay status
+      relay status --json | jq '.modules.locations.oldest_age_s'
+    """
     settings = _settings(config_path)
 
     async def go(store: Any) -> None:
@@ -381,7 +442,15 @@ def link() -> None:
 @link.command("resume")
 @config_option
 def link_resume(config_path: Path | None) -> None:
-    """Resume delivery after an auth failure (401/403) or a pause, once the cause is fixed."""
+    """Resume delivery after an auth failure (401/403) or a pause, once the cause is fixed.
+
+    Every running replica picks the request up within [forwarder] lease_ttl_s/3 seconds and starts
+    again with one request at a time. If the IOP still refuses the token, the link pauses again.
+
+    \b
+    Example:
+      relay link resume && sleep 10 && relay status
+    """
     settings = _settings(config_path)
 
     async def go(store: Any) -> None:
@@ -463,7 +532,11 @@ def register(from_iop: bool, versions_url: str | None, token_a: str | None, as_j
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @config_option
 def unregister(yes: bool, config_path: Path | None) -> None:
-    """Stop delivering to the IOP (events keep queueing); tells the IOP with DELETE credentials."""
+    """Stop delivering to the IOP (events keep queueing); tells the IOP with DELETE credentials.
+
+    Register again (`relay register --from-iop`) to resume; the queued events then go out in order.
+    Exit code 1 if the relay is not registered.
+    """
     from relay.credentials import Registry, unregister_at_iop
     from relay.store import RegistrationStore
 

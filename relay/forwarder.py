@@ -26,6 +26,7 @@ from relay import constants as K
 from relay import metrics, outgoing
 from relay.config import MODULES, Settings
 from relay.errors import StoreUnavailable
+from relay.events import Event
 from relay.link import GaveUp, Link
 from relay.ocpi_client import NotConfigured, OcpiClient
 from relay.retry import Kind, Outcome, backoff_s, classify
@@ -505,7 +506,13 @@ class Forwarder:
                 shard.sending -= 1
             metrics.IOP_REQUEST.labels(module=ev.module).observe(time.perf_counter() - started)
         metrics.DELIVERIES.labels(module=ev.module, outcome=outcome.kind.value).inc()
-        if outcome.unknown_object and wire.method == "PATCH" and not attempts.heal and self.settings.state.heal_patches:
+        if (
+            outcome.unknown_object
+            and wire.method == "PATCH"
+            and not attempts.heal
+            and self.settings.state.heal_patches
+            and await self._healable(ev)
+        ):
             attempts.heal = True
             metrics.HEALED.labels(module=ev.module).inc()
             outcome = Outcome(Kind.TRANSIENT, _HEALING, http_status=outcome.http_status, ocpi_code=outcome.ocpi_code,
@@ -528,6 +535,13 @@ class Forwarder:
             log.debug("delivered", event_id=ev.id, module=ev.module, key=ev.key, attempt=attempts.count,
                       request_id=request_id, correlation_id=ev.correlation_id or ev.id)  # fmt: skip
         return outcome
+
+    async def _healable(self, event: Event) -> bool:
+        """A heal needs the whole object: a PATCH the relay has no state for is a plain permanent failure."""
+        try:
+            return await outgoing.current(self.store, event) is not None
+        except (RedisError, OSError, StoreUnavailable):
+            return True  # decide on the next attempt, which rebuilds the body from the state
 
     async def _wait_for_session(self, shard: _Shard, entry: Entry) -> None:
         """A CDR waits until every session update accepted before it is delivered or dead-lettered."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -39,10 +39,12 @@ class Ingested:
 
 
 def _ms(stamp: Any) -> int:
+    """An OCPI DateTime as epoch ms for the index; without a designator it is UTC, never local time."""
     try:
-        return int(datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp() * 1000)
+        dt = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
     except ValueError:
         return 0
+    return int((dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp() * 1000)
 
 
 def _needs_merge(event: Event) -> bool:
@@ -90,21 +92,24 @@ class Ingest:
             current = msgspec.json.decode(raw) if raw is not None else None
             change = state.apply(ev.module, current, body, ev.method, ev.evse_uid, ev.connector_id)
             if change.doc is None:
+                # Nothing to merge into (no object, or no such EVSE/Connector): the state stays as it is,
+                # unless the object appeared since our read (then the 'none' write conflicts: merge again).
+                w = StateWrite("none", fld, member, ev.country_code, ev.party_id, expected=version)
+            else:
+                doc = msgspec.json.encode(change.doc)
+                w = StateWrite("cas", fld, member, ev.country_code, ev.party_id, doc,
+                               _ms(change.doc.get("last_updated")), expected=version)  # fmt: skip
+            try:
+                stream_id = await self.store.commit(ev, w)
+            except Conflict:
+                metrics.STATE_CONFLICTS.inc()
+                continue
+            if change.doc is None:
                 # Never seen: accepted and forwarded all the same, but flagged (the IOP may not know it either).
                 metrics.UNKNOWN_OBJECT.labels(module=ev.module).inc()
                 log.warning("patch_for_unknown_object", event_id=ev.id, module=ev.module, key=ev.key,
                             object=ev.object_ref())  # fmt: skip
-                # Nothing to merge into (no object, or no such EVSE/Connector): the state stays as it is.
-                w = StateWrite("none", fld, member, ev.country_code, ev.party_id)
-                return Ingested(await self.store.commit(ev, w), unknown_object=True)
-            doc = msgspec.json.encode(change.doc)
-            w = StateWrite("cas", fld, member, ev.country_code, ev.party_id, doc, _ms(change.doc.get("last_updated")),
-                           expected=version)  # fmt: skip
-            try:
-                return Ingested(await self.store.commit(ev, w))
-            except Conflict:
-                metrics.STATE_CONFLICTS.inc()
-                continue
+            return Ingested(stream_id, unknown_object=change.doc is None)
         raise StoreUnavailable(f"state of {ev.object_ref()} kept changing; send again")
 
     async def _tariff(self, acc: Accepted, fld: str, member: str) -> Ingested:
@@ -122,8 +127,8 @@ class Ingest:
                 if self.settings.state.tariffs_immutable == "reject":
                     raise InvalidEvent([problem], status=409)
                 warnings.append(problem)
-            mode = "cas" if raw is not None else "put"
-            w = StateWrite(mode, fld, member, ev.country_code, ev.party_id, ev.body, acc.updated_ms, expected=version)
+            # Always compare-and-set (version 0: "still absent"): the check above was made on this read.
+            w = StateWrite("cas", fld, member, ev.country_code, ev.party_id, ev.body, acc.updated_ms, expected=version)
             try:
                 return Ingested(await self.store.commit(ev, w), warnings=warnings)
             except Conflict:

@@ -6,7 +6,8 @@ Every line, the relay's own and those of the libraries that log through the stan
 Redaction, in this order, on every value of every event (nested dicts and lists too):
 - the value of a key named like a secret (``token``, ``authorization``, ``password``, ``*_token``,
   ``*_secret``… and ``log.redact_fields``) is replaced whole;
-- inside strings: ``Token x``, ``Bearer x``, ``Basic x``, ``token=x``, ``"token": "x"``;
+- inside strings: ``Token x``, ``Bearer x``, ``Basic x``, ``token=x``, ``"token": "x"``, and the
+  password of a URL (``rediss://user:x@host``);
 - inside strings: the secret values themselves (and their base64, as OCPI 2.2.1 sends tokens),
   registered with ``add_secrets()`` from the settings at start, whatever the text around them.
 """
@@ -19,6 +20,7 @@ import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 import structlog
@@ -35,8 +37,10 @@ _SECRET_SUFFIXES = ("_token", "-token", "_secret", "-secret", "_password")
 _AUTH_RE = re.compile(r"(?i)\b(token|bearer|basic)\s+[A-Za-z0-9+/=._~-]{4,}")
 # token=…, "token": "…", authorization: … inside a message (a logged URL, a quoted JSON body).
 _PAIR_RE = re.compile(
-    r"""(?i)(["']?\b(?:token|token_[abc]|authorization|password|secret|api_key)["']?\s*[:=]\s*["']?)[^"'\s,;&}]+"""
+    r"""(?i)(["']?\b(?:token|token_[abc]|authorization|password|secret|api_key)["']?\s*[:=]\s*["']?)"""
+    r"""(?!(?:token|bearer|basic)\s)[^"'\s,;&}]+"""
 )
+_URL_PASSWORD_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
 _MIN_SECRET_LEN = 6  # shorter values would redact ordinary words
 _secret_values: set[str] = set()
 _secret_re: re.Pattern[str] | None = None
@@ -63,8 +67,16 @@ def add_secrets(values: Iterable[str]) -> None:
         _secret_re = re.compile("|".join(re.escape(v) for v in alternatives))
 
 
+def _url_password(value: str) -> str | None:
+    try:
+        parts = urlsplit(value)
+        return parts.password or parse_qs(parts.query).get("password", [None])[0]
+    except ValueError:
+        return None
+
+
 def settings_secrets(settings: object) -> list[str]:
-    """Every secret value in the settings: fields named like secrets (tokens split on commas)."""
+    """Every secret value in the settings: fields named like secrets (tokens split on commas), URL passwords."""
     found: list[str] = []
 
     def walk(node: Any) -> None:
@@ -72,6 +84,9 @@ def settings_secrets(settings: object) -> list[str]:
             for k, v in node.items():
                 if is_secret_key(str(k)) and isinstance(v, str) and v:
                     found.extend(t.strip() for t in v.split(",") if t.strip())
+                elif isinstance(v, str) and "://" in v:
+                    if password := _url_password(v):
+                        found.append(password)
                 else:
                     walk(v)
         elif isinstance(node, list):
@@ -94,6 +109,7 @@ class Redactor:
             if _secret_re is not None:
                 value = _secret_re.sub(REDACTED, value)
             value = _AUTH_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", value)
+            value = _URL_PASSWORD_RE.sub(lambda m: f"{m.group(1)}{REDACTED}@", value)
             return _PAIR_RE.sub(lambda m: m.group(1) + REDACTED, value)
         if isinstance(value, dict):
             return {k: REDACTED if is_secret_key(str(k), self.extra) else self._clean(v) for k, v in value.items()}

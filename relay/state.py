@@ -9,7 +9,7 @@ EVSE or Connector moves the ``last_updated`` of its parents.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from relay.events import Event
@@ -61,14 +61,17 @@ def merge(current: Doc, patch: Doc, nested: tuple[str, str] | None = None) -> Do
     return out
 
 
+def _utc(stamp: Any) -> datetime:
+    """An OCPI DateTime string as an aware datetime (no designator means UTC); ValueError if not one."""
+    dt = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
 def _later(a: Any, b: Any) -> Any:
     """The later of two OCPI DateTime strings (parents never go back in time)."""
     try:
-        da = datetime.fromisoformat(str(a).replace("Z", "+00:00"))
-        db = datetime.fromisoformat(str(b).replace("Z", "+00:00"))
+        da, db = _utc(a), _utc(b)
     except ValueError:
-        return b
-    if da.tzinfo is None or db.tzinfo is None:
         return b
     return a if da > db else b
 

@@ -45,15 +45,15 @@ return redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
 # KEYS: stream, session-last, state hash, index zset
 # ARGV: envelope, kind ('session'|'cdr'|''), ordering key, mode ('put'|'cas'|'del'|'none'),
 #       state field, expected version (cas), document, score (last_updated ms), index member
-# Returns the stream id, or false when a 'cas' finds another version (the caller merges again).
+# Returns the stream id, or false when a 'cas' or 'none' finds another version than the one the
+# caller read (the caller reads and merges again): 'none' (nothing to merge into) is a decision
+# taken on that read too, and must not stand if the object appeared or changed in between.
 _COMMIT = """
 local mode = ARGV[4]
 local ver = 0
-if mode ~= 'none' then
-  local cur = redis.call('HGET', KEYS[3], ARGV[5])
-  if cur then ver = tonumber(string.match(cur, '^(%d+)|')) or 0 end
-  if mode == 'cas' and ver ~= tonumber(ARGV[6]) then return false end
-end
+local cur = redis.call('HGET', KEYS[3], ARGV[5])
+if cur then ver = tonumber(string.match(cur, '^(%d+)|')) or 0 end
+if (mode == 'cas' or mode == 'none') and ver ~= tonumber(ARGV[6]) then return false end
 local id
 if ARGV[2] == 'cdr' then
   local after = redis.call('HGET', KEYS[2], ARGV[3])
@@ -78,7 +78,7 @@ return id
 class StateWrite:
     """How an event changes its object's stored state."""
 
-    mode: str  # put | cas | del | none
+    mode: str  # put | cas | del | none (cas and none: only if the stored version is still ``expected``)
     field: str
     member: str
     country_code: str

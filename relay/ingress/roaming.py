@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from relay import constants as K
 from relay.authorize import Authorizer
@@ -14,6 +15,7 @@ from relay.envelope import OCPI_OK, ocpi
 from relay.errors import InvalidEvent, Problem, StoreUnavailable
 from relay.ingress.responses import accepted, refused, unavailable
 from relay.store import RoamingStore
+from relay.typedefs import SETTINGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +28,20 @@ class RoamingDeps:
 
 
 DEPS = web.AppKey("roaming_deps", RoamingDeps)
+
+
+def _authenticated(handler: Handler) -> Handler:
+    """The CSMS's bearer token, as on every other ingress route (these routes do not go through handle_event)."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        from relay.ingress.app import _authorised  # the ingress's one rule; app imports this module
+
+        if not _authorised(request, request.app[SETTINGS].ingress.tokens()):
+            problem = Problem(field="Authorization", rule="auth", message="missing or wrong token")
+            return refused(InvalidEvent([problem], 401))
+        return await handler(request)
+
+    return guarded
 
 
 async def authorize(request: web.Request) -> web.Response:
@@ -69,6 +85,6 @@ async def get_token(request: web.Request) -> web.Response:
 def setup(app: web.Application, prefix: str, deps: RoamingDeps) -> None:
     """Routes, registered before the catch-all event route."""
     app[DEPS] = deps
-    app.router.add_post(prefix + "/tokens/{uid}/authorize", authorize)
-    app.router.add_get(prefix + "/tokens/{cc}/{pid}/{uid}", get_token)
-    app.router.add_post(prefix + "/commands/{command_id}/result", command_result)
+    app.router.add_post(prefix + "/tokens/{uid}/authorize", _authenticated(authorize))
+    app.router.add_get(prefix + "/tokens/{cc}/{pid}/{uid}", _authenticated(get_token))
+    app.router.add_post(prefix + "/commands/{command_id}/result", _authenticated(command_result))

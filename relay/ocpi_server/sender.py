@@ -7,7 +7,7 @@ paginated as OCPI says (``date_from``, ``date_to``, ``offset``, ``limit``, ``Lin
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -46,7 +46,8 @@ def _ms(value: str | None, name: str) -> int | None:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise BadRequest(f"{name}: not an OCPI DateTime") from None
-    return int(dt.timestamp() * 1000) if dt.tzinfo else int(dt.replace(tzinfo=None).timestamp() * 1000)
+    # OCPI: a DateTime without designator is UTC (not the server's local time).
+    return int((dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp() * 1000)
 
 
 def _int(value: str | None, name: str, default: int) -> int:
@@ -92,7 +93,7 @@ async def list_objects(request: web.Request) -> web.Response:
     # The documents are stored as JSON: splice them in rather than decode and encode each.
     body = b'{"data":[' + b",".join(docs) + b'],"status_code":1000,"timestamp":"' + now_iso().encode() + b'"}'
     headers = {"X-Total-Count": str(page.total), "X-Limit": str(limit)}
-    if offset + limit < page.total:
+    if 0 < limit and offset + limit < page.total:  # limit=0 only counts: a Link back to it would never end
         params = {k: v for k, v in q.items() if k in ("date_from", "date_to")}
         params.update(offset=str(offset + limit), limit=str(limit))
         url = f"{public_base(settings)}/{VERSION}/{module}?{urlencode(params)}"
@@ -126,6 +127,7 @@ def setup(app: web.Application) -> None:
     """Routes of the four Sender interfaces and their version-details entries."""
     base = f"/ocpi/{VERSION}"
     app.router.add_get(base + "/{module:locations|sessions|cdrs|tariffs}", list_objects)
+    app.router.add_get(base + "/{module:locations|sessions|cdrs|tariffs}/", list_objects)  # as in OCPI's examples
     app.router.add_get(base + "/locations/{location_id}", get_location)
     app.router.add_get(base + "/locations/{location_id}/{evse_uid}", get_location)
     app.router.add_get(base + "/locations/{location_id}/{evse_uid}/{connector_id}", get_location)

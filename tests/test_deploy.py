@@ -1,0 +1,500 @@
+"""The deployment files, checked without Docker or Kubernetes: they must agree with the code.
+
+Dockerfile, deploy/docker-compose.yml, deploy/kubernetes/*.yaml, deploy/prometheus/*.yml and the
+Grafana dashboard are parsed and held against the real thing: the config defaults (ports, data
+directory), the routes the ingress app really serves (/healthz, /readyz, /metrics), the metric names
+and labels ``relay.metrics`` really exports, and the runbooks in docs/operations.md.
+``promtool`` checks and unit-tests the alert rules when it is installed (``apt-get install prometheus``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
+
+import relay.metrics
+from relay.config import Settings, load
+from relay.service import split_listen
+from tests.conftest import REPO
+
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "kubernetes"
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+OPERATIONS = (REPO / "docs" / "operations.md").read_text()
+
+
+def shipped(**env: str) -> Settings:
+    return load(REPO / "config" / "relay.toml", env={"RELAY_INGRESS_TOKEN": "x", **env})
+
+
+def port_of(listen: str) -> int:
+    return split_listen(listen)[1]
+
+
+DEFAULTS = shipped()
+INGRESS_PORT = port_of(DEFAULTS.ingress.listen)
+OCPI_PORT = port_of(DEFAULTS.ocpi.listen)
+SHUTDOWN_S = sum(s.shutdown_timeout_s for s in (DEFAULTS.ingress, DEFAULTS.ocpi, DEFAULTS.forwarder))
+
+
+@pytest.fixture
+def get_routes(ingress: TestClient[Any, Any]) -> set[str]:
+    """GET paths the real ingress app serves (where probes, healthchecks and scrapes go)."""
+    assert isinstance(ingress.server, TestServer)
+    app = ingress.server.app
+    return {r.resource.canonical for r in app.router.routes() if r.method == "GET" and r.resource is not None}
+
+
+def test_health_and_metrics_routes_exist(get_routes: set[str]) -> None:
+    assert {"/healthz", "/readyz", "/metrics"} <= get_routes
+    assert (INGRESS_PORT, OCPI_PORT) == (8780, 8781)
+
+
+# -- Dockerfile ------------------------------------------------------------------------------------
+
+
+def dockerfile() -> list[list[tuple[str, str]]]:
+    """Stages, each a list of (INSTRUCTION, arguments) with line continuations joined."""
+    lines: list[str] = []
+    pending = ""
+    for raw in (REPO / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        lines.append(pending + line)
+        pending = ""
+    stages: list[list[tuple[str, str]]] = []
+    for line in lines:
+        instr, _, args = line.partition(" ")
+        if instr.upper() == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((instr.upper(), args.strip()))
+    return stages
+
+
+def instr(stage: list[tuple[str, str]], name: str) -> list[str]:
+    return [args for i, args in stage if i == name]
+
+
+def docker_env(stage: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for args in instr(stage, "ENV"):
+        for k, v in re.findall(r'(\w+)=("[^"]*"|\S+)', args):
+            env[k] = v.strip('"')
+    return env
+
+
+def test_dockerfile_is_multi_stage_slim_non_root_with_data_volume() -> None:
+    stages = dockerfile()
+    assert len(stages) >= 2
+    final = stages[-1]
+    images = [instr(s, "FROM")[0].split()[0] for s in stages]
+    arg_defaults = dict(re.findall(r"^ARG (\w+)=(\S+)$", (REPO / "Dockerfile").read_text(), re.M))
+    bases = [arg_defaults.get(i.strip("${}"), i) for i in images]
+    assert all(re.fullmatch(r"python:3\.11-slim(-\w+)?", b) for b in bases), bases
+    # The final stage takes the build's output, not the toolchain.
+    assert any("from=build" in a for a in instr(final, "RUN") + instr(final, "COPY"))
+    # Non-root, numeric (Kubernetes can only check runAsNonRoot against a numeric USER).
+    [user] = instr(final, "USER")
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, user
+    # The volume's directory exists and belongs to that user before VOLUME (a named volume copies it).
+    [volume] = instr(final, "VOLUME")
+    [data_dir] = json.loads(volume)
+    setup = " ".join(instr(final, "RUN"))
+    assert f"mkdir -p {data_dir}" in setup and re.search(rf"chown {uid}(:\d+)? {data_dir}", setup), setup
+    order = [i for i, _ in final]
+    assert order.index("VOLUME") < order.index("USER")
+    env = docker_env(final)
+    assert env["RELAY_STORAGE_DIR"] == data_dir  # the embedded Redis writes its AOF to the volume
+    # Ports: EXPOSE matches the ports the relay listens on with the image's env over the shipped config.
+    in_image = shipped(**{k: v for k, v in env.items() if k.startswith("RELAY_") and k != "RELAY_CONFIG"})
+    exposed = {int(p) for a in instr(final, "EXPOSE") for p in a.split()}
+    assert exposed == {port_of(in_image.ingress.listen), port_of(in_image.ocpi.listen)} == {INGRESS_PORT, OCPI_PORT}
+    assert in_image.storage.dir == data_dir and in_image.redis.url == ""  # embedded by default
+    assert env["RELAY_CONFIG"] in " ".join(instr(final, "COPY"))
+    assert json.loads(instr(final, "ENTRYPOINT")[0]) == ["relay"] and json.loads(instr(final, "CMD")[0]) == ["serve"]
+
+
+def healthcheck_argv() -> list[str]:
+    [hc] = instr(dockerfile()[-1], "HEALTHCHECK")
+    assert "--start-period" in hc and "--interval" in hc
+    argv: list[str] = json.loads(hc[hc.index("CMD") + 3 :].strip())
+    return argv
+
+
+async def test_dockerfile_healthcheck_passes_on_a_live_relay_and_fails_without(ingress: TestClient[Any, Any]) -> None:
+    argv = healthcheck_argv()
+    assert argv[:2] == ["python", "-c"] and "/healthz" in argv[2]
+    code = argv[2]
+
+    def run(listen: str) -> int:
+        env = {"RELAY_INGRESS_LISTEN": listen, "PATH": "/usr/bin:/bin"}
+        return subprocess.run([sys.executable, "-c", code], env=env, timeout=20, capture_output=True).returncode
+
+    assert ingress.port is not None
+    assert await asyncio.to_thread(run, f"0.0.0.0:{ingress.port}") == 0
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert await asyncio.to_thread(run, f"0.0.0.0:{closed}") != 0
+
+
+# -- docker compose --------------------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    return doc
+
+
+def container_ports(ports: list[str]) -> set[int]:
+    return {int(str(p).split(":")[-1].split("/")[0]) for p in ports}
+
+
+def test_compose_wires_relay_redis_prometheus_grafana() -> None:
+    services = compose()["services"]
+    assert set(services) >= {"relay", "redis", "prometheus", "grafana"}
+    for name, svc in services.items():
+        if "image" in svc:
+            image = svc["image"]
+            assert ":" in image and not image.endswith(":latest"), (name, image)  # pinned
+    relay_svc = services["relay"]
+    context = (DEPLOY / relay_svc["build"]["context"]).resolve()
+    assert (context / relay_svc["build"].get("dockerfile", "Dockerfile")).is_file()
+    assert relay_svc["image"].endswith(f":{VERSION}")
+    assert container_ports(relay_svc["ports"]) == {INGRESS_PORT, OCPI_PORT}
+    ingress_map = next(p for p in relay_svc["ports"] if str(p).endswith(f":{INGRESS_PORT}"))
+    assert str(ingress_map).startswith("127.0.0.1:")  # the ingress is not published on every interface
+    url = relay_svc["environment"]["RELAY_REDIS_URL"]
+    assert re.fullmatch(r"redis://redis:6379/\d+", url)
+    assert relay_svc["depends_on"]["redis"]["condition"] == "service_healthy"
+    grace = relay_svc["stop_grace_period"]
+    assert int(grace.rstrip("s")) >= SHUTDOWN_S
+    redis_cmd = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis_cmd and "--appendfsync always" in redis_cmd
+    assert "noeviction" in redis_cmd  # a full Redis refuses writes instead of dropping accepted events
+    # Every bind mount exists in the repository.
+    for name, svc in services.items():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("."):
+                assert (DEPLOY / src).exists(), (name, vol)
+
+
+def test_prometheus_scrapes_the_relay_and_grafana_reads_prometheus(get_routes: set[str]) -> None:
+    services = compose()["services"]
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [job] = [j for j in prom["scrape_configs"] if j["job_name"] == "relay"]
+    assert job["metrics_path"] in get_routes
+    [target] = job["static_configs"][0]["targets"]
+    host, port = target.split(":")
+    assert host in services and int(port) == INGRESS_PORT
+    for rules in prom["rule_files"]:
+        assert (DEPLOY / "prometheus" / rules).is_file()
+    mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"] if v.startswith("."))
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"  # where Grafana looks
+    datasources = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    [ds] = datasources["datasources"]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "relay.yml").read_text())
+    assert providers["providers"][0]["options"]["path"] == mounts["./grafana/dashboards"]
+
+
+# -- Kubernetes ------------------------------------------------------------------------------------
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def k8s_one(kind: str, name: str) -> dict[str, Any]:
+    [doc] = [d for d in k8s_docs() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def workloads() -> Iterator[dict[str, Any]]:
+    yield from (d for d in k8s_docs() if d["kind"] in ("Deployment", "StatefulSet"))
+
+
+def relay_container(pod: dict[str, Any]) -> dict[str, Any]:
+    sidecars = [c for c in pod.get("initContainers", []) if c["name"] == "relay"]
+    if sidecars:
+        assert sidecars[0].get("restartPolicy") == "Always"  # a native sidecar, not a one-shot init
+        sidecar: dict[str, Any] = sidecars[0]
+        return sidecar
+    [c] = [c for c in pod["containers"] if c["name"] == "relay"]
+    container: dict[str, Any] = c
+    return container
+
+
+def configmap_settings(tmp_path: Path, **env: str) -> tuple[Settings, dict[str, Any]]:
+    cm = k8s_one("ConfigMap", "relay-config")
+    path = tmp_path / "relay.toml"
+    path.write_text(cm["data"]["relay.toml"])
+    # token_file points into the Secret mount, absent here: the env var stands in for it.
+    return load(path, env={"RELAY_INGRESS_TOKEN": "x", **env}), tomllib.loads(cm["data"]["relay.toml"])
+
+
+def secret_files(raw: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, path) of every *_file setting in the ConfigMap's TOML."""
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            yield from secret_files(v, f"{prefix}{k}.")
+        elif k.endswith("_file") and v:
+            yield f"{prefix}{k}", v
+
+
+def test_kubernetes_has_both_sidecar_examples() -> None:
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in k8s_docs()}
+    assert {("ConfigMap", "relay-config"), ("Secret", "relay-secrets"), ("Service", "relay-ocpi")} <= kinds
+    by_redis = {"RELAY_REDIS_URL" in {e["name"] for e in relay_container(w["spec"]["template"]["spec"]).get("env", [])}
+                for w in workloads()}  # fmt: skip
+    assert by_redis == {True, False}  # one on the embedded Redis, one on an external Redis
+
+
+@pytest.mark.parametrize("workload", [d["metadata"]["name"] + "/" + d["kind"] for d in k8s_docs()
+                                      if d["kind"] in ("Deployment", "StatefulSet")])  # fmt: skip
+def test_kubernetes_sidecar(workload: str, tmp_path: Path, get_routes: set[str]) -> None:
+    name, kind = workload.split("/")
+    [w] = [d for d in workloads() if d["metadata"]["name"] == name and d["kind"] == kind]
+    pod = w["spec"]["template"]["spec"]
+    c = relay_container(pod)
+    env = {e["name"]: e for e in c.get("env", [])}
+    settings, raw = configmap_settings(tmp_path, **({"RELAY_REDIS_URL": "redis://r:6379/0"} if "RELAY_REDIS_URL" in env
+                                                    else {}))  # fmt: skip
+
+    assert c["image"].endswith(f"/relay:{VERSION}")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"ingress": port_of(settings.ingress.listen), "ocpi": port_of(settings.ocpi.listen)}
+    assert ports == {"ingress": INGRESS_PORT, "ocpi": OCPI_PORT}
+    assert split_listen(settings.ingress.listen)[0] == "0.0.0.0"  # probes come through the pod IP
+
+    # Probes: liveness never depends on Redis or the IOP; readiness on Redis (the /readyz contract).
+    probes = {k: c[k]["httpGet"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/healthz"
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    for probe in probes.values():
+        assert probe["path"] in get_routes
+        assert ports.get(probe["port"], probe["port"]) == INGRESS_PORT
+
+    # Non-root everywhere, as the image's numeric USER.
+    uid = instr(dockerfile()[-1], "USER")[0].split(":")[0]
+    sec = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
+    assert sec["runAsNonRoot"] is True and sec["runAsUser"] == int(uid)
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"requests", "limits"} <= set(c["resources"]) and "memory" in c["resources"]["limits"]
+    assert pod["terminationGracePeriodSeconds"] >= SHUTDOWN_S
+
+    # Config from the ConfigMap, at the path the command line names.
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    config_path = Path(c["args"][c["args"].index("--config") + 1])
+    [config_volume] = [n for n, v in volumes.items() if v.get("configMap", {}).get("name") == "relay-config"]
+    assert Path(mounts[config_volume]) == config_path.parent
+    assert config_path.name in k8s_one("ConfigMap", "relay-config")["data"]
+
+    # Secrets from the Secret: every *_file lands on a mounted key, every secretKeyRef exists.
+    secret_keys = set(k8s_one("Secret", "relay-secrets")["stringData"])
+    files = dict(secret_files(raw))
+    assert "ingress.token_file" in files
+    for key, file in files.items():
+        [(vol, mount)] = [(n, m) for n, m in mounts.items() if Path(file).parent == Path(m)]
+        secret = volumes[vol]["secret"]
+        assert secret["secretName"] == "relay-secrets"
+        items = {i["path"]: i["key"] for i in secret.get("items", [])} or {k: k for k in secret_keys}
+        assert items[Path(file).name] in secret_keys, key
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        for e in container.get("env", []):
+            if ref := e.get("valueFrom", {}).get("secretKeyRef"):
+                assert ref["name"] == "relay-secrets" and ref["key"] in secret_keys, e
+
+    # The data directory: persistent for the embedded Redis, scratch with an external one.
+    data_mount = [n for n, m in mounts.items() if m == settings.storage.dir]
+    assert data_mount, "storage.dir is not mounted"
+    claims = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
+    if settings.redis.url:
+        assert "emptyDir" in volumes[data_mount[0]]
+    else:
+        assert kind == "StatefulSet" and data_mount[0] in claims, "the embedded Redis needs a PersistentVolume"
+
+    # Prometheus finds /metrics on the ingress port.
+    ann = w["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/path"] in get_routes and int(ann["prometheus.io/port"]) == INGRESS_PORT
+    # Services route to the container's named ports.
+    for svc in (d for d in k8s_docs() if d["kind"] == "Service"):
+        if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items():
+            for p in svc["spec"]["ports"]:
+                assert p["targetPort"] in ports, (svc["metadata"]["name"], p)
+
+
+# -- metrics in dashboards and alerts ----------------------------------------------------------------
+
+
+def exported() -> dict[str, tuple[str, ...]]:
+    """Every sample name /metrics can carry → its label names (prometheus_client's default collectors too)."""
+    labels: dict[str, tuple[str, ...]] = {}
+    for m in vars(relay.metrics).values():
+        if isinstance(m, MetricWrapperBase):
+            labels[m._name] = tuple(m._labelnames)
+    names: dict[str, tuple[str, ...]] = {}
+    for family in REGISTRY.collect():
+        base = labels.get(family.name, ())
+        suffixes = {
+            "counter": ["_total", "_created"],
+            "histogram": ["_bucket", "_sum", "_count", "_created"],
+            "info": ["_info"],
+        }.get(family.type, [""])
+        for suffix in suffixes:
+            names[family.name + suffix] = (*base, "le") if suffix == "_bucket" else base
+    return names
+
+
+_KEYWORDS = {"and", "or", "unless", "bool", "by", "without", "on", "ignoring", "group_left", "group_right",
+             "offset", "inf", "nan"}  # fmt: skip
+_SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)?\s*\{([^}]*)\}")
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def promql_selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
+    """(metric name, {label: matched value}) of every selector in a PromQL expression."""
+    found: list[tuple[str, dict[str, str]]] = []
+    for m in _SELECTOR.finditer(expr):
+        if m.group(1) and m.group(1) not in _KEYWORDS:
+            found.append((m.group(1), dict((k, v) for k, _, v in _MATCHER.findall(m.group(2)))))
+    bare = re.sub(r'"[^"]*"', "", expr)
+    bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", bare)
+    bare = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", bare)
+    bare = re.sub(r"\boffset\s+\w+", " ", bare)
+    for m in re.finditer(r"(?<![\w.$])([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()", bare):
+        if m.group(1) not in _KEYWORDS and (m.group(1), {}) not in found:
+            if not any(name == m.group(1) for name, _ in found):
+                found.append((m.group(1), {}))
+    return found
+
+
+def check_expr(expr: str, where: str, names: dict[str, tuple[str, ...]]) -> set[str]:
+    used = set()
+    selectors = promql_selectors(expr)
+    assert selectors, f"{where}: no metric in {expr!r}"
+    for name, matchers in selectors:
+        assert name in names or name == "up", f"{where}: {name} is not exported by the relay ({expr!r})"
+        used.add(name)
+        allowed = set(names.get(name, ())) | {"instance", "job"}
+        for label, value in matchers.items():
+            assert label in allowed, f"{where}: {name} has no label {label!r}"
+            if name == "relay_iop_link_state" and label == "state":
+                assert set(value.split("|")) <= set(relay.metrics.LINK_STATES), f"{where}: state {value!r}"
+    return used
+
+
+def dashboard() -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((DEPLOY / "grafana" / "dashboards" / "relay.json").read_text())
+    return doc
+
+
+def test_promql_parser_finds_names_and_labels() -> None:
+    got = promql_selectors('sum by (module) (rate(relay_x_total{a="b", c=~"d|e"}[5m])) / on() relay_y offset 15m > 0')
+    assert got == [("relay_x_total", {"a": "b", "c": "d|e"}), ("relay_y", {})]
+    with pytest.raises(AssertionError, match="not exported"):
+        check_expr("rate(relay_no_such_metric_total[5m])", "t", exported())
+    with pytest.raises(AssertionError, match="no label"):
+        check_expr('relay_queue_depth{modul="x"}', "t", exported())
+
+
+def test_dashboard_uses_only_exported_metrics_and_labels() -> None:
+    dash, names = dashboard(), exported()
+    assert dash["uid"] and dash["title"]
+    used: set[str] = set()
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert len(panels) >= 20
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for t in panel["targets"]:
+            used |= check_expr(t["expr"], f"panel {panel['title']!r}", names)
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            used |= check_expr(re.sub(r"label_values\((\w+),.*\)", r"\1", var["definition"]), var["name"], names)
+    # The promises are on the dashboard: backlog, age, dead letters, link, latency, Redis, memory.
+    must = {"relay_queue_depth", "relay_oldest_event_age_seconds", "relay_dead_letters", "relay_iop_link_state",
+            "relay_delivery_latency_seconds_bucket", "relay_events_accepted_total", "relay_events_delivered_total",
+            "relay_delivery_attempts_total", "relay_events_dead_lettered_total", "relay_redis_roundtrip_seconds_bucket",
+            "relay_redis_errors_total", "process_resident_memory_bytes"}  # fmt: skip
+    assert must <= used, must - used
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    return [r for g in doc["groups"] for r in g["rules"]]
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors."""
+    out = set()
+    for m in re.finditer(r"^#+\s+(.*)$", markdown, re.M):
+        out.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return out
+
+
+def test_alert_rules_use_exported_metrics_and_each_has_a_runbook() -> None:
+    names, docs = exported(), anchors(OPERATIONS)
+    rules = alert_rules()
+    alerts = {r["alert"] for r in rules}
+    # link down, oldest event age, dead letters growing, auth paused, Redis errors
+    assert {"RelayIopLinkDown", "RelayOldestEventAge", "RelayDeadLettersGrowing", "RelayIopAuthFailed",
+            "RelayRedisErrors"} <= alerts  # fmt: skip
+    for r in rules:
+        check_expr(r["expr"], r["alert"], names)
+        assert r["labels"]["severity"] in {"critical", "warning", "info"}
+        ann = r["annotations"]
+        assert ann["summary"] and ann["description"]
+        page, _, anchor = ann["runbook_url"].partition("#")
+        assert (REPO / page).resolve() == (REPO / "docs" / "operations.md").resolve()
+        assert anchor in docs, f"{r['alert']}: no runbook section #{anchor} in docs/operations.md"
+
+
+def test_every_exported_metric_is_documented_and_docs_name_no_other() -> None:
+    families = {m._name + ("_total" if m._type == "counter" else "_info" if m._type == "info" else "")
+                for m in vars(relay.metrics).values() if isinstance(m, MetricWrapperBase)}  # fmt: skip
+    missing = sorted(n for n in families if f"`{n}`" not in OPERATIONS)
+    assert not missing, f"docs/operations.md does not document {missing}"
+    names = set(exported()) | {m._name for m in vars(relay.metrics).values() if isinstance(m, MetricWrapperBase)}
+    readme = (REPO / "README.md").read_text()
+    for text, where in ((OPERATIONS, "docs/operations.md"), (readme, "README.md")):
+        for name in set(re.findall(r"`(relay_[a-z_]*[a-z])(?:\{[^`]*\})?`", text)):  # `name` or `name{labels}`
+            assert name in names, f"{where} names {name}, which the relay does not export"
+
+
+def test_promtool_checks_and_unit_tests_the_rules() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian: apt-get install prometheus)")
+    prom = DEPLOY / "prometheus"
+    for argv in (["check", "rules", "alerts.yml"], ["check", "config", "prometheus.yml"],
+                 ["test", "rules", "alerts.test.yml"]):  # fmt: skip
+        out = subprocess.run([promtool, *argv], cwd=prom, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"promtool {' '.join(argv)}:\n{out.stdout}\n{out.stderr}"
