@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import structlog
@@ -18,15 +18,16 @@ import structlog
 from relay import metrics
 from relay.config import Settings
 from relay.csms import CsmsClient, CsmsUnavailable
-from relay.errors import InvalidEvent, Problem
+from relay.errors import InvalidEvent, Problem, StoreUnavailable
 from relay.events import Event, new_event_id
 from relay.models.common import DisplayText
-from relay.models.tokens import CommandResponse, CommandResult, StartSession, StopSession
+from relay.models.tokens import CommandResponse, CommandResult, CommandType, StartSession, StopSession
 from relay.ordering import location_key
 from relay.store import RoamingStore, StateReader, Store
 
 log = structlog.get_logger(__name__)
 _REQUESTS: dict[str, type[msgspec.Struct]] = {"START_SESSION": StartSession, "STOP_SESSION": StopSession}
+_COMMAND_TYPES = frozenset(get_args(CommandType))
 
 
 class Command(msgspec.Struct, kw_only=True):
@@ -63,7 +64,8 @@ class Commands:
         self.csms = csms
 
     def _response(self, command: str, result: str, message: str | None = None) -> Reply:
-        metrics.COMMANDS.labels(command=command, result=result).inc()
+        # The command comes from the URL: only OCPI's names become label values (bounded series).
+        metrics.COMMANDS.labels(command=command if command in _COMMAND_TYPES else "OTHER", result=result).inc()
         timeout = self.settings.csms.command_result_timeout_s
         msg = [DisplayText(language="en", text=message[:512])] if message else None
         return Reply(200, 1000, CommandResponse(result=result, timeout=timeout, message=msg))  # type: ignore[arg-type]
@@ -77,12 +79,17 @@ class Commands:
             request: Any = msgspec.json.decode(raw, type=kind) if kind else msgspec.json.decode(raw)
         except msgspec.DecodeError as exc:
             return Reply(400, 2001, message=f"invalid {command} request: {exc}")
-        response_url = request.response_url if kind else (request or {}).get("response_url")
+        if kind:
+            response_url = request.response_url
+        else:  # a command only the CSMS knows: any JSON object with a response_url
+            response_url = request.get("response_url") if isinstance(request, dict) else None
         if not isinstance(response_url, str) or not response_url.startswith(("http://", "https://")):
             return Reply(400, 2001, message="response_url: required http(s) URL")
         if isinstance(request, StartSession):
             if request.connector_id is None:
                 return Reply(400, 2001, message="connector_id: required by GIREVE in START_SESSION")
+            if request.evse_uid is None:
+                return Reply(400, 2001, message="evse_uid: required when connector_id is set")
             cc, pid = operator
             key = location_key(cc, pid, request.location_id)
             if self.settings.state.enabled and not await self.state.one("locations", key,
@@ -94,18 +101,21 @@ class Commands:
         payload = {"kind": "command", "command_id": cmd.id, "command": command,
                    "country_code": cmd.country_code, "party_id": cmd.party_id,
                    "request": msgspec.to_builtins(request)}  # fmt: skip
+        # Awaited before the CSMS is asked: a fast CSMS may post the result before it answers.
+        due_s = self.settings.csms.command_result_timeout_s
+        await self.roaming.put_command(cmd.id, msgspec.json.encode(cmd), int((cmd.received_at + due_s) * 1000),
+                                       ttl_s=due_s + 86_400)  # fmt: skip
         try:
             answer = await self.csms.post(payload, cmd.correlation_id)
         except CsmsUnavailable as exc:
             log.warning("csms_command_failed", command=command, command_id=cmd.id, error=str(exc))
+            await self.roaming.forget_command(cmd.id)
             return self._response(command, "REJECTED", "charge point management system unavailable")
         result = str(answer.get("result", "REJECTED")).upper()
         if result not in ("ACCEPTED", "REJECTED", "NOT_SUPPORTED", "UNKNOWN_SESSION"):
             result = "REJECTED"
-        if result == "ACCEPTED":
-            due_s = self.settings.csms.command_result_timeout_s
-            await self.roaming.put_command(cmd.id, msgspec.json.encode(cmd), int((time.time() + due_s) * 1000),
-                                           ttl_s=due_s + 86_400)  # fmt: skip
+        if result != "ACCEPTED":
+            await self.roaming.forget_command(cmd.id)  # no result awaited, no TIMEOUT
         log.info("command_received", command=command, command_id=cmd.id, result=result,
                  correlation_id=cmd.correlation_id)  # fmt: skip
         message = answer.get("message")
@@ -124,7 +134,13 @@ class Commands:
         if not await self.roaming.settle(command_id):
             message = "the result already went to the IOP (or TIMEOUT did)"
             raise InvalidEvent([Problem(field="url.command_id", rule="command", message=message)], 409)
-        return await self._queue(cmd, raw)
+        try:
+            return await self._queue(cmd, raw)
+        except StoreUnavailable:
+            # Not stored: await it again, so that the CSMS's retry (or else TIMEOUT) still goes out.
+            due_s = self.settings.csms.command_result_timeout_s
+            await self.roaming.await_again(command_id, int((cmd.received_at + due_s) * 1000))
+            raise
 
     async def _queue(self, cmd: Command, body: bytes) -> str:
         result = msgspec.json.decode(body, type=CommandResult).result
@@ -143,7 +159,11 @@ class Commands:
             doc = await self.roaming.command(command_id)
             if not await self.roaming.settle(command_id) or doc is None:
                 continue
-            cmd = msgspec.json.decode(doc, type=Command)
+            try:
+                cmd = msgspec.json.decode(doc, type=Command)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.error("command_unreadable", command_id=command_id, error=str(exc))
+                continue
             await self._queue(cmd, msgspec.json.encode(CommandResult(result="TIMEOUT")))
             log.warning("command_timeout", command=cmd.type, command_id=command_id)
             n += 1

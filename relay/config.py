@@ -309,6 +309,8 @@ def _validate(s: Settings) -> list[str]:
         if int(listen.rpartition(":")[2]) > 65535:
             errors.append(f"{name}: port of {listen!r} is above 65535")
     errors += _validate_operators(s) + _validate_urls_and_tls(s)
+    if s.csms.timeout_s >= s.csms.command_result_timeout_s:
+        errors.append("csms.timeout_s: must be below csms.command_result_timeout_s")
     if s.forwarder.backoff_max_s < s.forwarder.backoff_initial_s:
         errors.append("forwarder.backoff_max_s: must be >= backoff_initial_s")
     # A reclaim before the longest attempt ends would run one event twice (PITFALLS 5).

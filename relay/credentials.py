@@ -6,6 +6,7 @@ Token names follow the role they play, not the letters of the spec (which swap w
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -277,6 +278,7 @@ class Registry:
         self._used: set[str] = set()
         self._raw: bytes | None = None
         self.generation = 0  # bumped on every change, whoever made it
+        self.changed = asyncio.Event()  # set on every change, so the service reacts at once
 
     @property
     def registration(self) -> Registration | None:
@@ -291,6 +293,7 @@ class Registry:
         self._raw = raw
         self.directory.registration = registration_codec[1].decode(raw) if raw else None
         self.generation += 1
+        self.changed.set()
         return True
 
     def token_a_candidates(self) -> list[str]:

@@ -181,7 +181,11 @@ class Relay:
             except (RedisError, OSError) as exc:
                 metrics.REDIS_ERRORS.labels(op="registration").inc()
                 log.debug("registration_refresh_failed", error=str(exc))
-            await asyncio.sleep(interval_s)
+            # Changes made in this process (the OCPI listener's handshake) wake us at once; other
+            # replicas' changes are seen on the next poll.
+            self.registry.changed.clear()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self.registry.changed.wait(), interval_s)
 
     async def _start_forwarder(self) -> None:
         if not self.settings.forwarder.enabled:
@@ -206,6 +210,9 @@ class Relay:
             except (RedisError, OSError, StoreUnavailable) as exc:
                 metrics.REDIS_ERRORS.labels(op="commands").inc()
                 log.debug("command_timeouts_failed", error=str(exc))
+            except Exception:
+                # Anything else would end the loop silently, and no TIMEOUT would ever be sent again.
+                log.exception("command_timeouts_failed")
             await asyncio.sleep(interval_s)
 
     def _registration_state(self) -> str:

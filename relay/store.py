@@ -819,6 +819,17 @@ class RoamingStore:
         raw: bytes | None = await self.redis.get(f"{K.PREFIX}:command:{command_id}")
         return raw
 
+    async def forget_command(self, command_id: str) -> None:
+        """A command the CSMS did not accept: no result awaited."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(COMMANDS_DUE_KEY, command_id)
+            pipe.delete(f"{K.PREFIX}:command:{command_id}")
+            await pipe.execute()
+
+    async def await_again(self, command_id: str, due_ms: int) -> None:
+        """Undo settle() when the result could not be stored."""
+        await self.redis.zadd(COMMANDS_DUE_KEY, {command_id: due_ms})
+
     async def settle(self, command_id: str) -> bool:
         """Take the command off the due list; only the first caller (result or timeout) gets True."""
         return bool(await self.redis.zrem(COMMANDS_DUE_KEY, command_id))

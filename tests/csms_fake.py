@@ -18,7 +18,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,8 @@ class CsmsFake:
         self.delay_s = 0.0
         self.hold: asyncio.Event | None = None
         self.answer: Callable[[CsmsPost], dict[str, Any] | None] = lambda _: None
+        # Awaited before answering: a CSMS that does something first (posts the result, say).
+        self.before_answer: Callable[[CsmsPost], Awaitable[None]] | None = None
         self.changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -76,6 +78,8 @@ class CsmsFake:
             await asyncio.sleep(self.delay_s)
         if self.hold is not None:
             await self.hold.wait()
+        if self.before_answer is not None:
+            await self.before_answer(post)
         if self.status // 100 != 2:
             return web.json_response({"error": "scripted failure"}, status=self.status)
         scripted = self.answer(post)

@@ -15,10 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from relay.commands import Commands
 from relay.config import Settings
-from relay.store import DeliveryStore, RoamingStore
-from tests.csms_fake import CSMS_TOKEN, Bench, bench, iop_token
+from relay.errors import StoreUnavailable
+from relay.events import Event
+from relay.store import DeliveryStore, RoamingStore, StateReader
+from tests.csms_fake import CSMS_TOKEN, Bench, CsmsPost, bench, iop_token
 from tests.fake_iop import Received, Reply
 from tests.ocpi_peer import token_header
 
@@ -272,16 +276,16 @@ async def test_result_posted_while_the_iop_is_down_is_delivered_once_back(
 
 
 async def test_timeout_is_posted_after_the_deadline(make_settings: Callable[..., Settings]) -> None:
-    async with bench(make_settings, RELAY_CSMS_COMMAND_RESULT_TIMEOUT_S="1") as b:
+    async with bench(make_settings, RELAY_CSMS_COMMAND_RESULT_TIMEOUT_S="1", RELAY_CSMS_TIMEOUT_S="0.5") as b:
         await b.put_location()
         body = start_session(b)
+        sent_at = time.monotonic()
         status, answer, _ = await command(b, "START_SESSION", body)
-        accepted_at = time.monotonic()
         assert answer["data"] == {"result": "ACCEPTED", "timeout": 1}, answer
         command_id = b.csms.posts[-1].body["command_id"]
 
         await b.iop.wait_for(lambda: len(at(b, body["response_url"])) == 1, timeout=5)
-        assert time.monotonic() - accepted_at >= 1.0
+        assert time.monotonic() - sent_at >= 1.0
         [sent] = at(b, body["response_url"])
         assert sent.json() == {"result": "TIMEOUT"}
         assert sent.headers["X-Correlation-ID"] == "iop-corr-1"
@@ -293,7 +297,7 @@ async def test_timeout_is_posted_after_the_deadline(make_settings: Callable[...,
 
 
 async def test_a_result_in_time_cancels_the_timeout(make_settings: Callable[..., Settings]) -> None:
-    async with bench(make_settings, RELAY_CSMS_COMMAND_RESULT_TIMEOUT_S="1") as b:
+    async with bench(make_settings, RELAY_CSMS_COMMAND_RESULT_TIMEOUT_S="1", RELAY_CSMS_TIMEOUT_S="0.5") as b:
         await b.put_location()
         command_id, url = await accepted_start(b)
         assert b.relay.store is not None
@@ -335,3 +339,150 @@ async def test_a_result_the_iop_refuses_is_dead_lettered(make_settings: Callable
             assert time.monotonic() < deadline, "never dead-lettered"
             await asyncio.sleep(0.02)
         assert len([r for r in b.iop.received if url.endswith(r.path)]) == 1  # permanent: not retried
+
+
+# -- robustness ---------------------------------------------------------------------------------------
+
+
+async def test_a_result_posted_before_the_csms_answers_is_not_lost(make_settings: Callable[..., Settings]) -> None:
+    """A fast CSMS may post the CommandResult before it has answered the webhook call."""
+    async with bench(make_settings) as b:
+        await b.put_location()
+        early: list[tuple[int, Any]] = []
+
+        async def result_first(post: CsmsPost) -> None:
+            early.append(await post_result(b, post.body["command_id"], {"result": "ACCEPTED"}))
+
+        b.csms.before_answer = result_first
+        body = start_session(b)
+        status, answer, _ = await command(b, "START_SESSION", body)
+        assert answer["data"]["result"] == "ACCEPTED", answer
+        assert [s for s, _ in early] == [202], early
+        await b.iop.wait_for(lambda: len(at(b, body["response_url"])) == 1)
+        assert b.relay.commands is not None and await b.relay.commands.expire() == 0
+
+
+async def test_a_rejected_or_failed_command_leaves_nothing_awaited(make_settings: Callable[..., Settings]) -> None:
+    async with bench(make_settings, RELAY_CSMS_COMMAND_RESULT_TIMEOUT_S="1", RELAY_CSMS_TIMEOUT_S="0.5") as b:
+        await b.put_location()
+        assert b.relay.store is not None
+        roaming = RoamingStore(b.relay.store)
+        far = int((time.time() + 3600) * 1000)
+        b.csms.result = "REJECTED"
+        await command(b, "START_SESSION", start_session(b))
+        await b.csms.down()
+        await command(b, "START_SESSION", start_session(b))
+        assert await roaming.overdue(far) == []
+        rejected_id = b.csms.posts[0].body["command_id"]
+        assert await roaming.command(rejected_id) is None
+        assert (await post_result(b, rejected_id, {"result": "ACCEPTED"}))[0] == 404
+
+
+async def test_connector_id_needs_evse_uid(make_settings: Callable[..., Settings]) -> None:
+    """OCPI: StartSession.evse_uid is required when connector_id is set."""
+    async with bench(make_settings) as b:
+        await b.put_location()
+        status, answer, _ = await command(b, "START_SESSION", start_session(b, evse_uid=None))
+        assert (status, answer["status_code"]) == (400, 2001), answer
+        assert "evse_uid" in answer["status_message"]
+        assert b.csms.posts == []
+
+
+async def test_unknown_commands_do_not_make_metric_labels(make_settings: Callable[..., Settings]) -> None:
+    async with bench(make_settings) as b:
+        status, answer, _ = await command(b, "SELF_DESTRUCT_4242", {"response_url": b.response_url("X")})
+        assert (status, answer["data"]["result"]) == (200, "NOT_SUPPORTED"), answer
+        async with b.http.get(f"http://127.0.0.1:{b.relay.ingress_port}/metrics") as r:
+            text = await r.text()
+        assert "relay_commands_total" in text and "SELF_DESTRUCT_4242" not in text
+
+
+async def test_a_result_redis_did_not_take_can_be_sent_again(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with bench(make_settings) as b:
+        await b.put_location()
+        command_id, url = await accepted_start(b)
+        store = b.relay.store
+        assert store is not None
+        real_append = store.append
+        failures = {"left": 1}
+
+        async def flaky_append(event: Event) -> str:
+            if event.module == "commands" and failures["left"]:
+                failures["left"] -= 1
+                raise StoreUnavailable("redis gone")
+            return await real_append(event)
+
+        monkeypatch.setattr(store, "append", flaky_append)
+        status, answer = await post_result(b, command_id, {"result": "ACCEPTED"})
+        assert status == 503, answer
+        status, answer = await post_result(b, command_id, {"result": "ACCEPTED"})  # the CSMS sends it again
+        assert status == 202, answer
+        await b.iop.wait_for(lambda: len(at(b, url)) == 1)
+
+
+async def test_redis_errors_answer_503_on_the_ingress(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with bench(make_settings) as b:
+        await b.put_location()
+        command_id, _ = await accepted_start(b)
+
+        async def broken(*_: Any, **__: Any) -> Any:
+            raise RedisConnectionError("redis gone")
+
+        monkeypatch.setattr(RoamingStore, "command", broken)
+        monkeypatch.setattr(RoamingStore, "token", broken)
+        monkeypatch.setattr(StateReader, "one", broken)
+        status, answer = await post_result(b, command_id, {"result": "ACCEPTED"})
+        assert status == 503, answer
+        status, answer = await b.ingress("GET", "/tokens/NL/TNM/0102ABCD")
+        assert status == 503, answer
+        status, answer = await b.ingress("POST", "/tokens/0102ABCD/authorize", {"location_id": "LOC1"})
+        assert status == 503, answer
+
+
+async def test_a_poisoned_command_does_not_stop_timeouts(make_settings: Callable[..., Settings]) -> None:
+    async with bench(make_settings, RELAY_CSMS_COMMAND_RESULT_TIMEOUT_S="1", RELAY_CSMS_TIMEOUT_S="0.5") as b:
+        await b.put_location()
+        assert b.relay.store is not None
+        # A command record this version cannot read (older format, say), already overdue.
+        await RoamingStore(b.relay.store).put_command("poisoned", b'{"id": 1}', due_ms=1, ttl_s=60)
+        _, url = await accepted_start(b)
+        await b.iop.wait_for(lambda: len(at(b, url)) == 1, timeout=5)
+        assert at(b, url)[0].json() == {"result": "TIMEOUT"}
+
+
+async def test_the_timeout_loop_outlives_an_unexpected_error(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with bench(make_settings, RELAY_CSMS_COMMAND_RESULT_TIMEOUT_S="1", RELAY_CSMS_TIMEOUT_S="0.5") as b:
+        await b.put_location()
+        real_expire = Commands.expire
+        calls = {"n": 0}
+
+        async def expire_failing_once(self: Commands) -> int:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("something unexpected")
+            return await real_expire(self)
+
+        monkeypatch.setattr(Commands, "expire", expire_failing_once)
+        _, url = await accepted_start(b)
+        await b.iop.wait_for(lambda: len(at(b, url)) == 1, timeout=5)
+        assert at(b, url)[0].json() == {"result": "TIMEOUT"} and calls["n"] >= 2
+
+
+async def test_the_result_carries_the_correlation_id_the_answer_echoed(make_settings: Callable[..., Settings]) -> None:
+    """An IOP request without X-Correlation-ID: the answer echoes its X-Request-ID as both; so does the result."""
+    async with bench(make_settings) as b:
+        url = b.response_url("STOP_SESSION")
+        h = {**TO_AB1, "X-Request-ID": "iop-req-only"}
+        status, answer, headers = await b.ocpi("POST", "/commands/STOP_SESSION",
+                                               {"response_url": url, "session_id": "S1"}, headers=h)  # fmt: skip
+        assert status == 200 and headers["X-Correlation-ID"] == "iop-req-only", answer
+        assert b.csms.posts[0].headers["X-Correlation-ID"] == "iop-req-only"
+        assert (await post_result(b, b.csms.posts[0].body["command_id"], {"result": "ACCEPTED"}))[0] == 202
+        await b.iop.wait_for(lambda: len(at(b, url)) == 1)
+        assert at(b, url)[0].headers["X-Correlation-ID"] == "iop-req-only"

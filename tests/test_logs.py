@@ -120,7 +120,7 @@ from relay.logs import configure_logging
 configure_logging("info", "json", ["pin"])
 logging.getLogger("aiohttp.server").error("Error handling request: Authorization: Bearer abcdef123456")
 log = structlog.get_logger("relay.x")
-log.info("evt", pin="1234", headers={"Authorization": "Token zzzzzz"}, url="redis://:hunter22@redis:6379/0")
+log.info("evt", pin="pin-9731-xq", headers={"Authorization": "Token zzzzzz"}, url="redis://:hunter22@redis:6379/0")
 log.debug("hidden_at_info")
 try:
     1 / 0
@@ -132,7 +132,7 @@ except ZeroDivisionError:
     assert out.stdout == b""
     stderr = out.stderr.decode()
     lines = json_lines(stderr)
-    for secret in ("abcdef123456", "zzzzzz", "hunter22", "1234", "abcdef987", "qwertyuiop"):
+    for secret in ("abcdef123456", "zzzzzz", "hunter22", "pin-9731-xq", "abcdef987", "qwertyuiop"):
         assert secret not in stderr, secret
     aio, evt, boom, failed = lines
     assert aio["level"] == "error" and aio["logger"] == "aiohttp.server" and "Bearer [redacted]" in aio["event"]

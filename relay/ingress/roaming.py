@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.exceptions import RedisError
 
 from relay import constants as K
 from relay.authorize import Authorizer
@@ -30,8 +31,8 @@ class RoamingDeps:
 DEPS = web.AppKey("roaming_deps", RoamingDeps)
 
 
-def _authenticated(handler: Handler) -> Handler:
-    """The CSMS's bearer token, as on every other ingress route (these routes do not go through handle_event)."""
+def _guarded(handler: Handler) -> Handler:
+    """The CSMS's bearer token, as on every other ingress route; Redis unreachable → 503, not a bare 500."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         from relay.ingress.app import _authorised  # the ingress's one rule; app imports this module
@@ -39,7 +40,10 @@ def _authenticated(handler: Handler) -> Handler:
         if not _authorised(request, request.app[SETTINGS].ingress.tokens()):
             problem = Problem(field="Authorization", rule="auth", message="missing or wrong token")
             return refused(InvalidEvent([problem], 401))
-        return await handler(request)
+        try:
+            return await handler(request)
+        except (RedisError, OSError):
+            return unavailable("Redis unavailable, send again")
 
     return guarded
 
@@ -85,6 +89,6 @@ async def get_token(request: web.Request) -> web.Response:
 def setup(app: web.Application, prefix: str, deps: RoamingDeps) -> None:
     """Routes, registered before the catch-all event route."""
     app[DEPS] = deps
-    app.router.add_post(prefix + "/tokens/{uid}/authorize", _authenticated(authorize))
-    app.router.add_get(prefix + "/tokens/{cc}/{pid}/{uid}", _authenticated(get_token))
-    app.router.add_post(prefix + "/commands/{command_id}/result", _authenticated(command_result))
+    app.router.add_post(prefix + "/tokens/{uid}/authorize", _guarded(authorize))
+    app.router.add_get(prefix + "/tokens/{cc}/{pid}/{uid}", _guarded(get_token))
+    app.router.add_post(prefix + "/commands/{command_id}/result", _guarded(command_result))

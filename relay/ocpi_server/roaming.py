@@ -44,9 +44,10 @@ async def post_command(request: web.Request) -> web.Response:
     operator = _addressed(request, request.app[SETTINGS])
     if operator is None:
         return ocpi(404, 4001, message="Unknown receiver: name a hosted operator in OCPI-to-*")
-    reply = await request.app[COMMANDS].receive(
-        request.match_info["command"], await request.read(), operator, request.headers.get(K.H_CORRELATION, "")
-    )
+    # The correlation id the answer echoes (the request id when the IOP sent none) also goes with the result.
+    correlation_id = request.headers.get(K.H_CORRELATION) or request.headers.get(K.H_REQUEST) or ""
+    reply = await request.app[COMMANDS].receive(request.match_info["command"], await request.read(), operator,
+                                                correlation_id)  # fmt: skip
     return ocpi(reply.status, reply.code, reply.data, reply.message)
 
 
