@@ -120,11 +120,11 @@ def check_config(config_path: Path | None) -> None:
     Exit codes: 0 valid (JSON on stdout), 2 invalid (each problem on stderr, naming the key).
     """
     settings = _settings(config_path, serving=True)
-    data = msgspec.to_builtins(settings)
-    for section in ("ingress", "iop"):
-        for key in ("token",):
-            if data[section].get(key):
-                data[section][key] = "[set]"
+    from relay.logs import Redactor, add_secrets, settings_secrets
+
+    add_secrets(settings_secrets(settings))
+    # The same redaction as the logs: secret-named keys, tokens and URL passwords are hidden.
+    data = Redactor()(None, "", msgspec.to_builtins(settings))
     click.echo(msgspec.json.format(msgspec.json.encode(data)).decode())
     click.echo("configuration is valid", err=True)
 
@@ -132,6 +132,7 @@ def check_config(config_path: Path | None) -> None:
 def _with_store(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
     """Run fn(store) against the configured Redis, starting the embedded server if needed."""
     import structlog
+    from redis.exceptions import RedisError
 
     from relay.embedded_redis import EmbeddedRedis
     from relay.logs import configure_logging
@@ -156,6 +157,9 @@ def _with_store(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
         try:
             await store.load_scripts()
             return await fn(store)
+        except (RedisError, OSError) as exc:
+            click.echo(f"Redis unreachable: {exc}", err=True)
+            sys.exit(1)
         finally:
             await store.close()
             if embedded is not None:

@@ -16,6 +16,7 @@ import aiohttp
 import msgspec
 import structlog
 
+from relay import logs
 from relay.config import Settings
 from relay.ocpi_client import StaticDirectory, authorization, ssl_context
 from relay.store import RegistrationStore
@@ -288,10 +289,15 @@ class Registry:
         """Reload from Redis; True if the registration changed."""
         raw, pending, used = await self.store.load()
         self.pending_a, self._used = pending, used
+        if pending:
+            logs.add_secrets([pending])
         if raw == self._raw:
             return False
         self._raw = raw
         self.directory.registration = registration_codec[1].decode(raw) if raw else None
+        reg = self.directory.registration
+        if reg is not None:
+            logs.add_secrets(t for t in (reg.incoming_token, reg.outgoing_token) if t)
         self.generation += 1
         self.changed.set()
         return True

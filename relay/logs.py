@@ -112,14 +112,19 @@ class Redactor:
             value = _URL_PASSWORD_RE.sub(lambda m: f"{m.group(1)}{REDACTED}@", value)
             return _PAIR_RE.sub(lambda m: m.group(1) + REDACTED, value)
         if isinstance(value, dict):
-            return {k: REDACTED if is_secret_key(str(k), self.extra) else self._clean(v) for k, v in value.items()}
+            return {k: self._hide(str(k), v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [self._clean(v) for v in value]
         return value
 
+    def _hide(self, key: str, value: Any) -> Any:
+        # Flags and empty values named like secrets (accept_plain_token = true) reveal nothing.
+        secret = is_secret_key(key, self.extra) and value not in (None, "") and not isinstance(value, bool)
+        return REDACTED if secret else self._clean(value)
+
     def __call__(self, _: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for k, v in list(event_dict.items()):
-            event_dict[k] = REDACTED if is_secret_key(k, self.extra) else self._clean(v)
+            event_dict[k] = self._hide(k, v)
         return event_dict
 
 

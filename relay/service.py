@@ -197,6 +197,7 @@ class Relay:
             await self.link.pause(why)
             log.warning("iop_not_connected", reason=why, hint="events are queued until a registration")
         self.health.link_state = self.link.state
+        self.health.link_state_of = lambda: self.link.state
         assert self.client is not None
         self.forwarder = Forwarder(self.settings, self.store, self.client, self.link)
         await self.forwarder.start()

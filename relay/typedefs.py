@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -18,6 +19,12 @@ class Health:
     listeners_up: bool = False
     persistence: dict[str, str] = field(default_factory=dict)
     link_state: str = "unconfigured"
+    # Reads the live link state when a forwarder runs (link_state is then only a fallback).
+    link_state_of: Callable[[], str] | None = None
+
+    def link(self) -> str:
+        """The IOP link state as of now."""
+        return self.link_state_of() if self.link_state_of is not None else self.link_state
 
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -267,8 +267,8 @@ def test_check_config_accepts_the_shipped_file() -> None:
     assert code == 0, err
     assert "configuration is valid" in err
     effective = json.loads(out)
-    assert effective["ingress"]["token"] == "[set]"
-    assert effective["iop"]["token"] == "[set]"
+    assert effective["ingress"]["token"] == "[redacted]"
+    assert effective["iop"]["token"] == "[redacted]"
     assert effective["operators"][0]["emi3_id"] == "FR*AB1"
     assert SECRET not in out + err
 

@@ -148,10 +148,10 @@ async def test_scrape_after_a_scripted_run(relay_env: Callable[..., Any]) -> Non
     # The IOP goes away: events queue, the link goes down, the oldest age is that of the first queued event.
     await env.iop.down()
     before_first = time.time()
-    await env.put_loc("M-OUT", 1)
+    await env.put_loc("M-DOWN", 1)
     after_first = time.time()
     for n in (2, 3):
-        await env.put_loc("M-OUT", n)
+        await env.put_loc("M-DOWN", n)
     await until(lambda: env.relay.link.state == "down", what="link down")
     gauges_from = time.time()
     assert await env.relay.update_gauges()
@@ -170,7 +170,7 @@ async def test_scrape_after_a_scripted_run(relay_env: Callable[..., Any]) -> Non
 
     # The IOP is back: the queued events go out in order, the backlog gauges return to zero.
     await env.iop.start()
-    await env.iop.wait_for(lambda: env.seqs("M-OUT") == [1, 2, 3])
+    await env.iop.wait_for(lambda: env.seqs("M-DOWN") == [1, 2, 3])
     await run.until_delta("relay_events_delivered_total", 6, module=LOC)
     assert await env.relay.update_gauges()
     m = await run.scrape()
@@ -185,7 +185,7 @@ async def test_scrape_after_a_scripted_run(relay_env: Callable[..., Any]) -> Non
     assert run.delta("relay_delivery_latency_seconds_sum", module=LOC) > 0
     # Never an object id or an event id in a label (the ids are distinctive: other tests share the registry).
     labels = {v for (name, ls) in m if name.startswith("relay_") for _, v in ls}
-    for ident in ["M-OK1", "M-OK2", "M-RETRY", "M-DEAD", "M-OUT", *ids]:
+    for ident in ["M-OK1", "M-OK2", "M-RETRY", "M-DEAD", "M-DOWN", *ids]:
         assert not any(ident in v for v in labels), ident
 
 

@@ -204,7 +204,7 @@ async def handle_readyz(request: web.Request) -> web.Response:
         "redis": "ok" if redis_ok else "unreachable",
         "stopping": health.stopping,
         "persistence": health.persistence,
-        "iop_link": health.link_state,
+        "iop_link": health.link(),
     }
     return web.json_response(body, status=200 if ready else 503)
 
