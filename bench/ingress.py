@@ -243,7 +243,8 @@ class Bench:
                 out = Path(self.args.profile) / f"{'relay' if key in 'ab' else 'bare'}-{fsync}-{key}.txt"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 profiler = start_record(srv.pid, out, self.args.duration, self.load_cpus)
-                self.profiles.append(out)
+                if out not in self.profiles:  # a disturbed run made again overwrites its profile
+                    self.profiles.append(out)
                 time.sleep(0.3)  # py-spy attaches
             t0 = time.monotonic()
             s0, r0, m0 = cpu_seconds(srv.pid), cpu_seconds(redis_pid), busy_cpu_seconds()
