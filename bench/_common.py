@@ -94,6 +94,27 @@ def busy_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / _CLK_TCK  # user nice system idle iowait irq softirq steal
 
 
+def speed_probe(cpus: set[int], rounds: int = 5) -> float:
+    """Seconds for a fixed pure-Python loop on ``cpus`` (best of ``rounds``): the machine's speed right now.
+
+    On a shared virtual machine the same loop can take twice as long from one minute to the next;
+    comparing probes tells whether two runs were measured on an equally fast machine.
+    """
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            x = 0
+            for i in range(200_000):
+                x += i * i
+            best = min(best, time.perf_counter() - t0)
+        return best
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 # -- subprocess servers ---------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -110,7 +111,10 @@ def main() -> None:
     parser.add_argument("--redis", required=True, help="redis:// or unix:// URL")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="event loop (uvloop: pip)")
     args = parser.parse_args()
+    if args.loop == "uvloop":  # to compare with a relay that would run on uvloop
+        importlib.import_module("uvloop").install()  # optional: not a dependency of the project
     web.run_app(
         create_app(args.mode, args.redis), host=args.host, port=args.port, access_log=None, print=None, backlog=1024
     )

@@ -31,7 +31,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -55,6 +55,7 @@ from bench._common import (
     python,
     reset_redis,
     settled_entries,
+    speed_probe,
     start_server,
 )
 from bench._load import LoadResult, PythonLoad, Wrk
@@ -92,7 +93,11 @@ class Row:
     redis_cpu: float
     gen_cpu: float
     other_cpu: float  # the rest of the machine's busy time (kernel softirq, and any other process: noise)
+    probe_s: float = 0.0  # speed_probe() on the server CPU just before the run (lower = faster machine)
+    speed: float = 1.0  # fastest probe of the whole bench / this run's probe (1.00 = as fast as it got)
     attempts: int = 1  # runs made (a disturbed run is made again, the least disturbed one is kept)
+    rates: list[float] = field(default_factory=list)  # with --repeat: events/s of every repetition
+    group_failed: bool = False  # with --repeat: a repetition failed its check
 
     @property
     def rate(self) -> float:
@@ -101,6 +106,10 @@ class Row:
     @property
     def req_rate(self) -> float:
         return (self.result.ok_requests + self.result.other) / self.result.seconds if self.result.seconds else 0.0
+
+    def us_per_event(self, cpu: float) -> float:
+        """CPU microseconds per acknowledged event, from a fraction of a core."""
+        return cpu * 1e6 / self.rate if self.rate else 0.0
 
     @property
     def check(self) -> str:
@@ -117,11 +126,26 @@ class Row:
 
     @property
     def failed(self) -> bool:
-        return self.check.startswith("FAIL")
+        return self.group_failed or self.check.startswith("FAIL")
+
+
+def median_rows(rows: list[Row]) -> list[Row]:
+    """One row per (fsync, run): the repetition with the median events/s, carrying every repetition's rate."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.fsync, r.key), []).append(r)
+    out = []
+    for group in groups.values():
+        ranked = sorted(group, key=lambda r: r.rate)
+        mid = ranked[(len(ranked) - 1) // 2]
+        mid.rates = [r.rate for r in group]
+        mid.group_failed = any(r.check.startswith("FAIL") for r in group)
+        out.append(mid)
+    return out
 
 
 def server_argv(
-    key: str, redis_url: str, port: int, data_dir: Path, relay_src: str | None = None
+    key: str, redis_url: str, port: int, data_dir: Path, relay_src: str | None = None, bare_loop: str = "asyncio"
 ) -> tuple[list[str], dict[str, str]]:
     if key in ("a", "b"):
         env = clean_env(
@@ -144,7 +168,19 @@ def server_argv(
             return [python(), "-c", boot, str(src), "serve", "--config", str(config)], env
         return [python(), "-m", "relay", "serve", "--config", str(config)], env
     mode = "single" if key == "c" else "coalesce"
-    argv = [python(), "-m", "bench.bare", "--mode", mode, "--redis", redis_url, "--port", str(port)]
+    argv = [
+        python(),
+        "-m",
+        "bench.bare",
+        "--mode",
+        mode,
+        "--redis",
+        redis_url,
+        "--port",
+        str(port),
+        "--loop",
+        bare_loop,
+    ]
     return argv, clean_env()
 
 
@@ -207,7 +243,7 @@ class Bench:
             actual = client.config_get("appendfsync")["appendfsync"]
             assert actual == fsync, f"embedded server runs appendfsync {actual}, wanted {fsync}"
             rows = []
-            for key in self.args.only:
+            for key in [k for _ in range(self.args.repeat) for k in self.args.only]:  # abcd abcd ...
                 row = self.run_one(fsync, key, client, server.url, redis_pid)
                 print(_row_line(row), file=sys.stderr, flush=True)
                 for attempt in range(2, self.args.retry_noisy + 2):
@@ -229,13 +265,14 @@ class Bench:
         label, kind = RUNS[key]
         reset_redis(client)
         port = free_port()
-        argv, env = server_argv(key, redis_url, port, self.workdir, self.args.relay_src)
+        argv, env = server_argv(key, redis_url, port, self.workdir, self.args.relay_src, self.args.bare_loop)
         log = self.workdir / f"server-{fsync}-{key}.log"
         srv: Server = start_server(label, argv, env, port, log, self.server_cpus)
         url = f"http://127.0.0.1:{port}"
         try:
             smoke(url, key)
             wait_quiet(self.args.quiet_wait)
+            probe = speed_probe(self.server_cpus)
             self.load.run(url, kind, self.args.warmup, "W")
             before = settled_entries(client, srv.pid)
             profiler = None
@@ -270,15 +307,21 @@ class Bench:
             redis_cpu=(r1 - r0) / wall,
             gen_cpu=result.gen_cpu_s / wall,
             other_cpu=((m1 - m0) - (s1 - s0) - (r1 - r0) - result.gen_cpu_s) / wall,
+            probe_s=probe,
         )
 
 
 def _row_line(r: Row) -> str:
     res = r.result
     marks = (" *" if r.noisy else "") + (f" [least disturbed of {r.attempts}]" if r.attempts > 1 else "")
+    if len(r.rates) > 1:
+        marks += f" [median of {len(r.rates)}: {min(r.rates):,.0f}-{max(r.rates):,.0f}]"
+    if r.group_failed and not r.check.startswith("FAIL"):
+        marks += " [FAIL in another repetition]"
     return (
         f"{r.fsync:<9} {r.label:<37} {r.rate:>9,.0f} {r.req_rate:>8,.0f} {res.p50_ms:>7.1f} {res.p99_ms:>7.1f} "
         f"{100 * r.server_cpu:>5.0f}% {100 * r.redis_cpu:>5.0f}% {100 * r.gen_cpu:>5.0f}% {100 * r.other_cpu:>5.0f}% "
+        f"{r.us_per_event(r.server_cpu):>6.0f} {r.us_per_event(r.redis_cpu):>6.0f} {r.speed:>5.2f} "
         f"{res.events:>10,} {r.stored:>10,} {res.other + res.errors:>6,}  {r.check}{marks}"
     )
 
@@ -298,12 +341,14 @@ def _header(args: argparse.Namespace, load: Load, redis_version: str) -> str:
         f"  machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}; Python "
         f"{platform.python_version()}, aiohttp {_aiohttp.__version__}, redis-py {redis.__version__} "
         f"(hiredis {hiredis.__version__}), msgspec {msgspec.__version__}, {redis_version}",
-        f"  server (relay / bare handler): one process pinned to CPU {args.server_cpu}, default asyncio loop",
+        f"  server (relay / bare handler): one process pinned to CPU {args.server_cpu}; bare handlers on the "
+        f"{'default asyncio' if args.bare_loop == 'asyncio' else 'uvloop'} event loop",
         f"  Redis: embedded server (relay.embedded_redis), unix socket, AOF on, "
         f"{redis_where.get(args.redis_cpu, 'floating (not pinned)')}; auto AOF rewrite {args.aof_rewrite}",
         f"  load: {load.name} pinned to CPU {args.load_cpu}, {args.connections} keep-alive connections, "
         f"warm-up {args.warmup} s, measured {args.duration} s; PUT body {body} B (examples/location.json), "
-        f"batch {args.batch_size} PUTs/request",
+        f"batch {args.batch_size} PUTs/request"
+        + (f"; every run repeated {args.repeat}x (median shown)" if args.repeat > 1 else ""),
     ]
     if isinstance(load, PythonLoad):
         lines.append(
@@ -316,6 +361,14 @@ def _header(args: argparse.Namespace, load: Load, redis_version: str) -> str:
         lines.append(
             f"  NOTE: py-spy sampled runs {','.join(args.profile_runs)} (on the load CPU): slightly lower numbers"
         )
+    lines.append(
+        "  srvCPU/redis/load: CPU of the server process, the Redis server and the load generator (100 % = one core);"
+        " srv us/rds us: CPU microseconds per acknowledged event in the server and in Redis"
+    )
+    lines.append(
+        "  speed: a fixed CPU loop timed on the server CPU before the run, relative to the fastest of the bench"
+        " (this virtual machine's speed varies: compare rows measured at similar speed)"
+    )
     lines.append(
         f"  other: busy CPU outside server, Redis and load generator (softirq, other processes); '*' marks > "
         f"{100 * NOISE:.0f} % of a core: something else ran on the machine, that row is disturbed"
@@ -330,7 +383,8 @@ def _header(args: argparse.Namespace, load: Load, redis_version: str) -> str:
 def _table(rows: list[Row]) -> str:
     head = (
         f"{'fsync':<9} {'run':<37} {'events/s':>9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'srvCPU':>6} {'redis':>6} {'load':>6} {'other':>6} {'acked':>10} {'stored':>10} {'non2xx':>6}  check"
+        f"{'srvCPU':>6} {'redis':>6} {'load':>6} {'other':>6} {'srv us':>6} {'rds us':>6} {'speed':>5} "
+        f"{'acked':>10} {'stored':>10} {'non2xx':>6}  check"
     )
     out = [head, "-" * len(head)]
     modes = list(dict.fromkeys(r.fsync for r in rows))
@@ -378,8 +432,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--profile", metavar="DIR", help="py-spy record the server during the measured runs into DIR")
     p.add_argument("--profile-runs", default="ab", help="runs to profile with --profile (default ab)")
+    p.add_argument("--repeat", type=int, default=1, help="repetitions of every run; the table shows medians")
     p.add_argument("--retry-noisy", type=int, default=2, help="extra runs for a disturbed run (default 2)")
     p.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for an idle machine before a run")
+    p.add_argument("--bare-loop", choices=["asyncio", "uvloop"], default="asyncio", help="event loop of (c) and (d)")
     p.add_argument("--relay-src", metavar="DIR", help="run the relay package found in DIR (a patched copy) instead")
     args = p.parse_args(argv)
     args.only = [k for k in args.only if k in RUNS]
@@ -411,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         for mode in modes:
             rows += bench.run_mode(mode)
+        fastest = min((r.probe_s for r in rows if r.probe_s), default=0.0)
+        for r in rows:
+            r.speed = fastest / r.probe_s if r.probe_s else 1.0
+        if args.repeat > 1:
+            rows = median_rows(rows)
         print()
         print(_header(args, load, bench.redis_version))
         print(f"  total bench time {time.monotonic() - t0:.0f} s")
