@@ -72,10 +72,14 @@ class Link:
         async with self._cond:
             while not self._may_send():
                 if give_up is not None and give_up():
+                    self._cond.notify(1)  # pass on the wake-up this waiter will not use
                     raise GaveUp()
-                timeout = max(0.01, self._probe_at - time.monotonic()) if self.state == "down" else None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._cond.wait(), timeout)
+                if self.state == "down":
+                    timeout = max(0.01, self._probe_at - time.monotonic())
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._cond.wait(), timeout)
+                else:
+                    await self._cond.wait()
             probe = self.state == "down"
             if probe:
                 self._probing = True
@@ -93,12 +97,16 @@ class Link:
                         # Until the probe's outcome is reported (success() or failure(probe=True)),
                         # no other attempt may slip in as a second probe right away.
                         self._probe_at = time.monotonic() + self._probe_wait
-                self._cond.notify_all()
+                    self._cond.notify_all()
+                else:
+                    # One freed slot, one waiter: waking every waiter per attempt costs O(backlog).
+                    self._cond.notify(1)
 
     async def success(self) -> None:
         """An attempt got an answer that says the IOP works (any non-link outcome counts)."""
         async with self._cond:
             self._failures = 0
+            before = (self.state, self.limit)
             if self.state == "down":
                 self._set("up", "probe succeeded")
                 self.limit, self._ramp_ok = 1, 0
@@ -109,7 +117,8 @@ class Link:
                 if self._ramp_ok >= self.limit:
                     self._ramp_ok = 0
                     self.limit = min(self.concurrency, self.limit * 2)
-            self._cond.notify_all()
+            if (self.state, self.limit) != before:
+                self._cond.notify_all()
 
     async def failure(self, reason: str, *, probe: bool = False) -> None:
         """A link-level failure (refused, timeout, 5xx, 429); enough of them in a row take the link down.

@@ -94,13 +94,17 @@ class Conflict(Exception):
 
 def connect(url: str, settings: RedisSettings) -> aioredis.Redis:
     """A client for redis://, rediss:// or unix:// URLs, bytes in and out."""
-    return aioredis.Redis.from_url(
+    # A blocking pool: with thousands of key runners, a burst of reads waits for a free connection
+    # instead of failing with "Too many connections".
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         health_check_interval=30,
         max_connections=64,
+        timeout=settings.socket_timeout_s,
     )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 @dataclass(slots=True)
@@ -599,13 +603,13 @@ class DeliveryStore:
         return None if r is None else _s(r)
 
     async def parked(self, shard: int, module: str, key: str) -> str | None:
-        """The dead-letter id that parked this key, if it is parked."""
-        r = await self.redis.hget(K.parked_key(shard), f"{module}|{key}")
+        """The dead-letter id that parked this key, if it is parked (coalesced with other commands)."""
+        r = await self.store.call("HGET", K.parked_key(shard), f"{module}|{key}")
         return None if r is None else _s(r)
 
     async def session_done(self, shard: int, key: str) -> str | None:
         """Stream id of the last delivered or dead-lettered update of a session."""
-        r = await self.redis.hget(K.session_done_key(shard), key)
+        r = await self.store.call("HGET", K.session_done_key(shard), key)
         return None if r is None else _s(r)
 
     async def last_delivered(self, shard: int, module: str, key: str) -> str | None:
