@@ -144,11 +144,15 @@ def median_rows(rows: list[Row]) -> list[Row]:
     return out
 
 
+STATE = {"enabled": "true"}  # --state off: the relay without its state store (issue 6's "before" figure)
+
+
 def server_argv(
     key: str, redis_url: str, port: int, data_dir: Path, relay_src: str | None = None, bare_loop: str = "asyncio"
 ) -> tuple[list[str], dict[str, str]]:
     if key in ("a", "b"):
         env = clean_env(
+            RELAY_STATE_ENABLED=STATE["enabled"],
             RELAY_REDIS_URL=redis_url,
             RELAY_INGRESS_LISTEN=f"127.0.0.1:{port}",
             RELAY_INGRESS_TOKEN=TOKEN,
@@ -425,6 +429,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=200, help="operations per batch request (default 200)")
     p.add_argument("--only", default="abcd", help="runs to do, e.g. 'ad' (default abcd)")
+    p.add_argument("--state", choices=["on", "off"], default="on", help="the relay's state store (default on)")
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--load-cpu", type=int, default=1)
     p.add_argument("--redis-cpu", choices=["server", "float", "load"], default="server")
@@ -448,6 +453,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    STATE["enabled"] = "true" if args.state == "on" else "false"
     # The embedded server's start/stop lines go to stderr with the progress lines; stdout is the report.
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     modes: list[Fsync] = ["everysec", "always"] if args.fsync == "both" else [args.fsync]
