@@ -441,7 +441,7 @@ async def test_stop_outlasts_a_swallowed_cancellation() -> None:
 
     async def loop_that_swallows_once() -> None:
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(30)  # stands for a Redis call that eats the cancellation
+            await asyncio.Event().wait()  # stands for a Redis call that eats the cancellation
         await asyncio.Event().wait()  # then goes on as if nothing happened
 
     task = asyncio.create_task(loop_that_swallows_once())
