@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,13 +28,21 @@ class Answer(msgspec.Struct, kw_only=True, omit_defaults=True):
     errors: list[Problem] | None = None
 
 
+_NOW: list[Any] = [0, ""]
+
+
 def now_iso() -> str:
-    """OCPI DateTime, UTC, second precision."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """OCPI DateTime, UTC, second precision (formatted once per second)."""
+    t = int(time.time())
+    if t != _NOW[0]:
+        _NOW[0], _NOW[1] = t, datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return str(_NOW[1])
 
 
 def json_response(status: int, answer: Answer, headers: dict[str, str] | None = None) -> web.Response:
     """Encode with msgspec; aiohttp's json_response would use the slower stdlib json."""
+    if headers is None:
+        return web.Response(status=status, body=_enc.encode(answer), headers={"Content-Type": "application/json"})
     return web.Response(status=status, body=_enc.encode(answer), content_type="application/json", headers=headers)
 
 

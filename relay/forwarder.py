@@ -52,6 +52,10 @@ class _Shard:
     reader: asyncio.Task[None] | None = None
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     sending: int = 0  # requests of this shard on the wire right now
+    # module|key fields parked in Redis, loaded when the shard is taken: the common case (nothing
+    # parked) then costs no Redis read per event. A replay unparks in Redis only; a stale member
+    # is checked against Redis before it is believed.
+    parked: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -93,9 +97,12 @@ class Forwarder:
         self.me = replica_id or default_replica_id()
         self.clock = clock
         self.shards: dict[int, _Shard] = {}
-        self._buffered = 0
+        self._buffered = 0  # entries held in memory, plus the room reserved by reads in flight
         self._cdrs = 0  # of which CDRs (they may wait for session updates not read yet)
-        self._room = asyncio.Condition()
+        self._room = asyncio.Event()
+        # A reader waits for this much room: reading one entry per round trip as slots free up
+        # would cost a Redis call per event.
+        self._low_water = max(1, min(self.cfg.read_batch, self.cfg.max_buffered // 8))
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ttl_ms = int(self.cfg.lease_ttl_s * 1000)
@@ -236,16 +243,24 @@ class Forwarder:
 
     # -- reading --------------------------------------------------------------------------------
 
-    async def _wait_room(self) -> int:
-        async with self._room:
-            await self._room.wait_for(lambda: self._buffered < self.cfg.max_buffered)
-            return self.cfg.max_buffered - self._buffered
+    async def _reserve(self, want: int) -> int:
+        """Wait for buffer room and reserve up to ``want`` entries of it before reading.
 
-    async def _free(self, n: int, cdrs: int = 0) -> None:
-        async with self._room:
-            self._buffered -= n
-            self._cdrs -= cdrs
-            self._room.notify_all()
+        Reserving before the read (not counting after it) keeps several shard readers from each
+        reading a full batch into the same free room: the buffer never exceeds max_buffered.
+        """
+        while self.cfg.max_buffered - self._buffered < self._low_water:
+            self._room.clear()
+            await self._room.wait()
+        n = min(want, self.cfg.max_buffered - self._buffered)
+        self._buffered += n
+        return n
+
+    def _free(self, n: int, cdrs: int = 0) -> None:
+        self._buffered -= n
+        self._cdrs -= cdrs
+        if self.cfg.max_buffered - self._buffered >= self._low_water:
+            self._room.set()
 
     async def _recover(self, shard: _Shard) -> None:
         """Take back every pending entry of the shard, oldest first, before reading new ones.
@@ -265,13 +280,16 @@ class Forwarder:
                 await asyncio.wait_for(shard.lost.wait(), self.cfg.claim_idle_s)
             if shard.lost.is_set():
                 raise Abandon("lease lost during takeover grace")
+        shard.parked = await self.ds.parked_fields(shard.index)
         for stream in streams:
             start = "0-0"
             while True:
-                room = await self._wait_room()
-                count = min(room, self.cfg.read_batch)
-                start, entries = await self.ds.claim(stream, shard.index, self.me, start, count)
-                await self._feed(shard, entries)
+                count = await self._reserve(self.cfg.read_batch)
+                try:
+                    start, entries = await self.ds.claim(stream, shard.index, self.me, start, count)
+                finally:
+                    self._free(count)
+                self._feed(shard, entries)
                 if start == "0-0" or not entries:
                     break
 
@@ -291,21 +309,32 @@ class Forwarder:
                 await self._redis_trouble(exc, delay)
                 delay = min(delay * 2, 5.0)
         while not self._stopping.is_set() and not shard.lost.is_set():
+            # CDRs wait for their session's updates, which may still be unread in Redis: never let
+            # them fill more than half the buffer, or a CDR backlog would deadlock the reader.
+            names = streams if self._cdrs < half else without_cdrs
             try:
-                room = await self._wait_room()
-                count = min(room, self.cfg.read_batch)
-                # CDRs wait for their session's updates, which may still be unread in Redis: never let
-                # them fill more than half the buffer, or a CDR backlog would deadlock the reader.
-                if self._cdrs < half:
-                    entries = await self.ds.read_new(streams, self.me, min(count, half), 1000)
-                else:
-                    entries = await self.ds.read_new(without_cdrs, self.me, count, 1000)
+                entries = await self._read(names, self.cfg.read_batch, None)
+                if not entries:
+                    # Nothing new: wait for the next entry holding room for one per stream, not for a
+                    # batch: a reader blocked on a quiet shard would keep that room from busy ones.
+                    entries = await self._read(names, len(names), 1000)
                 delay = 0.1
             except (RedisError, OSError) as exc:
                 await self._redis_trouble(exc, delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            await self._feed(shard, entries)
+            self._feed(shard, entries)
+
+    async def _read(self, streams: dict[str, int], want: int, block_ms: int | None) -> list[Entry]:
+        """Read new entries into reserved room; the caller feeds them (no await in between)."""
+        count = await self._reserve(want)
+        try:
+            # XREADGROUP's COUNT applies to each stream: split the reserved room between them. (With
+            # less room than streams, which only a max_buffered under 40 allows, one entry per stream
+            # may exceed it by a few.)
+            return await self.ds.read_new(streams, self.me, max(1, count // len(streams)), block_ms)
+        finally:
+            self._free(count)
 
     async def _redis_trouble(self, exc: BaseException, delay: float) -> None:
         metrics.REDIS_ERRORS.labels(op="read").inc()
@@ -321,12 +350,11 @@ class Forwarder:
         log.warning("redis_read_failed", error=str(exc), retry_in_s=delay)
         await asyncio.sleep(delay)
 
-    async def _feed(self, shard: _Shard, entries: list[Entry]) -> None:
+    def _feed(self, shard: _Shard, entries: list[Entry]) -> None:
         if not entries:
             return
-        async with self._room:
-            self._buffered += len(entries)
-            self._cdrs += sum(1 for e in entries if e.event.module == "cdrs")
+        self._buffered += len(entries)
+        self._cdrs += sum(1 for e in entries if e.event.module == "cdrs")
         held = held_cdrs = 0
         for entry in entries:
             qkey = (entry.event.module, entry.event.key)
@@ -343,7 +371,7 @@ class Forwarder:
             if qkey not in shard.runners:
                 shard.runners[qkey] = asyncio.create_task(self._run_key(shard, qkey))
         if held:
-            await self._free(held, held_cdrs)
+            self._free(held, held_cdrs)
 
     # -- one ordering key -----------------------------------------------------------------------
 
@@ -364,7 +392,7 @@ class Forwarder:
                     continue
                 delay = 0.05
                 q.popleft()
-                await self._free(1, cdr)
+                self._free(1, cdr)
         except (Abandon, GaveUp, asyncio.CancelledError):
             pass
         except Exception:
@@ -375,7 +403,7 @@ class Forwarder:
         finally:
             left = len(q)
             if left:
-                await self._free(left, left * cdr)
+                self._free(left, left * cdr)
                 q.clear()
             shard.queues.pop(qkey, None)
             shard.runners.pop(qkey, None)
@@ -383,7 +411,11 @@ class Forwarder:
     async def _deliver(self, shard: _Shard, entry: Entry) -> None:
         """Attempt until delivered or dead-lettered; raises Abandon when told to stop."""
         ev = entry.event
-        parked = await self.ds.parked(shard.index, ev.module, ev.key)
+        parked = None
+        if shard.parked and (fld := f"{ev.module}|{ev.key}") in shard.parked:
+            parked = await self.ds.parked(shard.index, ev.module, ev.key)
+            if parked is None:
+                shard.parked.discard(fld)  # unparked by a replay or a purge
         if parked is not None:
             why = Outcome(Kind.PERMANENT, f"parked behind dead letter {parked}")
             await self._dead(shard, entry, _Attempts(), why, park=False)
@@ -394,8 +426,8 @@ class Forwarder:
         outcome = await self._retrying(shard, entry, attempts)
         if outcome.kind is Kind.DELIVERED:
             await self._record(shard, lambda: self.ds.finish(entry))
-            metrics.DELIVERED.labels(module=ev.module).inc()
-            metrics.DELIVERY_LATENCY.labels(module=ev.module).observe(max(0.0, self.clock() - ev.received_at))
+            metrics.child(metrics.DELIVERED, ev.module).inc()
+            metrics.child(metrics.DELIVERY_LATENCY, ev.module).observe(max(0.0, self.clock() - ev.received_at))
             return
         park = self.cfg.on_permanent == "park" or ev.module in self.cfg.park_modules
         await self._dead(shard, entry, attempts, outcome, park=park and outcome.kind is Kind.PERMANENT)
@@ -448,6 +480,15 @@ class Forwarder:
             if last is not None and last.kind is Kind.TRANSIENT and last.reason != _HEALING:
                 metrics.RETRIED.labels(module=ev.module).inc()
 
+        first = await self._attempt(shard, entry, attempts)
+        if first.kind is Kind.DELIVERED or first.kind is Kind.PERMANENT:
+            return first  # the common case: no retry machinery at all
+        made = [first]
+
+        async def attempt() -> Outcome:
+            # Tenacity's attempt 1 is the one already made: the same waits and stop rule as before.
+            return made.pop() if made else await self._attempt(shard, entry, attempts)
+
         retrying = AsyncRetrying(
             retry=retry_if_result(lambda o: o.kind in (Kind.TRANSIENT, Kind.AUTH)),
             wait=wait,
@@ -457,7 +498,7 @@ class Forwarder:
             retry_error_callback=lambda rs: rs.outcome.result() if rs.outcome else Outcome(Kind.TRANSIENT, "expired"),
             reraise=True,
         )
-        outcome: Outcome = await retrying(self._attempt, shard, entry, attempts)
+        outcome: Outcome = await retrying(attempt)
         if outcome.kind is not Kind.DELIVERED and outcome.kind is not Kind.PERMANENT:
             return Outcome(Kind.PERMANENT, f"expired after {self.cfg.max_age_s}s: {outcome.reason}",
                            http_status=outcome.http_status, ocpi_code=outcome.ocpi_code,
@@ -483,7 +524,10 @@ class Forwarder:
             # Without the stored state we cannot build the PUT the IOP needs: try again later.
             metrics.REDIS_ERRORS.labels(op="state").inc()
             return Outcome(Kind.TRANSIENT, f"state unavailable: {exc}")
-        async with self.link.slot(lambda: self._stopping.is_set() or shard.lost.is_set()) as probe:
+        probe = self.link.try_acquire()
+        if probe is None:
+            probe = await self.link.acquire(lambda: self._stopping.is_set() or shard.lost.is_set())
+        try:
             if self._stopping.is_set() or shard.lost.is_set():
                 raise Abandon()
             now = self.clock()
@@ -504,8 +548,10 @@ class Forwarder:
                 outcome = classify(None, exc=exc)
             finally:
                 shard.sending -= 1
-            metrics.IOP_REQUEST.labels(module=ev.module).observe(time.perf_counter() - started)
-        metrics.DELIVERIES.labels(module=ev.module, outcome=outcome.kind.value).inc()
+            metrics.child(metrics.IOP_REQUEST, ev.module).observe(time.perf_counter() - started)
+        finally:
+            self.link.release(probe)
+        metrics.child(metrics.DELIVERIES, ev.module, outcome.kind.value).inc()
         if (
             outcome.unknown_object
             and wire.method == "PATCH"
@@ -575,6 +621,8 @@ class Forwarder:
             "replica": self.me,
         }
         dead_id = await self._record(shard, lambda: self.ds.dead_letter(entry, _info_encoder.encode(info), park=park))
+        if park and dead_id is not None:
+            shard.parked.add(f"{ev.module}|{ev.key}")
         metrics.DEAD_LETTERED.labels(module=ev.module, kind=info["kind"]).inc()
         log.warning("dead_lettered", event_id=ev.id, module=ev.module, key=ev.key, dead_id=dead_id,
                     reason=outcome.reason, attempts=attempts.count, parked=park,

@@ -1,8 +1,13 @@
 """The IOP link as a whole: up, down (probing), auth failed, or paused.
 
-Every attempt passes through ``Link.slot()``. When the IOP as a whole fails, sending stops
-everywhere and one probe goes out on a backoff; after a success the allowed concurrency doubles
-per success up to the configured limit (a ramp, not a thundering herd).
+Every attempt passes through ``Link.acquire()``/``release()`` (or ``Link.slot()``). When the IOP
+as a whole fails, sending stops everywhere and one probe goes out on a backoff; after a success the
+allowed concurrency doubles per success up to the configured limit (a ramp, not a thundering herd).
+
+Waiting attempts queue first in, first out and a freed slot is handed to exactly one of them,
+already taken: with thousands of keys waiting, waking them all on every release made the cost per
+delivered event grow with the backlog, and a woken waiter racing a newcomer for the slot wasted
+a turn of the event loop.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
@@ -23,7 +29,15 @@ State = Literal["up", "down", "auth_failed", "paused", "unconfigured"]
 
 
 class GaveUp(Exception):
-    """``slot(give_up)`` stopped waiting for permission because ``give_up()`` became true."""
+    """``acquire(give_up)`` stopped waiting for permission because ``give_up()`` became true."""
+
+
+class _Waiter:
+    __slots__ = ("future", "give_up")
+
+    def __init__(self, future: asyncio.Future[bool], give_up: Callable[[], bool] | None) -> None:
+        self.future = future
+        self.give_up = give_up
 
 
 class Link:
@@ -46,8 +60,10 @@ class Link:
         self._probe_at = 0.0
         self._probing = False
         self._ramp_ok = 0
-        self._cond = asyncio.Condition()
+        self._waiters: deque[_Waiter] = deque()
+        self._timer: asyncio.TimerHandle | None = None
         metrics.set_link_state(self.state)
+        metrics.INFLIGHT.set_function(lambda: self.inflight)
 
     def _set(self, state: State, reason: str = "") -> None:
         if state != self.state:
@@ -62,106 +78,140 @@ class Link:
             return not self._probing and time.monotonic() >= self._probe_at
         return False
 
+    def _take(self) -> bool:
+        probe = self.state == "down"
+        if probe:
+            self._probing = True
+        self.inflight += 1
+        return probe
+
+    def _wake(self) -> None:
+        """Hand free slots to the oldest waiters; while down, arm a timer for the next probe."""
+        while self._waiters and self._may_send():
+            w = self._waiters.popleft()
+            if not w.future.done():  # a cancelled waiter is skipped
+                w.future.set_result(self._take())
+        if self._waiters and self.state == "down" and not self._probing and self._timer is None:
+            delay = max(0.01, self._probe_at - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._wake()
+
+    def _rearm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake()
+
+    def try_acquire(self) -> bool | None:
+        """A slot right away if one is free and nobody queues (True: it is the probe); else None."""
+        if not self._waiters and self._may_send():
+            return self._take()
+        return None
+
+    async def acquire(self, give_up: Callable[[], bool] | None = None) -> bool:
+        """Queue for a slot (FIFO); True when this attempt is the link probe. Pair with release().
+
+        ``give_up`` is checked when the wait starts and whenever ``wake()`` is called: when it is
+        true the wait ends with ``GaveUp`` (a stopping relay must not sit behind a paused link).
+        """
+        probe = self.try_acquire()
+        if probe is not None:
+            return probe
+        if give_up is not None and give_up():
+            raise GaveUp()
+        w = _Waiter(asyncio.get_running_loop().create_future(), give_up)
+        self._waiters.append(w)
+        self._wake()  # arms the probe timer while down
+        try:
+            return await w.future
+        except asyncio.CancelledError:
+            if w.future.done() and not w.future.cancelled():
+                self.release(w.future.result())  # granted, then cancelled before it could run
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(w)
+            raise
+
+    def release(self, probe: bool) -> None:
+        """Give back a slot taken with try_acquire() or acquire()."""
+        self.inflight -= 1
+        if probe:
+            self._probing = False
+            if self.state == "down":
+                # Until the probe's outcome is reported (success() or failure(probe=True)),
+                # no other attempt may slip in as a second probe right away.
+                self._probe_at = time.monotonic() + self._probe_wait
+        self._wake()
+
     @contextlib.asynccontextmanager
     async def slot(self, give_up: Callable[[], bool] | None = None) -> AsyncIterator[bool]:
-        """Wait for permission to send; yields True when this attempt is the link probe.
-
-        ``give_up`` is checked whenever the wait is woken (see ``wake()``): when it is true the
-        wait ends with ``GaveUp`` (a stopping relay must not sit behind a paused link).
-        """
-        async with self._cond:
-            while not self._may_send():
-                if give_up is not None and give_up():
-                    self._cond.notify(1)  # pass on the wake-up this waiter will not use
-                    raise GaveUp()
-                if self.state == "down":
-                    timeout = max(0.01, self._probe_at - time.monotonic())
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._cond.wait(), timeout)
-                else:
-                    await self._cond.wait()
-            probe = self.state == "down"
-            if probe:
-                self._probing = True
-            self.inflight += 1
-        metrics.INFLIGHT.inc()
+        """``acquire()``/``release()`` as a context manager; yields True for the link probe."""
+        probe = await self.acquire(give_up)
         try:
             yield probe
         finally:
-            metrics.INFLIGHT.dec()
-            async with self._cond:
-                self.inflight -= 1
-                if probe:
-                    self._probing = False
-                    if self.state == "down":
-                        # Until the probe's outcome is reported (success() or failure(probe=True)),
-                        # no other attempt may slip in as a second probe right away.
-                        self._probe_at = time.monotonic() + self._probe_wait
-                    self._cond.notify_all()
-                else:
-                    # One freed slot, one waiter: waking every waiter per attempt costs O(backlog).
-                    self._cond.notify(1)
+            self.release(probe)
 
     async def success(self) -> None:
         """An attempt got an answer that says the IOP works (any non-link outcome counts)."""
-        async with self._cond:
-            self._failures = 0
-            before = (self.state, self.limit)
-            if self.state == "down":
-                self._set("up", "probe succeeded")
-                self.limit, self._ramp_ok = 1, 0
-                self._probe_wait = self.probe_initial_s
-            elif self.state == "up" and self.limit < self.concurrency:
-                # Slow start: the limit doubles once a whole window of attempts has succeeded.
-                self._ramp_ok += 1
-                if self._ramp_ok >= self.limit:
-                    self._ramp_ok = 0
-                    self.limit = min(self.concurrency, self.limit * 2)
-            if (self.state, self.limit) != before:
-                self._cond.notify_all()
+        self._failures = 0
+        if self.state == "down":
+            self._set("up", "probe succeeded")
+            self.limit, self._ramp_ok = 1, 0
+            self._probe_wait = self.probe_initial_s
+            self._rearm()
+        elif self.state == "up" and self.limit < self.concurrency:
+            # Slow start: the limit doubles once a whole window of attempts has succeeded.
+            self._ramp_ok += 1
+            if self._ramp_ok >= self.limit:
+                self._ramp_ok = 0
+                self.limit = min(self.concurrency, self.limit * 2)
+                self._wake()
 
     async def failure(self, reason: str, *, probe: bool = False) -> None:
         """A link-level failure (refused, timeout, 5xx, 429); enough of them in a row take the link down.
 
-        ``probe``: the attempt was the link probe (``slot()`` yielded True). While the link is down
-        only a failed probe lengthens the wait before the next one: attempts that were already in
-        flight when it went down fail too, and must not push the probe back towards probe_max_s.
+        ``probe``: the attempt was the link probe (``acquire()`` returned True). While the link is
+        down only a failed probe lengthens the wait before the next one: attempts that were already
+        in flight when it went down fail too, and must not push the probe back towards probe_max_s.
         """
-        async with self._cond:
-            self._failures += 1
-            if self.state == "down":
-                if not probe:
-                    self._cond.notify_all()
-                    return
-                self._probe_wait = min(self.probe_max_s, self._probe_wait * 2)
-                self._probe_at = time.monotonic() + random.uniform(0.5, 1.0) * self._probe_wait
-            elif self.state == "up" and self._failures >= self.failure_threshold:
-                self._set("down", reason)
-                self._probe_at = time.monotonic() + self._probe_wait
-            self._cond.notify_all()
+        self._failures += 1
+        if self.state == "down":
+            if not probe:
+                return
+            self._probe_wait = min(self.probe_max_s, self._probe_wait * 2)
+            self._probe_at = time.monotonic() + random.uniform(0.5, 1.0) * self._probe_wait
+            self._rearm()
+        elif self.state == "up" and self._failures >= self.failure_threshold:
+            self._set("down", reason)
+            self._probe_at = time.monotonic() + self._probe_wait
+            self._rearm()
 
     async def wake(self) -> None:
-        """Make every waiting ``slot()`` look at its ``give_up()`` again."""
-        async with self._cond:
-            self._cond.notify_all()
+        """Make every waiter look at its ``give_up()`` again; those that give up raise GaveUp."""
+        for w in list(self._waiters):
+            if w.give_up is not None and w.give_up() and not w.future.done():
+                self._waiters.remove(w)
+                w.future.set_exception(GaveUp())
+        self._wake()
 
     async def auth_failed(self, reason: str) -> None:
         """401/403: stop sending until resume(); retrying with the same token cannot succeed."""
-        async with self._cond:
-            self._set("auth_failed", reason)
-            self._cond.notify_all()
+        self._set("auth_failed", reason)
+        self._rearm()
 
     async def pause(self, reason: str) -> None:
         """Stop sending (unregistered, operator) while events keep queueing."""
-        async with self._cond:
-            self._set("paused", reason)
-            self._cond.notify_all()
+        self._set("paused", reason)
+        self._rearm()
 
     async def resume(self, reason: str = "resumed") -> None:
         """Back to sending, starting from a ramp of one."""
-        async with self._cond:
-            if self.state in ("auth_failed", "paused", "unconfigured"):
-                self._set("up", reason)
-                self.limit, self._ramp_ok = 1, 0
-                self._failures = 0
-            self._cond.notify_all()
+        if self.state in ("auth_failed", "paused", "unconfigured"):
+            self._set("up", reason)
+            self.limit, self._ramp_ok = 1, 0
+            self._failures = 0
+        self._rearm()

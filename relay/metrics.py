@@ -6,6 +6,8 @@ operators of the config, ``CC/PID``). Never an object id. docs/operations.md lis
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info, generate_latest
 
@@ -27,12 +29,11 @@ UNKNOWN_OBJECT = Counter(
 STATE_CONFLICTS = Counter("relay_state_conflicts_total", "State merges retried because another writer got in first")
 WARNINGS = Counter("relay_events_warnings_total", "GIREVE rule warnings on accepted events", ["module", "rule"])
 
-DELIVERIES = Counter(
-    "relay_delivery_attempts_total", "Delivery attempts to the IOP by outcome", ["module", "outcome"]
-)
+DELIVERIES = Counter("relay_delivery_attempts_total", "Delivery attempts to the IOP by outcome", ["module", "outcome"])
 DELIVERED = Counter("relay_events_delivered_total", "Events delivered to the IOP", ["module"])
 RETRIED = Counter(
-    "relay_delivery_retries_total", "Attempts that failed transiently and will be tried again after a backoff",
+    "relay_delivery_retries_total",
+    "Attempts that failed transiently and will be tried again after a backoff",
     ["module"],
 )
 DEAD_LETTERED = Counter(
@@ -98,6 +99,19 @@ def set_link_state(state: str) -> None:
     """Exactly one state gauge is 1."""
     for s in LINK_STATES:
         LINK_STATE.labels(state=s).set(1 if s == state else 0)
+
+
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, cached: labels() takes a lock and checks the names on every call,
+    which the hot paths (one call per event) feel. The label sets are bounded, so is the cache."""
+    key = (id(metric), values)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*values)
+    return found
 
 
 async def handle_metrics(_: web.Request) -> web.Response:

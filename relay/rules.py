@@ -19,6 +19,16 @@ def _missing(value: Any) -> bool:
     return value is None or value is UNSET
 
 
+_PREFIXES: dict[str, tuple[str, str]] = {}
+
+
+def _prefixes(op: Operator) -> tuple[str, str]:
+    p = _PREFIXES.get(op.emi3_id)
+    if p is None:
+        p = _PREFIXES[op.emi3_id] = op.evse_id_prefixes()
+    return p
+
+
 def _check_evse_id(evse: Any, path: str, op: Operator, *, partial: bool) -> Iterable[Problem]:
     evse_id = getattr(evse, "evse_id", None)
     status = getattr(evse, "status", None)
@@ -28,7 +38,7 @@ def _check_evse_id(evse: Any, path: str, op: Operator, *, partial: bool) -> Iter
                 field=f"{path}.evse_id", rule="gireve.L2.evse_id", message="required unless status is REMOVED"
             )
         return
-    prefixes = op.evse_id_prefixes()
+    prefixes = _prefixes(op)
     if not str(evse_id).upper().startswith(prefixes):
         yield Problem(
             field=f"{path}.evse_id",
@@ -46,7 +56,11 @@ def check_connector(conn: Any, path: str, *, partial: bool = False) -> list[Prob
 
 def check_evse(evse: Any, path: str, op: Operator, *, partial: bool = False) -> list[Problem]:
     """capabilities, evse_id with the operator's prefix, and tariff_ids on each connector."""
-    problems = list(_check_evse_id(evse, path, op, partial=partial))
+    evse_id = getattr(evse, "evse_id", None)
+    if isinstance(evse_id, str) and evse_id.startswith(_prefixes(op)):
+        problems: list[Problem] = []  # the common case, without the generator
+    else:
+        problems = list(_check_evse_id(evse, path, op, partial=partial))
     if not partial and _missing(getattr(evse, "capabilities", None)):
         problems.append(
             Problem(field=f"{path}.capabilities", rule="gireve.L2.capabilities", message="required by GIREVE")
@@ -54,7 +68,8 @@ def check_evse(evse: Any, path: str, op: Operator, *, partial: bool = False) -> 
     connectors: Any = getattr(evse, "connectors", None)
     if not _missing(connectors):
         for i, conn in enumerate(connectors):
-            problems += check_connector(conn, f"{path}.connectors[{i}]")
+            if _missing(getattr(conn, "tariff_ids", None)):
+                problems += check_connector(conn, f"{path}.connectors[{i}]")
     return problems
 
 

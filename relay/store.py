@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import msgspec
 import redis.asyncio as aioredis
 import structlog
@@ -113,6 +114,76 @@ class _Pending:
     future: asyncio.Future[Any]
 
 
+class _RawPipe:
+    """A dedicated connection for the coalesced pipelines: hiredis packs the commands and parses the replies.
+
+    redis-py's Pipeline costs several microseconds per command (a coroutine, an asyncio timeout and a
+    response-callback lookup per reply); here one pipeline is one write, one timeout and a gets() loop.
+    """
+
+    def __init__(self, kwargs: dict[str, Any], timeout_s: float) -> None:
+        self.kw = kwargs
+        self.timeout_s = timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser = hiredis.Reader()
+
+    async def _connect(self) -> None:
+        if self.kw.get("path"):
+            r, w = await asyncio.open_unix_connection(self.kw["path"])
+        else:
+            r, w = await asyncio.open_connection(self.kw.get("host", "localhost"), self.kw.get("port", 6379))
+        self._reader, self._writer, self._parser = r, w, hiredis.Reader()
+        init: list[tuple[Any, ...]] = []
+        if self.kw.get("password"):
+            user = self.kw.get("username")
+            init.append(("AUTH", user, self.kw["password"]) if user else ("AUTH", self.kw["password"]))
+        if self.kw.get("db"):
+            init.append(("SELECT", self.kw["db"]))
+        for reply in await self._roundtrip(init) if init else []:
+            if isinstance(reply, hiredis.ReplyError):
+                raise ResponseError(str(reply))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if self._writer is None or self._writer.is_closing() or (self._reader and self._reader.at_eof()):
+                    self.close()  # never used, or Redis closed it while idle (restart): nothing was sent on it
+                    await self._connect()
+                return [_reply(r) for r in await self._roundtrip(commands)]
+        except BaseException:
+            self.close()  # unread replies would answer the next pipeline: never reuse a broken one
+            raise
+
+    async def _roundtrip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        assert self._writer is not None and self._reader is not None
+        self._writer.write(b"".join([hiredis.pack_command(c) for c in commands]))
+        out: list[Any] = []
+        n, parser, reader = len(commands), self._parser, self._reader
+        while len(out) < n:
+            reply = parser.gets()
+            if reply is False:
+                data = await reader.read(1 << 18)
+                if not data:
+                    raise ConnectionError("redis closed the connection")
+                parser.feed(data)
+            else:
+                out.append(reply)
+        return out
+
+
+def _reply(r: Any) -> Any:
+    if isinstance(r, hiredis.ReplyError):
+        msg = str(r)
+        return NoScriptError(msg) if msg.startswith("NOSCRIPT") else ResponseError(msg)
+    return r
+
+
 class Store:
     """Typed Redis operations of the relay."""
 
@@ -120,6 +191,9 @@ class Store:
         # Any: redis-py's asyncio annotations type pipeline calls as awaitables and replies as
         # unions of every encoding; the typed methods below are the boundary instead.
         self.redis: Any = client
+        pool = client.connection_pool
+        tls = "SSL" in pool.connection_class.__name__
+        self._raw = None if tls else _RawPipe(pool.connection_kwargs, settings.socket_timeout_s)
         self.settings = settings
         self.shards = settings.shards
         self._pending: list[_Pending] = []
@@ -172,6 +246,8 @@ class Store:
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await self._flusher
+        if self._raw is not None:
+            self._raw.close()
         await self.redis.aclose()
 
     # -- appending ----------------------------------------------------------------------------
@@ -282,12 +358,19 @@ class Store:
                 item.future.set_result(result)
 
     async def _execute(self, batch: list[_Pending], *, reload: bool = True) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for item in batch:
-                pipe.execute_command(*item.args)
+        results: list[Any]
+        if self._raw is not None:
+            commands = [item.args for item in batch]
             if self.settings.wait_replicas:
-                pipe.execute_command("WAIT", self.settings.wait_replicas, self.settings.wait_timeout_ms)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
+                commands.append(("WAIT", self.settings.wait_replicas, self.settings.wait_timeout_ms))
+            results = await self._raw.execute(commands)
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for item in batch:
+                    pipe.execute_command(*item.args)
+                if self.settings.wait_replicas:
+                    pipe.execute_command("WAIT", self.settings.wait_replicas, self.settings.wait_timeout_ms)
+                results = await pipe.execute(raise_on_error=False)
         if self.settings.wait_replicas:
             acked = results.pop()
             if isinstance(acked, int) and acked < self.settings.wait_replicas:
@@ -358,7 +441,9 @@ end
 """
 # KEYS: stream, delivered, session-done, session-last
 # ARGV: group, id, module|key, session key ('' unless a session), cdr key ('' unless a CDR), cdr's after id
-_FINISH = _LUA_GT + """
+_FINISH = (
+    _LUA_GT
+    + """
 local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 -- The first to finish an entry is the one that deletes it. (XACK alone cannot tell: it counts 0
 -- when the group was recreated after NOGROUP, and a delivered session update must still count.)
@@ -376,9 +461,12 @@ if d == 1 then
 end
 return n
 """
+)
 # KEYS: stream, dlq, session-done, parked
 # ARGV: group, id, envelope, info, session key or '', after or '', park field or ''
-_DEAD = _LUA_GT + """
+_DEAD = (
+    _LUA_GT
+    + """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 -- Only the first to finish the entry writes the dead letter (see _FINISH).
 if redis.call('XDEL', KEYS[1], ARGV[2]) == 0 then return false end
@@ -391,6 +479,7 @@ end
 if ARGV[7] ~= '' then redis.call('HSETNX', KEYS[4], ARGV[7], dead) end
 return dead
 """
+)
 # KEYS: lease. ARGV: me, ttl ms. Returns the previous holder ('' none, 'free:x' released), or false.
 _LEASE_ACQUIRE = """
 local v = redis.call('GET', KEYS[1])
@@ -551,11 +640,11 @@ class DeliveryStore:
         return out
 
     # reading
-    async def read_new(self, streams: dict[str, int], consumer: str, count: int, block_ms: int) -> list[Entry]:
-        """XREADGROUP ``>`` over several streams (stream → shard); blocks up to block_ms."""
-        resp = await self.redis.xreadgroup(
-            K.GROUP, consumer, {s: ">" for s in streams}, count=count, block=block_ms
-        )
+    async def read_new(self, streams: dict[str, int], consumer: str, count: int, block_ms: int | None) -> list[Entry]:
+        """XREADGROUP ``>`` over several streams (stream → shard), up to ``count`` from each.
+
+        Blocks up to block_ms for the first entry (None: returns at once)."""
+        resp = await self.redis.xreadgroup(K.GROUP, consumer, {s: ">" for s in streams}, count=count, block=block_ms)
         out: list[Entry] = []
         for stream, rows in resp or []:
             name = _s(stream)
@@ -601,6 +690,10 @@ class DeliveryStore:
             ],
         )  # fmt: skip
         return None if r is None else _s(r)
+
+    async def parked_fields(self, shard: int) -> set[str]:
+        """Every parked ``module|key`` of a shard."""
+        return {_s(k) for k in await self.redis.hkeys(K.parked_key(shard))}
 
     async def parked(self, shard: int, module: str, key: str) -> str | None:
         """The dead-letter id that parked this key, if it is parked (coalesced with other commands)."""

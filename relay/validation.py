@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -18,8 +17,7 @@ from relay.errors import InvalidEvent, Problem
 from relay.events import Event, Method, new_event_id
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(msgspec.Struct, frozen=True):
     """What a route names: the module and the ids in the URL (or query, for a tariff DELETE variant)."""
 
     module: Module
@@ -32,8 +30,7 @@ class Target:
     target_party: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
+class Accepted(msgspec.Struct, frozen=True):
     """A validated event and the warnings it travels with."""
 
     event: Event
@@ -132,9 +129,7 @@ def _gireve(target: Target, body: Any, level: int, op: Operator, method: str) ->
     return [], []
 
 
-def validate(
-    target: Target, method: Method, raw: bytes, settings: Settings, *, correlation_id: str = ""
-) -> Accepted:
+def validate(target: Target, method: Method, raw: bytes, settings: Settings, *, correlation_id: str = "") -> Accepted:
     """Decode, check ids, operator (T6) and GIREVE rules; build the Event. Raises InvalidEvent."""
     level = _level(target)
     problems = _ids_problems(target, level) if target.module != "cdrs" else []

@@ -22,6 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from relay import constants as K
+from relay import dlq
 from relay.config import MODULES, Settings
 from relay.embedded_redis import EmbeddedRedis
 from relay.ordering import location_key, session_key, shard_of
@@ -392,6 +393,75 @@ async def test_park_sends_the_keys_later_events_to_the_dlq(make_env: Callable[..
 
 async def _count_dead(env: Env, n: int) -> bool:
     return len(await env.dead()) == n
+
+
+async def test_a_parked_key_stays_parked_for_the_next_owner_and_goes_on_after_a_replay(
+    make_env: Callable[..., Any],
+) -> None:
+    # The forwarder keeps the parked keys of its shards in memory (no Redis read per event): the
+    # next owner must load them, and a replay (which unparks in Redis only) must be noticed.
+    park = {"RELAY_FORWARDER_ON_PERMANENT": "park"}
+    env: Env = await make_env(**park)
+    env.iop.script = lambda r: Reply(status=200, ocpi=2001) if loc_of(r) == "K1" and seq(r) == 1 else None
+    await env.put_loc("K1", 1)
+    await until_async(lambda: _count_dead(env, 1), what="first dead letter")
+    await env.relay.stop()
+
+    nxt: Env = await make_env(iop=env.iop, **park)
+    await nxt.put_loc("K1", 2)
+    await until_async(lambda: _count_dead(nxt, 2), what="parked dead letter")
+    assert [loc_of(r) for r in env.iop.arrived].count("K1") == 1  # the next owner knew K1 was parked
+    first = min(await nxt.dead(), key=lambda d: d.id)
+    await nxt.ds.load_scripts()
+    assert await dlq.replay_one(nxt.ds, first, force=True) == "replayed"
+    env.iop.script = lambda r: None
+    await env.iop.wait_for(lambda: env.seqs("K1") == [1])
+    await nxt.put_loc("K1", 3)
+    await env.iop.wait_for(lambda: env.seqs("K1") == [1, 3])
+    assert len(await nxt.dead()) == 1  # only the parked update 2 stays dead
+
+
+async def test_readers_of_many_shards_hold_at_most_max_buffered_entries(make_env: Callable[..., Any]) -> None:
+    # Four shard readers share one buffer. Each reserves its room before it reads: counting only
+    # after the read let every reader take a full batch into the same free room.
+    env: Env = await make_env(
+        start=False, RELAY_FORWARDER_MAX_BUFFERED="40", RELAY_FORWARDER_READ_BATCH="32",
+        RELAY_IOP_REQUEST_TIMEOUT_S="20", RELAY_FORWARDER_CLAIM_IDLE_S="21",
+    )  # fmt: skip
+    release = asyncio.Event()
+    env.iop.script = lambda r: Reply(hold=release)
+    locs = [f"B{i:03d}" for i in range(100)]
+    for n in (1, 2):
+        for loc in locs:
+            body = msgspec.json.encode(gireve_location(loc, name=str(n)))
+            target = parse_target("PUT", f"locations/FR/AB1/{loc}")
+            await env.store.append(validate(target, "PUT", body, env.settings).event)
+    await env.relay.start()
+    fwd = env.relay.forwarder
+    assert fwd is not None
+    peak = [0]
+
+    def held() -> int:
+        n = sum(len(q) for shard in fwd.shards.values() for q in shard.queues.values())
+        peak[0] = max(peak[0], n)
+        return n
+
+    async def sample() -> None:
+        while True:
+            held()
+            await asyncio.sleep(0.002)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        # A reader waits for room of at least the low-water mark (40 // 8): the buffer fills to 35+.
+        await until(lambda: held() >= 40 - 5, what="buffer filled")
+        await stays_false(lambda: held() > 40, 0.5)
+        release.set()
+        await env.iop.wait_for(lambda: all(env.seqs(loc) == [1, 2] for loc in locs), timeout=30)
+    finally:
+        sampler.cancel()
+    assert 0 < peak[0] <= 40
+    await until_async(env.all_streams_empty)
 
 
 async def test_max_age_dead_letters_expired_transient_events(make_env: Callable[..., Any]) -> None:

@@ -199,3 +199,40 @@ async def test_a_waiting_slot_gives_up_when_woken() -> None:
     with pytest.raises(GaveUp):
         await asyncio.wait_for(task, 1)
     assert link.inflight == 0
+
+
+async def test_a_freed_slot_goes_to_the_oldest_waiter_and_to_one_only() -> None:
+    link = Link(concurrency=2, failure_threshold=5)
+    assert link.try_acquire() is False and link.try_acquire() is False  # both slots taken, no probe
+    assert link.try_acquire() is None
+    order: list[int] = []
+
+    async def waiter(n: int) -> None:
+        probe = await link.acquire()
+        order.append(n)
+        link.release(probe)
+
+    tasks = [asyncio.create_task(waiter(n)) for n in range(5)]
+    await until(lambda: len(link._waiters) == 5)
+    assert link.try_acquire() is None  # a newcomer does not overtake the queue
+    link.release(False)
+    await until(lambda: len(order) == 5)
+    assert order == [0, 1, 2, 3, 4]
+    assert link.inflight == 1  # the slot still held by the test
+    link.release(False)
+    await asyncio.gather(*tasks)
+    assert link.inflight == 0
+
+
+async def test_a_waiter_cancelled_after_it_was_granted_gives_the_slot_back() -> None:
+    link = Link(concurrency=1, failure_threshold=5)
+    assert link.try_acquire() is False
+    first = asyncio.create_task(link.acquire())
+    second = asyncio.create_task(link.acquire())
+    await until(lambda: len(link._waiters) == 2)
+    link.release(False)  # granted to `first`, which is cancelled before it runs
+    first.cancel()
+    assert await asyncio.wait_for(second, 1) is False  # the slot moved on instead of leaking
+    assert first.cancelled() and link.inflight == 1
+    link.release(False)
+    assert link.inflight == 0

@@ -455,11 +455,15 @@ class RacingStore(Store):
 
     def __init__(self, base: Store, racers: int, stale: tuple[int, bytes | None] | None = None) -> None:
         super().__init__(base.redis, base.settings)
+        self.base = base
         self._sha = base._sha
         self.gate = asyncio.Barrier(racers)
         self.first_reads = racers
         self.stale = stale
         self.reads = 0
+
+    def call(self, *args: Any) -> asyncio.Future[Any]:
+        return self.base.call(*args)  # the base store's pipeline and connection; this one never opens its own
 
     async def read_state(self, module: str, key: str, field: str) -> tuple[int, bytes | None]:
         self.reads += 1

@@ -81,7 +81,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 def _warnings(acc: Accepted, done: Ingested) -> list[Problem] | None:
     found = acc.warnings + done.warnings
     for w in found:
-        metrics.WARNINGS.labels(module=acc.event.module, rule=w.rule).inc()
+        metrics.child(metrics.WARNINGS, acc.event.module, w.rule).inc()
     return found or None
 
 
@@ -105,7 +105,8 @@ async def handle_event(request: web.Request) -> web.Response:
     try:
         if not _authorised(request, settings.ingress.tokens()):
             raise InvalidEvent([Problem(field="Authorization", rule="auth", message="missing or wrong token")], 401)
-        target = parse_target(request.method, request.match_info["tail"], dict(request.query))
+        query = dict(request.query) if request.query_string else None
+        target = parse_target(request.method, request.match_info["tail"], query)
         module, operator = target.module, _operator(settings, target.country_code, target.party_id)
         raw = await _read_body(request, settings.ingress.max_body_bytes)
         method: Method = request.method  # type: ignore[assignment]  # parse_target checked it
@@ -123,7 +124,7 @@ async def handle_event(request: web.Request) -> web.Response:
     except InvalidEvent as exc:  # a rule that needs the stored state (tariff immutability)
         metrics.count_refused(module, operator, exc.status, exc.problems)
         return refused(exc)
-    metrics.ACCEPTED.labels(module=module, operator=operator).inc()
+    metrics.child(metrics.ACCEPTED, module, operator).inc()
     log.debug("accepted", event_id=acc.event.id, module=module, key=acc.event.key, stream_id=done.stream_id)
     return accepted(_accepted_data(acc, done))
 
@@ -177,7 +178,7 @@ async def handle_batch(request: web.Request) -> web.Response:
         else:
             ev = acc.event
             operator = metrics.operator_label(ev.country_code, ev.party_id)
-            metrics.ACCEPTED.labels(module=ev.module, operator=operator).inc()
+            metrics.child(metrics.ACCEPTED, ev.module, operator).inc()
             results.append(ItemResult(index=i, status=202, event_id=acc.event.id, warnings=_warnings(acc, outcome),
                                       unknown_object=outcome.unknown_object or None))  # fmt: skip
     results.sort(key=lambda r: r.index)
