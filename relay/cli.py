@@ -90,10 +90,11 @@ def serve(config_path: Path | None) -> None:
     Exit codes: 0 after a graceful stop, 1 cannot start (port in use…), 2 configuration error.
     """
     from relay.logs import configure_logging
-    from relay.service import Relay
+    from relay.service import Relay, tune_gc
 
     settings = _settings(config_path, serving=True)
     configure_logging(settings.log.level, settings.log.format, settings.log.redact_fields)
+    tune_gc()
     try:
         asyncio.run(Relay(settings).run())
     except ConfigError as exc:

@@ -58,7 +58,7 @@ class _Shard:
     parked: set[str] = field(default_factory=set)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Attempts:
     count: int = 0
     first_at: float = 0.0
@@ -519,7 +519,10 @@ class Forwarder:
         if self._stopping.is_set() or shard.lost.is_set():
             raise Abandon()
         try:
-            wire = await outgoing.prepare(self.store, self.settings, ev, heal=attempts.heal)
+            if outgoing.as_is(self.settings, ev):
+                wire = ev
+            else:
+                wire = await outgoing.prepare(self.store, self.settings, ev, heal=attempts.heal)
         except (RedisError, OSError, StoreUnavailable) as exc:
             # Without the stored state we cannot build the PUT the IOP needs: try again later.
             metrics.REDIS_ERRORS.labels(op="state").inc()

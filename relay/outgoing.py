@@ -30,6 +30,13 @@ def _as_put(event: Event, doc: bytes) -> Event:
     return msgspec.structs.replace(event, method="PUT", body=doc, evse_uid=None, connector_id=None)
 
 
+def as_is(settings: Settings, event: Event) -> bool:
+    """True when the event goes on the wire unchanged (most events): no need to await prepare()."""
+    if event.method == "PATCH" and settings.state.enabled:
+        return False
+    return event.module not in ("sessions", "cdrs") or not _has_advenir(settings, event)
+
+
 async def prepare(store: Store, settings: Settings, event: Event, *, heal: bool) -> Event:
     """The event as it goes on the wire for this attempt."""
     out = event
