@@ -99,6 +99,8 @@ class Forwarder:
         self.shards: dict[int, _Shard] = {}
         self._buffered = 0  # entries held in memory, plus the room reserved by reads in flight
         self._cdrs = 0  # of which CDRs (they may wait for session updates not read yet)
+        self._cdrs_reading = 0  # room reserved for CDRs by reads in flight
+        self._cdr_limit = max(1, self.cfg.max_buffered // 2)
         self._room = asyncio.Event()
         # A reader waits for this much room: reading one entry per round trip as slots free up
         # would cost a Redis call per event.
@@ -280,7 +282,7 @@ class Forwarder:
                 await asyncio.wait_for(shard.lost.wait(), self.cfg.claim_idle_s)
             if shard.lost.is_set():
                 raise Abandon("lease lost during takeover grace")
-        shard.parked = await self.ds.parked_fields(shard.index)
+        shard.parked |= await self.ds.parked_fields(shard.index)  # |=: a runner may have parked meanwhile
         for stream in streams:
             start = "0-0"
             while True:
@@ -297,7 +299,6 @@ class Forwarder:
         streams = {K.stream_key(m, shard.index): shard.index for m in MODULES}
         cdr_stream = K.stream_key("cdrs", shard.index)
         without_cdrs = {s: i for s, i in streams.items() if s != cdr_stream}
-        half = max(1, self.cfg.max_buffered // 2)
         delay = 0.1
         while not self._stopping.is_set() and not shard.lost.is_set():
             try:
@@ -309,15 +310,12 @@ class Forwarder:
                 await self._redis_trouble(exc, delay)
                 delay = min(delay * 2, 5.0)
         while not self._stopping.is_set() and not shard.lost.is_set():
-            # CDRs wait for their session's updates, which may still be unread in Redis: never let
-            # them fill more than half the buffer, or a CDR backlog would deadlock the reader.
-            names = streams if self._cdrs < half else without_cdrs
             try:
-                entries = await self._read(names, self.cfg.read_batch, None)
+                entries = await self._read(streams, without_cdrs, self.cfg.read_batch, None)
                 if not entries:
                     # Nothing new: wait for the next entry holding room for one per stream, not for a
                     # batch: a reader blocked on a quiet shard would keep that room from busy ones.
-                    entries = await self._read(names, len(names), 1000)
+                    entries = await self._read(streams, without_cdrs, len(streams), 1000)
                 delay = 0.1
             except (RedisError, OSError) as exc:
                 await self._redis_trouble(exc, delay)
@@ -325,15 +323,24 @@ class Forwarder:
                 continue
             self._feed(shard, entries)
 
-    async def _read(self, streams: dict[str, int], want: int, block_ms: int | None) -> list[Entry]:
+    async def _read(
+        self, streams: dict[str, int], without_cdrs: dict[str, int], want: int, block_ms: int | None
+    ) -> list[Entry]:
         """Read new entries into reserved room; the caller feeds them (no await in between)."""
         count = await self._reserve(want)
+        # XREADGROUP's COUNT applies to each stream: split the reserved room between them. (With
+        # less room than streams, which only a max_buffered under 40 allows, one entry per stream
+        # may exceed it by a few.)
+        per = max(1, count // len(streams))
+        # CDRs wait for their session's updates, which may still be unread in Redis: never let them
+        # (held or being read) fill more than half the buffer, or a CDR backlog would deadlock the readers.
+        cdr_room = per if self._cdrs + self._cdrs_reading + per <= self._cdr_limit else 0
+        names = streams if cdr_room else without_cdrs
+        self._cdrs_reading += cdr_room
         try:
-            # XREADGROUP's COUNT applies to each stream: split the reserved room between them. (With
-            # less room than streams, which only a max_buffered under 40 allows, one entry per stream
-            # may exceed it by a few.)
-            return await self.ds.read_new(streams, self.me, max(1, count // len(streams)), block_ms)
+            return await self.ds.read_new(names, self.me, per if cdr_room else max(1, count // len(names)), block_ms)
         finally:
+            self._cdrs_reading -= cdr_room
             self._free(count)
 
     async def _redis_trouble(self, exc: BaseException, delay: float) -> None:
@@ -624,7 +631,9 @@ class Forwarder:
             "replica": self.me,
         }
         dead_id = await self._record(shard, lambda: self.ds.dead_letter(entry, _info_encoder.encode(info), park=park))
-        if park and dead_id is not None:
+        if park:
+            # Even without a dead id: a retried script whose first run parked the key (reply lost)
+            # finds nothing left to delete. A member too many costs one HGET, one too few sends.
             shard.parked.add(f"{ev.module}|{ev.key}")
         metrics.DEAD_LETTERED.labels(module=ev.module, kind=info["kind"]).inc()
         log.warning("dead_lettered", event_id=ev.id, module=ev.module, key=ev.key, dead_id=dead_id,

@@ -128,7 +128,7 @@ class Link:
         try:
             return await w.future
         except asyncio.CancelledError:
-            if w.future.done() and not w.future.cancelled():
+            if w.future.done() and not w.future.cancelled() and w.future.exception() is None:
                 self.release(w.future.result())  # granted, then cancelled before it could run
             else:
                 with contextlib.suppress(ValueError):

@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from relay import constants as K
 from relay.config import MODULES, RedisSettings
 from relay.errors import StoreUnavailable
-from relay.events import Event, encode
+from relay.events import Event, decode, encode
 from relay.ordering import shard_of
 
 log = structlog.get_logger(__name__)
@@ -343,11 +343,15 @@ class Store:
     async def _flush(self, batch: list[_Pending]) -> None:
         try:
             results = await self._execute(batch)
-        except (RedisError, OSError) as exc:
+        except BaseException as exc:
+            # Any failure (a reply hiredis cannot parse, an argument it cannot pack, cancellation)
+            # fails the whole batch: a future left pending would hang a request or a key forever.
             err = StoreUnavailable(f"redis: {exc.__class__.__name__}: {exc}")
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(err)
+            if not isinstance(exc, Exception):
+                raise
             return
         for item, result in zip(batch, results, strict=False):
             if item.future.done():
@@ -557,8 +561,6 @@ def id_tuple(stream_id: str) -> tuple[int, int]:
 
 
 def _entry(stream: str, shard: int, sid: Any, fields: dict[bytes, bytes]) -> Entry:
-    from relay.events import decode
-
     after = fields.get(b"a")
     origin = fields.get(b"o")
     return Entry(
@@ -684,7 +686,7 @@ class DeliveryStore:
             "dead",
             [entry.stream, K.dlq_key(ev.module, shard), K.session_done_key(shard), K.parked_key(shard)],
             [
-                K.GROUP, entry.id, _encode(ev), info,
+                K.GROUP, entry.id, encode(ev), info,
                 ev.key if ev.module == "sessions" else "", entry.after or "",
                 f"{ev.module}|{ev.key}" if park else "",
             ],
@@ -713,8 +715,6 @@ class DeliveryStore:
     # dead letters
     async def dead_letters(self, module: str, shard: int, start: str = "-", count: int = 100) -> list[DeadLetter]:
         """Dead letters of one module's shard, oldest first, from ``start`` (inclusive)."""
-        from relay.events import decode
-
         rows = await self.redis.xrange(K.dlq_key(module, shard), min=start, count=count)
         out = []
         for sid, f in rows:
@@ -768,12 +768,6 @@ class DeliveryStore:
             firsts = [id_tuple(_s(rows[0][0]))[0] for rows in res[i * n : (i + 1) * n] if rows]
             out[module] = min(firsts) / 1000 if firsts else None
         return out
-
-
-def _encode(ev: Event) -> bytes:
-    from relay.events import encode as enc
-
-    return enc(ev)
 
 
 _info_decoder = msgspec.msgpack.Decoder(dict[str, Any])

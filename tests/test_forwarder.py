@@ -421,6 +421,32 @@ async def test_a_parked_key_stays_parked_for_the_next_owner_and_goes_on_after_a_
     assert len(await nxt.dead()) == 1  # only the parked update 2 stays dead
 
 
+async def test_a_key_parked_by_a_script_whose_reply_was_lost_stays_parked(make_env: Callable[..., Any]) -> None:
+    # The park ran in Redis but its reply was lost (timeout): the retried script finds the entry gone
+    # and returns no dead id. The key must still count as parked in memory.
+    env: Env = await make_env(RELAY_FORWARDER_ON_PERMANENT="park")
+    fwd = env.relay.forwarder
+    assert fwd is not None
+    real = fwd.ds.dead_letter
+    runs: list[str | None] = []
+
+    async def reply_lost_once(entry: Any, info: bytes, *, park: bool) -> str | None:
+        dead_id = await real(entry, info, park=park)
+        runs.append(dead_id)
+        if len(runs) == 1:
+            raise TimeoutError("the reply was lost after the script ran")
+        return dead_id
+
+    fwd.ds.dead_letter = reply_lost_once  # type: ignore[method-assign]
+    env.iop.script = lambda r: Reply(status=200, ocpi=2001) if loc_of(r) == "K1" and seq(r) == 1 else None
+    await env.put_loc("K1", 1)
+    await until(lambda: len(runs) >= 2, what="dead letter retried")
+    assert runs[0] is not None and runs[1] is None
+    await env.put_loc("K1", 2)
+    await until_async(lambda: _count_dead(env, 2), what="update 2 parked")
+    assert env.seqs("K1") == []  # update 2 was not sent
+
+
 async def test_readers_of_many_shards_hold_at_most_max_buffered_entries(make_env: Callable[..., Any]) -> None:
     # Four shard readers share one buffer. Each reserves its room before it reads: counting only
     # after the read let every reader take a full batch into the same free room.

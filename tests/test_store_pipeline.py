@@ -34,6 +34,13 @@ async def test_an_error_reply_fails_only_its_own_command(store: Store) -> None:
     assert results[2] == b"x"
 
 
+async def test_a_command_that_cannot_be_sent_fails_its_batch_instead_of_hanging(store: Store) -> None:
+    good, bad = store.call("SET", "a", "1"), store.call("SET", "b", None)  # None cannot be packed
+    results = await asyncio.wait_for(asyncio.gather(good, bad, return_exceptions=True), 5)
+    assert all(isinstance(r, StoreUnavailable) for r in results)
+    assert await asyncio.wait_for(store.call("SET", "c", "1"), 5) == b"OK"  # the next batch goes out
+
+
 async def test_a_connection_closed_by_redis_is_replaced(store: Store) -> None:
     assert await store.call("PING") == b"PONG"
     admin = admin_client(store)
