@@ -132,12 +132,22 @@ class _StdlibHandler(logging.StreamHandler[Any]):
     """Marks the handler configure_logging() installed, so a second call replaces it."""
 
 
+_debug = True  # until configure_logging() says otherwise: structlog's default logs everything
+
+
+def debug_enabled() -> bool:
+    """Whether debug lines are written: hot paths skip building one that would be filtered out."""
+    return _debug
+
+
 def configure_logging(level: str = "info", fmt: str = "json", redact: Iterable[str] = ()) -> None:
     """Configure structlog (and stdlib logging for aiohttp's own messages) once per process.
 
     The renderer stays the last processor (tests wrap it in place to capture rendered lines).
     """
+    global _debug
     lvl = logging.getLevelName(level.upper())
+    _debug = lvl <= logging.DEBUG
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"

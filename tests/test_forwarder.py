@@ -447,6 +447,32 @@ async def test_a_key_parked_by_a_script_whose_reply_was_lost_stays_parked(make_e
     assert env.seqs("K1") == []  # update 2 was not sent
 
 
+async def test_entries_of_a_read_whose_reply_was_lost_are_sent_before_newer_ones(make_env: Callable[..., Any]) -> None:
+    # XREADGROUP ran in Redis (the entries are now pending to this consumer) but its reply was lost.
+    # The reader must take them back before it reads on, or they would wait for a restart, or be
+    # sent after newer updates of the same objects.
+    env: Env = await make_env(RELAY_REDIS_SHARDS="1")
+    fwd = env.relay.forwarder
+    assert fwd is not None
+    real = fwd.ds.read_new
+    lost: list[int] = []
+
+    async def reply_lost_once(streams: dict[str, int], consumer: str, count: int, block_ms: int | None) -> list[Any]:
+        got = await real(streams, consumer, count, block_ms)
+        if got and not lost:
+            lost.append(len(got))
+            raise ConnectionError("the reply was lost after XREADGROUP ran")
+        return got
+
+    fwd.ds.read_new = reply_lost_once  # type: ignore[method-assign]
+    await env.put_loc("R1", 1)
+    await until(lambda: bool(lost), what="a lost read")
+    for n in (2, 3):
+        await env.put_loc("R1", n)
+    await env.iop.wait_for(lambda: env.seqs("R1") == [1, 2, 3], timeout=10)
+    await until_async(env.all_streams_empty)
+
+
 async def test_readers_of_many_shards_hold_at_most_max_buffered_entries(make_env: Callable[..., Any]) -> None:
     # Four shard readers share one buffer. Each reserves its room before it reads: counting only
     # after the read let every reader take a full batch into the same free room.

@@ -281,3 +281,17 @@ async def test_relay_logs_ids_on_failures_nothing_per_delivery_and_no_secret(
     # No line per successful delivery (nor per accepted event) at INFO.
     assert not [line for line in lines if line.get("event_id") in ok_ids or any(i in str(line) for i in ok_ids)]
     assert not [line for line in lines if line["level"] == "debug"]
+
+
+def test_debug_lines_are_known_to_be_off_at_info_level() -> None:
+    # The forwarder skips building its per-event debug line when debug is off; it must still log
+    # it when an operator turns debug on.
+    from relay import logs
+
+    try:
+        logs.configure_logging("info", "console")
+        assert logs.debug_enabled() is False
+        logs.configure_logging("debug", "console")
+        assert logs.debug_enabled() is True
+    finally:
+        logs.configure_logging("debug", "console")  # what the suite runs with (tests/conftest.py)
