@@ -192,7 +192,8 @@ class Store:
         # unions of every encoding; the typed methods below are the boundary instead.
         self.redis: Any = client
         pool = client.connection_pool
-        tls = "SSL" in pool.connection_class.__name__
+        # rediss:// keeps redis-py's pipeline: the raw connection speaks plain TCP or a unix socket.
+        tls = issubclass(pool.connection_class, aioredis.SSLConnection)
         self._raw = None if tls else _RawPipe(pool.connection_kwargs, settings.socket_timeout_s)
         self.settings = settings
         self.shards = settings.shards

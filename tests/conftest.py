@@ -19,6 +19,7 @@ from relay.ingress import create_app
 from relay.logs import configure_logging
 from relay.store import Store, connect
 from relay.typedefs import Health
+from tests.fake_iop import FakeIop
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = Path(os.environ.get("RELAY_REFERENCE_DIR", REPO.parent / "shared" / "reference")) / "ocpi-2.2.1" / "examples"
@@ -87,6 +88,15 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
     await s.ensure_groups()
     yield s
     await s.close()
+
+
+@pytest.fixture
+async def iop() -> AsyncIterator[FakeIop]:
+    """A fake IOP on loopback answering 200 + OCPI 1000 unless scripted."""
+    fake = FakeIop()
+    await fake.start()
+    yield fake
+    await fake.close()
 
 
 @pytest.fixture

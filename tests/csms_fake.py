@@ -28,7 +28,8 @@ from aiohttp import web
 from relay.config import MODULES, Settings
 from relay.service import Relay
 from tests.conftest import AUTH, gireve_location
-from tests.fake_iop import FakeIop, free_port
+from tests.fake_iop import FakeIop
+from tests.loopback import LoopbackServer, wait_until
 from tests.ocpi_peer import VERSION, OcpiPeer, running, token_header
 
 CSMS_TOKEN = "csms-webhook-secret"
@@ -48,11 +49,13 @@ class CsmsPost:
         return str(self.body.get("kind"))
 
 
-class CsmsFake:
+class CsmsFake(LoopbackServer):
     """The CSMS's webhook. ``answer(post)`` scripts the reply to a command (default: ``result``)."""
 
+    shutdown_timeout = 0.2
+
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.posts: list[CsmsPost] = []
         self.result = "ACCEPTED"
         self.message: str | None = None
@@ -62,9 +65,6 @@ class CsmsFake:
         self.answer: Callable[[CsmsPost], dict[str, Any] | None] = lambda _: None
         # Awaited before answering: a CSMS that does something first (posts the result, say).
         self.before_answer: Callable[[CsmsPost], Awaitable[None]] | None = None
-        self.changed = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
 
     @property
     def url(self) -> str:
@@ -92,44 +92,19 @@ class CsmsFake:
             return web.json_response(reply)
         return web.json_response({})
 
-    async def start(self) -> None:
-        """Listen (again) on the same port."""
-        if self._runner is None:
-            app = web.Application()
-            app.router.add_post("/csms/ocpi-webhook", self._handle)
-            self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.2, access_log=None)
-            await self._runner.setup()
-        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
-        await self._site.start()
-
-    async def down(self) -> None:
-        """Stop listening and cut open keep-alive connections: calls are refused until start()."""
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-        if self._runner is not None and self._runner.server is not None:
-            for conn in self._runner.server.connections:
-                conn.force_close()
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/csms/ocpi-webhook", self._handle)
 
     async def close(self) -> None:
         if self.hold is not None:
             self.hold.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await super().close()
 
     def of_kind(self, kind: str) -> list[CsmsPost]:
         return [p for p in self.posts if p.kind == kind]
 
     async def wait_for(self, cond: Callable[[], bool], timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"csms: condition not met within {timeout}s; {len(self.posts)} posts")
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), min(left, 0.2))
+        await wait_until(self.changed, cond, timeout, lambda: f"csms: {len(self.posts)} posts")
 
 
 class RecordingIop(FakeIop):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tests.loopback import LoopbackServer, wait_until
 
 
 @dataclass
@@ -58,26 +59,16 @@ def ok() -> Reply:
     return Reply()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class FakeIop:
+class FakeIop(LoopbackServer):
     """Answers every request with ``script(request)`` (default: 200 + OCPI 1000)."""
 
     def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
+        super().__init__(port)
         self.received: list[Received] = []  # in the order answered
         self.arrived: list[Received] = []  # in the order they came in (answered or not yet)
         self.inflight = 0
         self.max_inflight = 0
         self.script: Script = lambda _: None
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
-        self.changed = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -108,42 +99,12 @@ class FakeIop:
             body = json.dumps(envelope).encode() if reply.ocpi is not None else b""
         return web.Response(status=reply.status, body=body, headers=reply.headers, content_type="application/json")
 
-    async def start(self) -> None:
-        """Listen (again) on the same port."""
-        if self._runner is None:
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
-            await self._runner.setup()
-        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
-        await self._site.start()
-
-    async def down(self) -> None:
-        """Stop listening: connections are refused until start(); open keep-alive connections are cut."""
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-        if self._runner is not None and self._runner.server is not None:
-            for conn in self._runner.server.connections:
-                conn.force_close()
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_route("*", "/{tail:.*}", self._handle)
 
     async def wait_for(self, cond: Callable[[], bool], timeout: float = 20.0) -> None:
         """Wait until cond() holds (checked after each request), or fail."""
-        deadline = time.monotonic() + timeout
-        while not cond():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"condition not met within {timeout}s; {len(self.received)} requests")
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), min(left, 0.2))
-            except TimeoutError:
-                pass
+        await wait_until(self.changed, cond, timeout, lambda: f"{len(self.received)} requests")
 
     def paths(self, method: str | None = None) -> list[str]:
         return [r.path for r in self.received if method is None or r.method == method]

@@ -41,6 +41,7 @@ from relay.config import MODULES, Settings
 from relay.service import Relay
 from relay.store import Store
 from tests.conftest import AUTH, REPO, TOKEN, gireve_location
+from tests.loopback import wait_until
 
 VERSION = "2.2.1"
 ROUTING_HEADERS = ("OCPI-from-country-code", "OCPI-from-party-id", "OCPI-to-country-code", "OCPI-to-party-id")
@@ -211,14 +212,7 @@ class OcpiPeer:
         return [s.json()["name"] for s in self.seen if s.path == path and s.method == "PUT" and s.authorized]
 
     async def wait_for(self, cond: Callable[[], bool], timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"peer: condition not met within {timeout}s; saw {[s.path for s in self.seen]}")
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), min(left, 0.2))
+        await wait_until(self.changed, cond, timeout, lambda: f"peer saw {[s.path for s in self.seen]}")
 
     # -- acting as the IOP towards the relay -----------------------------------------------------------
 

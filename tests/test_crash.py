@@ -30,7 +30,8 @@ import redis.asyncio as aioredis
 from relay import constants as K
 from relay.config import MODULES
 from tests.conftest import AUTH, REPO, TOKEN, example, gireve_location
-from tests.fake_iop import FakeIop, free_port, random_faults
+from tests.fake_iop import FakeIop, random_faults
+from tests.loopback import free_port
 
 pytestmark = pytest.mark.slow
 

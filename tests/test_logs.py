@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ import pytest
 from relay.config import Settings
 from relay.logs import REDACTED, Redactor, add_secrets, settings_secrets
 from tests.conftest import REPO, gireve_location
-from tests.fake_iop import FakeIop, Received, Reply, free_port
+from tests.fake_iop import FakeIop, Received, Reply
+from tests.loopback import free_port
 from tests.test_forwarder import loc_of
 
 INGRESS_SECRET = "ingress-S3cret-4f9c2a71"
@@ -198,14 +199,6 @@ def served(redis_url: str, tmp_path: Path) -> Iterator[Callable[[FakeIop], Serve
         if s.proc.poll() is None:
             s.proc.kill()
             s.proc.wait(timeout=10)
-
-
-@pytest.fixture
-async def iop() -> AsyncIterator[FakeIop]:
-    fake = FakeIop()
-    await fake.start()
-    yield fake
-    await fake.close()
 
 
 async def test_relay_logs_ids_on_failures_nothing_per_delivery_and_no_secret(

@@ -36,14 +36,6 @@ def event(module: Any, method: Method, object_id: str, *, evse: str | None = Non
 
 
 @pytest.fixture
-async def iop() -> AsyncIterator[FakeIop]:
-    fake = FakeIop()
-    await fake.start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
 async def client(iop: FakeIop) -> AsyncIterator[OcpiClient]:
     settings = IopSettings(url=iop.url + "/", token=TOKEN, connect_timeout_s=1, request_timeout_s=2)
     c = OcpiClient(settings, StaticDirectory(settings))

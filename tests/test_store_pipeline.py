@@ -90,3 +90,14 @@ async def test_auth_and_database_are_sent_on_the_pipeline_connection(store: Stor
     finally:
         await admin.config_set("requirepass", "")
         await admin.aclose()
+
+
+async def test_tls_urls_keep_redis_pys_pipeline(settings: Settings) -> None:
+    # The raw connection speaks plain TCP or a unix socket only; rediss:// must not fall back to plain text.
+    tls = Store(connect("rediss://127.0.0.1:6380/0", settings.redis), settings.redis)
+    plain = Store(connect(settings.redis.url, settings.redis), settings.redis)
+    try:
+        assert tls._raw is None and plain._raw is not None
+    finally:
+        await tls.close()
+        await plain.close()
