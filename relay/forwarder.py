@@ -1,13 +1,16 @@
 """The delivery engine: shard leases, consumer-group readers, one ordered runner per object.
 
-Data path: shard streams → per-key queues (bounded) → Link slot → OcpiClient → classify →
-ack / retry / dead letter. See docs/delivery.md for the design and its guarantees.
+Data path: shard streams → per-key queues (bounded) → a fixed pool of workers → Link slot →
+OcpiClient → classify → ack; a key that needs more than one delivered attempt (retries, dead
+letters, a CDR waiting for its session, a parked key) gets a runner task of its own until its head
+entry is done. See docs/delivery.md for the design and its guarantees.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import socket
@@ -52,6 +55,9 @@ class _Shard:
     reader: asyncio.Task[None] | None = None
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     sending: int = 0  # requests of this shard on the wire right now
+    # Keys of this shard held by a worker's attempt or by an acknowledgement in flight (the keys
+    # held by a runner task are in ``runners``).
+    active: int = 0
     # module|key fields parked in Redis, loaded when the shard is taken: the common case (nothing
     # parked) then costs no Redis read per event. A replay unparks in Redis only; a stale member
     # is checked against Redis before it is believed.
@@ -70,6 +76,9 @@ class _Attempts:
 _HEALING = "healing: the IOP does not know the object; a PUT of the whole object follows"
 
 
+_KIND_LABEL = {kind: kind.value for kind in Kind}  # a dict lookup, not an enum property call per event
+
+
 def _log_attempt(ev: Event, attempts: _Attempts, outcome: Outcome, request_id: str) -> None:
     if outcome.kind is not Kind.DELIVERED:
         log.warning(
@@ -77,7 +86,7 @@ def _log_attempt(ev: Event, attempts: _Attempts, outcome: Outcome, request_id: s
             outcome=outcome.kind.value, reason=outcome.reason, http_status=outcome.http_status,
             ocpi_code=outcome.ocpi_code, request_id=request_id, correlation_id=ev.correlation_id or ev.id,
         )  # fmt: skip
-    elif logs.debug_enabled():  # the fields of a filtered-out line cost ~3.5 µs per event to build
+    else:
         log.debug("delivered", event_id=ev.id, module=ev.module, key=ev.key, attempt=attempts.count,
                   request_id=request_id, correlation_id=ev.correlation_id or ev.id)  # fmt: skip
 
@@ -120,12 +129,25 @@ class Forwarder:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ttl_ms = int(self.cfg.lease_ttl_s * 1000)
+        # Whether "delivered" debug lines are written (set once logging is configured, in start()):
+        # building the fields of a line that is then filtered out costs ~3.5 µs per event.
+        self._debug = True
+        # Keys with entries and nobody working on them, for the workers. A key with a queue in
+        # shard.queues is in exactly one place: here, a worker's attempt, an ack in flight, or a
+        # runner task. Never two: that is what keeps one event per key in flight.
+        self._ready: deque[tuple[_Shard, tuple[str, str]]] = deque()
+        self._idle: deque[asyncio.Future[None]] = deque()  # one per worker waiting for a ready key
+        self._workers: set[asyncio.Task[None]] = set()
+        self._working: dict[asyncio.Task[None], _Shard] = {}  # worker → shard of its attempt on the wire
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load scripts and start the lease loop (which starts shard readers)."""
         await self.ds.load_scripts()
+        self._debug = logs.debug_enabled()
+        for _ in range(self.cfg.concurrency):
+            self._spawn_worker()
         self._tasks.append(asyncio.create_task(self._lease_loop(), name="relay-leases"))
         log.info("forwarder_started", replica=self.me, concurrency=self.cfg.concurrency)
 
@@ -142,18 +164,21 @@ class Forwarder:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        runners = [r for s in self.shards.values() for r in s.runners.values()]
         readers = [s.reader for s in self.shards.values() if s.reader is not None]
         for r in readers:
             r.cancel()
-        cut: set[int] = set()
-        if runners:
-            _, pending = await asyncio.wait(runners, timeout=self.cfg.shutdown_timeout_s)
-            cut = {s.index for s in self.shards.values() if s.sending}
-            for r in pending:
-                r.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.gather(*readers, return_exceptions=True)
+        self._wake_idle()  # idle workers leave; busy ones end their attempt first
+        shards = list(self.shards.values())
+        busy = [r for s in shards for r in s.runners.values()] + list(self._workers)
+        deadline = time.monotonic() + self.cfg.shutdown_timeout_s
+        if busy:
+            await asyncio.wait(busy, timeout=self.cfg.shutdown_timeout_s)
+        await self._settle(shards, deadline)  # acknowledgements still in flight
+        cut = {s.index for s in shards if s.sending}
+        left = [r for s in shards for r in s.runners.values()] + list(self._workers)
+        for r in left:
+            r.cancel()
+        await asyncio.gather(*left, *readers, return_exceptions=True)
         for index in list(self.shards):
             if index in cut:
                 # A request was cut short on the wire: the IOP may still apply it. Not handing the
@@ -233,6 +258,7 @@ class Forwarder:
             shard.reader.cancel()
         for r in shard.runners.values():
             r.cancel()
+        self._cut_workers(shard)
         log.warning("shard_lost", shard=index, reason=reason)
 
     async def _hand_back(self, index: int) -> None:
@@ -242,16 +268,15 @@ class Forwarder:
         await self.link.wake()  # its attempts waiting behind a paused or down link give up now
         if shard.reader is not None:
             shard.reader.cancel()
-        runners = list(shard.runners.values())
-        if runners:
-            _, pending = await asyncio.wait(runners, timeout=self.cfg.shutdown_timeout_s)
-            if shard.sending:
-                # An attempt is still on the wire: let the lease expire instead, so the next owner
-                # waits claim_idle_s (longer than any attempt) before resending after it.
-                for r in pending:
-                    r.cancel()
-                log.warning("shard_not_released", shard=index, reason="attempt still in flight")
-                return
+        await self._settle([shard], time.monotonic() + self.cfg.shutdown_timeout_s)
+        if shard.sending:
+            # An attempt is still on the wire: let the lease expire instead, so the next owner
+            # waits claim_idle_s (longer than any attempt) before resending after it.
+            for r in shard.runners.values():
+                r.cancel()
+            self._cut_workers(shard)
+            log.warning("shard_not_released", shard=index, reason="attempt still in flight")
+            return
         await self.ds.release(index, self.me, self._ttl_ms)
         log.info("shard_released", shard=index, replica=self.me)
 
@@ -380,39 +405,205 @@ class Forwarder:
             qkey = (entry.event.module, entry.event.key)
             q = shard.queues.get(qkey)
             if q is None:
-                q = shard.queues[qkey] = deque()
-            elif q and id_tuple(entry.id) <= id_tuple(q[-1].id):
+                shard.queues[qkey] = deque((entry,))
+                self._push_ready(shard, qkey)  # a new queue: nobody works on the key yet
+                continue
+            if q and id_tuple(entry.id) <= id_tuple(q[-1].id):
                 # Already held in memory: a consumer group recreated after NOGROUP hands out its
                 # stream again from 0. Queued twice, the key would go back to an older update.
                 held += 1
                 held_cdrs += entry.event.module == "cdrs"
                 continue
             q.append(entry)
-            if qkey not in shard.runners:
-                shard.runners[qkey] = asyncio.create_task(self._run_key(shard, qkey))
         if held:
             self._free(held, held_cdrs)
 
-    # -- one ordering key -----------------------------------------------------------------------
+    # -- workers and key runners ----------------------------------------------------------------
 
-    async def _run_key(self, shard: _Shard, qkey: tuple[str, str]) -> None:
-        """Deliver a key's entries strictly one after the other; a retrying key holds only itself."""
+    def _push_ready(self, shard: _Shard, qkey: tuple[str, str]) -> None:
+        """Hand a key with entries and nobody working on it to the workers (wakes one)."""
+        self._ready.append((shard, qkey))
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    def _wake_idle(self) -> None:
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _spawn_worker(self) -> None:
+        task = asyncio.create_task(self._worker(), name="relay-worker")
+        self._workers.add(task)
+        task.add_done_callback(self._workers.discard)
+
+    def _cut_workers(self, shard: _Shard) -> None:
+        """Cut the attempts workers have on the wire for a shard we no longer own, as its runners
+        are cut; a new worker takes the place of each one."""
+        for task, on in list(self._working.items()):
+            if on is shard:
+                del self._working[task]
+                task.cancel()
+                if not self._stopping.is_set():
+                    self._spawn_worker()
+
+    def _drop(self, shard: _Shard, qkey: tuple[str, str]) -> None:
+        """Forget a key's entries without acknowledging them (stopping, or the shard is no longer
+        ours): they stay pending in Redis and the shard's next owner sends them again."""
+        q = shard.queues.pop(qkey, None)
+        if q:
+            left = len(q)
+            self._free(left, left * (qkey[0] == "cdrs"))
+            q.clear()
+
+    def _gone(self, shard: _Shard) -> bool:
+        return shard.lost.is_set() or self._stopping.is_set()
+
+    async def _settle(self, shards: list[_Shard], deadline: float) -> None:
+        """Wait, until the deadline, for the attempts, acks and key runners of these shards to end."""
+        while any(s.active or s.runners for s in shards) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # only when stopping or handing a shard back
+
+    async def _worker(self) -> None:
+        """Make the first attempt of ready keys' head entries: the common case, with no task per key.
+
+        Delivered: the ack goes out and the worker takes the next key; the key stays held (none
+        of its later entries is sent) until the ack's callback has seen it written. Anything
+        else (a failed attempt, a CDR with a session to wait for, a parked key) goes to a runner
+        task for the key, which retries, dead-letters and parks as before.
+        """
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        assert me is not None
+        ready = self._ready
+        while not self._stopping.is_set():
+            if not ready:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
+                continue
+            shard, qkey = ready.popleft()
+            held = False  # whether this worker counts in shard.active for the key
+            try:
+                q = shard.queues.get(qkey)
+                if not q:
+                    continue
+                if self._gone(shard):
+                    self._drop(shard, qkey)
+                    continue
+                entry = q[0]
+                if entry.after is not None or (shard.parked and f"{qkey[0]}|{qkey[1]}" in shard.parked):
+                    self._run_slow(shard, qkey)
+                    continue
+                attempts = _Attempts()
+                shard.active += 1
+                held = True
+                self._working[me] = shard
+                try:
+                    outcome = await self._attempt(shard, entry, attempts)
+                finally:
+                    # Before anything below can call _lose(): it would cancel this worker.
+                    self._working.pop(me, None)
+                if outcome.kind is Kind.DELIVERED:
+                    # Acknowledged even if the shard is lost meanwhile: the IOP has the event.
+                    self.ds.finish(entry).add_done_callback(functools.partial(self._acked, shard, qkey, entry))
+                    continue  # the key, and its place in shard.active, pass to the ack's callback
+                shard.active -= 1
+                held = False
+                if self._gone(shard):
+                    self._drop(shard, qkey)
+                else:
+                    self._run_slow(shard, qkey, (outcome, attempts))
+            except asyncio.CancelledError:
+                shard.active -= held
+                self._drop(shard, qkey)
+                raise
+            except Exception as exc:
+                shard.active -= held
+                if not isinstance(exc, Abandon | GaveUp):
+                    # A bug: losing the shard lets its next owner send the key's entries again, in
+                    # order, instead of leaving the key with nobody working on it.
+                    log.exception("key_runner_failed", key=qkey[1], module=qkey[0])
+                    self._lose(shard.index, "worker failure")
+                self._drop(shard, qkey)
+
+    def _acked(self, shard: _Shard, qkey: tuple[str, str], entry: Entry, ack: asyncio.Future[Any]) -> None:
+        """Done-callback of a worker's ack: only now may the key's next entry go out."""
+        shard.active -= 1
+        try:
+            q = shard.queues.get(qkey)
+            if not q or q[0] is not entry:
+                return
+            if ack.cancelled() or ack.exception() is not None:
+                # Delivered but not recorded: a runner writes the ack again before the key goes on.
+                if self._gone(shard):
+                    self._drop(shard, qkey)
+                else:
+                    metrics.REDIS_ERRORS.labels(op="deliver").inc()
+                    error = "cancelled" if ack.cancelled() else str(ack.exception())
+                    log.warning("ack_failed", shard=shard.index, module=qkey[0], key=qkey[1], error=error)
+                    self._run_slow(shard, qkey, acking=True)
+                return
+            self._count_delivered(entry.event)
+            q.popleft()
+            self._free(1, qkey[0] == "cdrs")
+            if not q:
+                del shard.queues[qkey]
+            elif self._gone(shard):
+                self._drop(shard, qkey)
+            else:
+                self._push_ready(shard, qkey)
+        except Exception:
+            # A bug here would leave the key with nobody working on it: lose the shard instead.
+            log.exception("ack_callback_failed", key=qkey[1], module=qkey[0])
+            self._lose(shard.index, "ack callback failure")
+            self._drop(shard, qkey)
+
+    def _count_delivered(self, ev: Event) -> None:
+        metrics.DELIVERED.inc(ev.module)
+        metrics.DELIVERY_LATENCY.observe(max(0.0, self.clock() - ev.received_at), ev.module)
+
+    def _run_slow(
+        self, shard: _Shard, qkey: tuple[str, str], first: tuple[Outcome, _Attempts] | None = None,
+        *, acking: bool = False,
+    ) -> None:  # fmt: skip
+        shard.runners[qkey] = asyncio.create_task(self._run_key(shard, qkey, first, acking=acking))
+
+    async def _run_key(
+        self, shard: _Shard, qkey: tuple[str, str], first: tuple[Outcome, _Attempts] | None = None,
+        *, acking: bool = False,
+    ) -> None:  # fmt: skip
+        """A key's head entry until delivered or dead-lettered, then the key goes back to the
+        workers. ``first``: the attempt a worker already made; ``acking``: delivered, the ack to
+        write again. A retrying key holds only itself."""
         q = shard.queues[qkey]
         cdr = int(qkey[0] == "cdrs")
         delay = 0.05
+        handed = False
         try:
-            while q and not shard.lost.is_set():
+            while not shard.lost.is_set():
                 try:
-                    await self._deliver(shard, q[0])
+                    if acking:
+                        await self._record(shard, functools.partial(self.ds.finish, q[0]))
+                        self._count_delivered(q[0].event)
+                    else:
+                        made, first = first, None
+                        await self._deliver(shard, q[0], made)
                 except (RedisError, OSError, StoreUnavailable) as exc:
                     # Redis unreachable for the checks before an attempt (parked, session watermark):
                     # nothing was sent or acknowledged; go again with the same entry once it answers.
                     await self._redis_pause(shard, exc, delay)
                     delay = min(delay * 2, 2.0)
                     continue
-                delay = 0.05
                 q.popleft()
                 self._free(1, cdr)
+                break
+            if q and not self._gone(shard):
+                self._push_ready(shard, qkey)
+                handed = True
         except (Abandon, GaveUp, asyncio.CancelledError):
             pass
         except Exception:
@@ -421,33 +612,36 @@ class Forwarder:
             log.exception("key_runner_failed", key=qkey[1], module=qkey[0])
             self._lose(shard.index, "runner failure")
         finally:
-            left = len(q)
-            if left:
-                self._free(left, left * cdr)
-                q.clear()
-            shard.queues.pop(qkey, None)
             shard.runners.pop(qkey, None)
+            if not handed:
+                self._drop(shard, qkey)
 
-    async def _deliver(self, shard: _Shard, entry: Entry) -> None:
-        """Attempt until delivered or dead-lettered; raises Abandon when told to stop."""
+    async def _deliver(self, shard: _Shard, entry: Entry, first: tuple[Outcome, _Attempts] | None = None) -> None:
+        """Attempt until delivered or dead-lettered; raises Abandon when told to stop.
+
+        ``first``: the outcome of the attempt a worker made (the key was not parked, no session wait).
+        """
         ev = entry.event
-        parked = None
-        if shard.parked and (fld := f"{ev.module}|{ev.key}") in shard.parked:
-            parked = await self.ds.parked(shard.index, ev.module, ev.key)
-            if parked is None:
-                shard.parked.discard(fld)  # unparked by a replay or a purge
-        if parked is not None:
-            why = Outcome(Kind.PERMANENT, f"parked behind dead letter {parked}")
-            await self._dead(shard, entry, _Attempts(), why, park=False)
-            return
-        if entry.after is not None:
-            await self._wait_for_session(shard, entry)
-        attempts = _Attempts()
-        outcome = await self._retrying(shard, entry, attempts)
+        if first is None:
+            parked = None
+            if shard.parked and (fld := f"{ev.module}|{ev.key}") in shard.parked:
+                parked = await self.ds.parked(shard.index, ev.module, ev.key)
+                if parked is None:
+                    shard.parked.discard(fld)  # unparked by a replay or a purge
+            if parked is not None:
+                why = Outcome(Kind.PERMANENT, f"parked behind dead letter {parked}")
+                await self._dead(shard, entry, _Attempts(), why, park=False)
+                return
+            if entry.after is not None:
+                await self._wait_for_session(shard, entry)
+            attempts = _Attempts()
+            outcome = await self._retrying(shard, entry, attempts)
+        else:
+            outcome, attempts = first
+            outcome = await self._retrying(shard, entry, attempts, outcome)
         if outcome.kind is Kind.DELIVERED:
             await self._record(shard, lambda: self.ds.finish(entry))
-            metrics.child(metrics.DELIVERED, ev.module).inc()
-            metrics.child(metrics.DELIVERY_LATENCY, ev.module).observe(max(0.0, self.clock() - ev.received_at))
+            self._count_delivered(ev)
             return
         park = self.cfg.on_permanent == "park" or ev.module in self.cfg.park_modules
         await self._dead(shard, entry, attempts, outcome, park=park and outcome.kind is Kind.PERMANENT)
@@ -476,8 +670,12 @@ class Forwarder:
         if self._stopping.is_set() or shard.lost.is_set():
             raise Abandon()
 
-    async def _retrying(self, shard: _Shard, entry: Entry, attempts: _Attempts) -> Outcome:
-        """Tenacity drives the retries: full-jitter exponential backoff, Retry-After as a floor."""
+    async def _retrying(
+        self, shard: _Shard, entry: Entry, attempts: _Attempts, first: Outcome | None = None
+    ) -> Outcome:
+        """Tenacity drives the retries: full-jitter exponential backoff, Retry-After as a floor.
+
+        ``first``: the outcome of an attempt already made (by a worker)."""
         ev = entry.event
 
         def wait(rs: RetryCallState) -> float:
@@ -500,7 +698,8 @@ class Forwarder:
             if last is not None and last.kind is Kind.TRANSIENT and last.reason != _HEALING:
                 metrics.RETRIED.labels(module=ev.module).inc()
 
-        first = await self._attempt(shard, entry, attempts)
+        if first is None:
+            first = await self._attempt(shard, entry, attempts)
         if first.kind is Kind.DELIVERED or first.kind is Kind.PERMANENT:
             return first  # the common case: no retry machinery at all
         made = [first]
@@ -536,8 +735,6 @@ class Forwarder:
 
     async def _attempt(self, shard: _Shard, entry: Entry, attempts: _Attempts) -> Outcome:
         ev = entry.event
-        if self._stopping.is_set() or shard.lost.is_set():
-            raise Abandon()
         try:
             if outgoing.as_is(self.settings, ev):
                 wire = ev
@@ -571,10 +768,10 @@ class Forwarder:
                 outcome = classify(None, exc=exc)
             finally:
                 shard.sending -= 1
-            metrics.child(metrics.IOP_REQUEST, ev.module).observe(time.perf_counter() - started)
+            metrics.IOP_REQUEST.observe(time.perf_counter() - started, ev.module)
         finally:
             self.link.release(probe)
-        metrics.child(metrics.DELIVERIES, ev.module, outcome.kind.value).inc()
+        metrics.DELIVERIES.inc(ev.module, _KIND_LABEL[outcome.kind])
         if (
             outcome.unknown_object
             and wire.method == "PATCH"
@@ -594,7 +791,8 @@ class Forwarder:
             await self.link.failure(outcome.reason, probe=probe)
         else:
             await self.link.success()
-        _log_attempt(ev, attempts, outcome, request_id)
+        if outcome.kind is not Kind.DELIVERED or self._debug:
+            _log_attempt(ev, attempts, outcome, request_id)
         return outcome
 
     async def _healable(self, event: Event) -> bool:

@@ -107,6 +107,9 @@ class Link:
 
     def try_acquire(self) -> bool | None:
         """A slot right away if one is free and nobody queues (True: it is the probe); else None."""
+        if self.state == "up" and self.inflight < self.limit and not self._waiters:
+            self.inflight += 1  # the per-event path: _may_send() and _take() for the common case
+            return False
         if not self._waiters and self._may_send():
             return self._take()
         return None
@@ -138,6 +141,8 @@ class Link:
     def release(self, probe: bool) -> None:
         """Give back a slot taken with try_acquire() or acquire()."""
         self.inflight -= 1
+        if not probe and not self._waiters:
+            return  # nobody to hand the slot to: _wake() would do nothing
         if probe:
             self._probing = False
             if self.state == "down":
@@ -158,6 +163,8 @@ class Link:
     async def success(self) -> None:
         """An attempt got an answer that says the IOP works (any non-link outcome counts)."""
         self._failures = 0
+        if self.state == "up" and self.limit >= self.concurrency:
+            return
         if self.state == "down":
             self._set("up", "probe succeeded")
             self.limit, self._ramp_ok = 1, 0

@@ -6,13 +6,95 @@ operators of the config, ``CC/PID``). Never an object id. docs/operations.md lis
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from relay import __version__
 from relay.errors import Problem
+
+_le: Callable[[float], str] = floatToGoString  # how prometheus_client writes a bucket bound (untyped there)
+
+
+class HotCounter(Collector):
+    """A labelled counter for the per-event delivery path: plain numbers, exported when scraped.
+
+    prometheus_client's Counter takes a lock and checks its arguments on every ``inc()``; four such
+    updates per delivered event were ~10 % of the forwarder's own work. The event loop is the only
+    writer, so no lock is needed (do not update from other threads).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry = REGISTRY
+    ) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def inc(self, *labels: str) -> None:
+        """Add one to the series of these label values (in ``labelnames`` order)."""
+        values = self._values
+        values[labels] = values.get(labels, 0.0) + 1.0
+
+    def value(self, *labels: str) -> float:
+        """The current count of one series (0 when never incremented)."""
+        return self._values.get(labels, 0.0)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, v in list(self._values.items()):
+            family.add_metric(list(labels), v)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+
+class HotHistogram(Collector):
+    """A labelled histogram for the per-event delivery path (see HotCounter): per series, a count
+    per bucket and the sum, made cumulative only when scraped."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:  # fmt: skip
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        self.bounds = sorted(float(b) for b in buckets)
+        self._series: dict[tuple[str, ...], list[float]] = {}  # per-bucket counts, +Inf, then the sum
+        registry.register(self)
+
+    def observe(self, value: float, *labels: str) -> None:
+        """Record one observation in the series of these label values."""
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0.0] * (len(self.bounds) + 2)
+        series[bisect_left(self.bounds, value)] += 1  # le semantics: the first bound >= value
+        series[-1] += value
+
+    def count(self, *labels: str) -> float:
+        """Observations recorded in one series."""
+        series = self._series.get(labels)
+        return sum(series[:-1]) if series else 0.0
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, series in list(self._series.items()):
+            cumulative, buckets = 0.0, []
+            for bound, n in zip([*self.bounds, float("inf")], series[:-1], strict=True):
+                cumulative += n
+                buckets.append((_le(bound), cumulative))
+            family.add_metric(list(labels), buckets, sum_value=series[-1])
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
 
 BUILD = Info("relay_build", "The running relay's version")
 BUILD.info({"version": __version__})
@@ -29,8 +111,10 @@ UNKNOWN_OBJECT = Counter(
 STATE_CONFLICTS = Counter("relay_state_conflicts_total", "State merges retried because another writer got in first")
 WARNINGS = Counter("relay_events_warnings_total", "GIREVE rule warnings on accepted events", ["module", "rule"])
 
-DELIVERIES = Counter("relay_delivery_attempts_total", "Delivery attempts to the IOP by outcome", ["module", "outcome"])
-DELIVERED = Counter("relay_events_delivered_total", "Events delivered to the IOP", ["module"])
+DELIVERIES = HotCounter(
+    "relay_delivery_attempts_total", "Delivery attempts to the IOP by outcome", ["module", "outcome"]
+)
+DELIVERED = HotCounter("relay_events_delivered_total", "Events delivered to the IOP", ["module"])
 RETRIED = Counter(
     "relay_delivery_retries_total",
     "Attempts that failed transiently and will be tried again after a backoff",
@@ -42,13 +126,13 @@ DEAD_LETTERED = Counter(
 HEALED = Counter("relay_patches_healed_total", "PATCHes the IOP did not know, resent as a PUT of the whole object",
                  ["module"])  # fmt: skip
 REPLAYED = Counter("relay_events_replayed_total", "Dead letters put back on the delivery path", ["module"])
-DELIVERY_LATENCY = Histogram(
+DELIVERY_LATENCY = HotHistogram(
     "relay_delivery_latency_seconds",
     "From ingress accept to the IOP's 2xx",
     ["module"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
 )
-IOP_REQUEST = Histogram(
+IOP_REQUEST = HotHistogram(
     "relay_iop_request_duration_seconds",
     "One HTTP request to the IOP",
     ["module"],

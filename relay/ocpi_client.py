@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import ssl
-import uuid
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote, urljoin, urlsplit
@@ -18,6 +18,7 @@ from relay.config import IopSettings
 from relay.events import Event
 
 _MAX_REDIRECTS = 3
+_REDIRECTS = (301, 302, 307, 308)
 
 
 class IopDirectory(Protocol):
@@ -52,6 +53,11 @@ class Reply:
     headers: CIMultiDictProxy[str]
     body: bytes
     request_id: str
+
+
+def new_request_id() -> str:
+    """T2: a fresh X-Request-ID, 32 random hex digits (uuid4().hex's shape, at a quarter of its cost)."""
+    return os.urandom(16).hex()
 
 
 def authorization(token: str) -> str:
@@ -134,10 +140,18 @@ class OcpiClient:
     async def send(self, event: Event) -> Reply:
         """One attempt with a fresh X-Request-ID. Raises aiohttp/timeout errors, or NotConfigured."""
         url = self.url(event)
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         headers = self.headers(event, request_id)
         data = event.body if event.method != "DELETE" else None
-        return await self._exchange(event.method, url, data, headers, request_id)
+        assert self._session is not None, "start() first"
+        # The first request without _exchange()'s extra coroutine layer, which every resumption of
+        # the request passes through: this is the per-event path. Redirects go on in _exchange().
+        async with self._session.request(event.method, url, data=data, headers=headers, allow_redirects=False) as resp:
+            body = await resp.read()
+            location = resp.headers.get("Location")
+            if not (resp.status in _REDIRECTS and location and _same_origin(url, location)):
+                return Reply(resp.status, resp.headers, body, request_id)
+        return await self._exchange(event.method, urljoin(url, location), data, headers, request_id, redirects=1)
 
     async def authorize(self, uid: str, token_type: str, body: bytes, owner: tuple[str, str], correlation_id: str,
                         timeout_s: float) -> Reply:  # fmt: skip
@@ -145,7 +159,7 @@ class OcpiClient:
         endpoint = self.directory.endpoint("tokens", "SENDER")
         if endpoint is None:
             raise NotConfigured("no IOP endpoint for tokens")
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         headers = {
             "Authorization": self._auth(),
             K.H_REQUEST: request_id,
@@ -160,11 +174,10 @@ class OcpiClient:
         return await asyncio.wait_for(self._exchange("POST", url, body, headers, request_id), timeout_s)
 
     async def _exchange(self, method: str, url: str, data: bytes | None, headers: dict[str, str],
-                        request_id: str) -> Reply:  # fmt: skip
+                        request_id: str, redirects: int = 0) -> Reply:  # fmt: skip
         assert self._session is not None, "start() first"
         # Redirects are followed by hand: aiohttp would turn a PUT into a GET on 301/302, and
         # real receivers redirect to the same path with a trailing slash.
-        redirects = 0
         while True:
             async with self._session.request(
                 method, url, data=data, headers=headers, allow_redirects=False
@@ -172,7 +185,7 @@ class OcpiClient:
                 body = await resp.read()
                 location = resp.headers.get("Location")
                 if (
-                    resp.status in (301, 302, 307, 308)
+                    resp.status in _REDIRECTS
                     and location
                     and _same_origin(url, location)
                     and redirects < _MAX_REDIRECTS

@@ -98,12 +98,28 @@ def classify_exception(exc: BaseException) -> Outcome:
     return Outcome(Kind.TRANSIENT, f"client error: {exc.__class__.__name__}: {exc}", link=True)
 
 
+_delivered: dict[tuple[int, int, str | None], Outcome] = {}
+
+
+def _delivered_outcome(status: int, env: _Envelope) -> Outcome:
+    """Outcomes are immutable and a receiver's success answers repeat: one object per distinct answer."""
+    key = (status, env.status_code, env.status_message)
+    found = _delivered.get(key)
+    if found is None:
+        if len(_delivered) >= 256:  # a receiver that puts a timestamp in its message: stay bounded
+            _delivered.clear()
+        found = _delivered[key] = Outcome(
+            Kind.DELIVERED, "ok", http_status=status, ocpi_code=env.status_code, ocpi_message=env.status_message
+        )
+    return found
+
+
 def _by_ocpi_code(status: int, env: _Envelope, hint: float | None) -> Outcome:
     code, msg = env.status_code, env.status_message
     kw: dict[str, Any] = {"http_status": status, "ocpi_code": code, "ocpi_message": msg}
     if 1000 <= code < 2000:
         if 200 <= status < 300:
-            return Outcome(Kind.DELIVERED, "ok", **kw)
+            return _delivered_outcome(status, env)
         # OCPI success in an HTTP error: the HTTP status is what GIREVE's rule looks at.
         return Outcome(Kind.TRANSIENT, f"http {status} with OCPI {code}", retry_after_s=hint, **kw)
     if 2000 <= code < 3000:
@@ -142,6 +158,10 @@ def classify(
     if exc is not None:
         return classify_exception(exc)
     assert status is not None
+    if 200 <= status < 300 and body:  # the common case first: no Retry-After to read
+        env = _ocpi(body)
+        if env is not None and 1000 <= env.status_code < 2000:
+            return _delivered_outcome(status, env)
     hdrs = headers or {}
     hint = retry_after(hdrs)
     if status in (401, 403):

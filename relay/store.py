@@ -581,6 +581,7 @@ class DeliveryStore:
         self.store = store
         self.redis: Any = store.redis
         self._sha: dict[str, str] = {}
+        self._finish_keys: dict[int, tuple[str, str, str]] = {}  # per shard: built once, used per event
 
     async def load_scripts(self) -> None:
         """Register the delivery scripts (again after NOSCRIPT)."""
@@ -669,10 +670,14 @@ class DeliveryStore:
     def finish(self, entry: Entry) -> asyncio.Future[Any]:
         """Ack + delete a delivered entry and advance its watermarks, in one script (coalesced)."""
         ev = entry.event
-        shard = entry.shard
+        keys = self._finish_keys.get(entry.shard)
+        if keys is None:
+            shard = entry.shard
+            keys = self._finish_keys[shard] = (
+                K.delivered_key(shard), K.session_done_key(shard), K.session_last_key(shard)
+            )  # fmt: skip
         return self.store.call(
-            "EVALSHA", self._sha["finish"], 4,
-            entry.stream, K.delivered_key(shard), K.session_done_key(shard), K.session_last_key(shard),
+            "EVALSHA", self._sha["finish"], 4, entry.stream, *keys,
             K.GROUP, entry.id, f"{ev.module}|{ev.key}",
             ev.key if ev.module == "sessions" else "",
             ev.key if ev.module == "cdrs" else "",

@@ -18,9 +18,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay import __version__
+from relay import __version__, metrics
 from relay.config import Settings
 from relay.embedded_redis import EmbeddedRedis
 from tests.conftest import AUTH, gireve_location
@@ -266,3 +267,37 @@ async def test_readyz_follows_redis_not_the_iop(relay_env: Callable[..., Any]) -
             if env is not None:
                 await env.relay.stop()  # before its Redis goes for good
             await server.stop()
+
+
+# -- the delivery path's own counters -------------------------------------------------------------
+
+
+def _samples(registry: CollectorRegistry) -> list[tuple[str, list[tuple[str, str]], float]]:
+    return sorted(
+        (s.name, sorted(s.labels.items()), s.value)
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+        if not s.name.endswith("_created")  # prometheus_client's own series carry a creation time
+    )
+
+
+def test_hot_metrics_expose_what_prometheus_client_would() -> None:
+    """HotCounter and HotHistogram trade the lock for plain numbers: the scrape must not change."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.005, 0.01, 0.1, 1, 30)
+    hot_c = metrics.HotCounter("x_attempts_total", "doc", ["module", "outcome"], registry=ours)
+    ref_c = Counter("x_attempts_total", "doc", ["module", "outcome"], registry=theirs)
+    hot_h = metrics.HotHistogram("x_seconds", "doc", ["module"], buckets, registry=ours)
+    ref_h = Histogram("x_seconds", "doc", ["module"], buckets=buckets, registry=theirs)
+    for module, outcome in [("locations", "delivered"), ("locations", "delivered"), ("cdrs", "transient")]:
+        hot_c.inc(module, outcome)
+        ref_c.labels(module, outcome).inc()
+    # bounds themselves (le is inclusive), between them, above the last, zero
+    for value in (0.0, 0.005, 0.0051, 0.01, 0.5, 1.0, 29.99, 30.0, 31.0, 4000.0):
+        hot_h.observe(value, "locations")
+        ref_h.labels("locations").observe(value)
+    hot_h.observe(0.2, "cdrs")
+    ref_h.labels("cdrs").observe(0.2)
+    assert _samples(ours) == _samples(theirs)
+    assert hot_c.value("locations", "delivered") == 2 and hot_c.value("sessions", "delivered") == 0
+    assert hot_h.count("locations") == 10 and hot_h.count("tariffs") == 0

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
+from relay import retry
 from relay.retry import Kind, backoff_s, classify, retry_after
 
 
@@ -226,3 +227,15 @@ def test_backoff_is_deterministic_with_a_seeded_rng() -> None:
     a = [backoff_s(n, 1, 60, rng=random.Random(42)) for n in range(1, 8)]
     b = [backoff_s(n, 1, 60, rng=random.Random(42)) for n in range(1, 8)]
     assert a == b
+
+
+def test_delivered_outcomes_are_shared_and_the_cache_stays_bounded() -> None:
+    body = b'{"status_code": 1000, "status_message": "Success", "timestamp": "2026-01-01T00:00:00Z"}'
+    first, again = classify(200, {}, body), classify(200, {"Retry-After": "5"}, body)
+    assert first is again and first.kind is Kind.DELIVERED and first.ocpi_message == "Success"
+    assert first.retry_after_s is None  # a delivered outcome carries no wait
+    for n in range(600):  # a receiver that stamps every answer differently
+        msg = f'{{"status_code": 1000, "status_message": "ok {n}"}}'.encode()
+        out = classify(201, {}, msg)
+        assert out.kind is Kind.DELIVERED and out.ocpi_message == f"ok {n}" and out.http_status == 201
+    assert len(retry._delivered) <= 256
