@@ -18,7 +18,9 @@ Redis (relay.embedded_redis.EmbeddedRedis, unix socket, AOF everysec). Events/s 
 first request at the receiver). The check column needs: every event delivered, no duplicate, in
 order per key, and (relay) the streams empty with nothing pending and no dead letter (acks
 included). The receiver is pinned to --receiver-cpu, the relay and the bare client to --relay-cpu,
-Redis floats.
+and Redis (all its threads) to the receiver's CPU (--redis-cpu): the relay's core is the relay's
+alone, as the bare client's is. A floating Redis (--redis-cpu float) lands on the relay's core part of
+the time and takes its share there.
 
 Usage: python bench/forward.py [--events 50000] [--quick] [--repeat 1] [--profile DIR]
 """
@@ -43,7 +45,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,7 @@ from bench._common import (
     cpu_seconds,
     free_port,
     location_template,
+    pin_process,
     pinned,
     python,
     reset_redis,
@@ -735,20 +738,22 @@ class BareResult(msgspec.Struct):
     rss_peak_kb: int
 
 
-async def bare_client(iop_url: str, work: Workload) -> BareResult:
-    """The same PUTs as the relay sends (URL, body, OCPI headers, fresh X-Request-ID), 64 in flight."""
+async def bare_client(iop_url: str, work: Workload, progress: Callable[[int], None] | None = None) -> BareResult:
+    """The same PUTs as the relay sends (URL, body, OCPI headers, fresh X-Request-ID), 64 in flight.
+
+    ``progress``: called with the number of answers so far after each one (bench/instructions.py)."""
     head, tail = location_template()
     bodies = [head + f"{work.tag}{k}".encode() + tail for k in range(work.keys)]
     urls = [f"{iop_url}/locations/FR/AB1/{work.tag}{k}" for k in range(work.keys)]
     requests = [(urls[seq % work.keys], bodies[seq % work.keys], str(seq)) for seq in range(work.events)]
     auth = authorization(IOP_TOKEN)
     pending = iter(requests)
-    errors = 0
+    errors = answered = 0
     timeout = aiohttp.ClientTimeout(total=35, sock_connect=5, sock_read=30)  # the relay's defaults
     connector = aiohttp.TCPConnector(limit=CONCURRENCY * 2)
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal errors
+        nonlocal errors, answered
         for url, body, corr in pending:
             headers = {
                 "Authorization": auth,
@@ -763,6 +768,9 @@ async def bare_client(iop_url: str, work: Workload) -> BareResult:
             async with session.request("PUT", url, data=body, headers=headers, allow_redirects=False) as resp:
                 await resp.read()
                 errors += resp.status != 200
+            if progress is not None:
+                answered += 1
+                progress(answered)
 
     cpu0 = time.process_time()
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -883,7 +891,8 @@ def _header(ctx: Ctx) -> str:
             f"msgspec {msgspec.__version__}, {server}",
             f"  receiver: bench/receiver.py (aiohttp low-level server, 200 + OCPI 1000) pinned to CPU "
             f"{a.receiver_cpu}; relay (python -m relay serve) and bare client pinned to CPU {a.relay_cpu}; "
-            "embedded Redis (unix socket, AOF everysec, auto-rewrite off) floating",
+            "embedded Redis (unix socket, AOF everysec, auto-rewrite off) "
+            + ("floating" if a.redis_cpu == "float" else f"pinned to CPU {redis_cpu(a)}"),
             f"  relay: forwarder concurrency {CONCURRENCY}, read_batch {fw.read_batch}, max_buffered "
             f"{fw.max_buffered}, {ctx.settings.redis.shards} shards, log level warning, default asyncio loop",
             f"  events: Location PUT, body ~{body} B (examples/location.json), prefilled round-robin over the keys "
@@ -940,6 +949,10 @@ def report(ctx: Ctx, rows: dict[str, list[Run]], backlog: Backlog | None) -> str
                     f" (target >= {100 * target:.0f} %: {'PASS' if ratio >= target else 'MISS'})" if target else ""
                 )
                 out.append(f"  (d) ({k})/(c) = {100 * ratio:.0f} %{verdict}")
+                pairs = [(r, c) for r, c in zip(rows[k], rows["c"], strict=False) if r.rate and c.rate]
+                if len(pairs) > 1:  # each repeat runs (a), (b), (c) one after the other: same machine weather
+                    each = ", ".join(f"{100 * r.rate / c.rate:.0f} %" for r, c in pairs)
+                    out.append(f"      repeat by repeat: {each}")
     if "a" in med:
         verdict = "PASS" if med["a"].rss_peak_mb < TARGET_RSS_MB else "MISS"
         peak, end = med["a"].rss_peak_mb, med["a"].rss_end_mb
@@ -966,6 +979,10 @@ def report(ctx: Ctx, rows: dict[str, list[Run]], backlog: Backlog | None) -> str
 # -- main -------------------------------------------------------------------------------------------
 
 
+def redis_cpu(args: argparse.Namespace) -> int:
+    return int(args.receiver_cpu if args.redis_cpu == "receiver" else args.redis_cpu)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, help="events per run of (a), (b), (c) (default 50000; --quick 20000)")
@@ -983,6 +1000,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--receiver-cpu", type=int, default=0)
     p.add_argument("--relay-cpu", type=int, default=1)
+    p.add_argument(
+        "--redis-cpu",
+        default="receiver",
+        help="where Redis runs: 'receiver' (its CPU, default: the relay's core is the relay's alone, as the "
+        "bare client's is), 'float', or a CPU number",
+    )
     p.add_argument("--profile", metavar="DIR", help="py-spy record the relay in (a), (b) and the bare client in (c)")
     p.add_argument("--profile-rate", type=int, default=200)
     p.add_argument("--logs", metavar="DIR", help="keep the relay's logs in DIR")
@@ -1010,6 +1033,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
         assert server.proc is not None
         client = redis.Redis.from_url(server.url)
         client.config_set("auto-aof-rewrite-percentage", 0)
+        if args.redis_cpu != "float":
+            pin_process(server.proc.pid, {redis_cpu(args)})
         port = free_port()
         argv = [python(), "-m", "bench.receiver", "--port", str(port)]
         receiver_srv = start_server("receiver", argv, clean_env(), port, workdir / "receiver.log", {args.receiver_cpu})
