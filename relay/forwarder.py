@@ -1,4 +1,4 @@
-"""The delivery engine: shard leases, consumer-group readers, one ordered runner per object.
+"""The delivery engine: shard leases, consumer-group readers, workers and key runners, order per object.
 
 Data path: shard streams → per-key queues (bounded) → a fixed pool of workers → Link slot →
 OcpiClient → classify → ack; a key that needs more than one delivered attempt (retries, dead
