@@ -38,6 +38,17 @@ def _redis_errors(op: str) -> float:
     return float(metrics.REDIS_ERRORS.labels(op=op)._value.get())
 
 
+async def _all_in_order(env: Env, locs: list[str], want: list[int], timeout: float) -> None:
+    """Every update of every location taken by the IOP in order (repeats allowed), nothing left
+    in Redis: no stream entry, nothing pending, no dead letter."""
+    await env.iop.wait_for(lambda: all(_collapsed(env.seqs(loc)) == want for loc in locs), timeout=timeout)
+    for loc in locs:
+        assert _collapsed(env.seqs(loc)) == want, (loc, env.seqs(loc))
+    await until_async(env.all_streams_empty, timeout=20)
+    assert await _pending(env) == 0
+    assert await env.dead() == []
+
+
 def _delivered_at_least(env: Env, n: int) -> Callable[[], bool]:
     return lambda: len(env.iop.delivered()) >= n
 
@@ -55,13 +66,7 @@ async def test_iop_flapping_with_a_small_buffer_loses_and_reorders_nothing(make_
         await until(lambda: env.relay.link.state == "down", timeout=20, what="link down")
         await env.iop.start()
     await writer
-    want = list(range(1, per + 1))
-    await env.iop.wait_for(lambda: all(_collapsed(env.seqs(loc)) == want for loc in locs), timeout=60)
-    for loc in locs:
-        assert _collapsed(env.seqs(loc)) == want, (loc, env.seqs(loc))
-    await until_async(env.all_streams_empty, timeout=20)
-    assert await _pending(env) == 0
-    assert await env.dead() == []
+    await _all_in_order(env, locs, list(range(1, per + 1)), timeout=60)
 
 
 async def test_acks_that_fail_are_written_again_before_the_key_goes_on(make_env: Callable[..., Any]) -> None:  # noqa: F811
@@ -87,13 +92,7 @@ async def test_acks_that_fail_are_written_again_before_the_key_goes_on(make_env:
             env.iop.script = lambda _: None
             await server.start()
             await put_many(env, locs, 2, start=4)
-            want = [1, 2, 3, 4, 5]
-            await env.iop.wait_for(lambda: all(_collapsed(env.seqs(loc)) == want for loc in locs), timeout=40)
-            for loc in locs:
-                assert _collapsed(env.seqs(loc)) == want, (loc, env.seqs(loc))
-            await until_async(env.all_streams_empty, timeout=20)
-            assert await _pending(env) == 0
-            assert await env.dead() == []
+            await _all_in_order(env, locs, [1, 2, 3, 4, 5], timeout=40)
         finally:
             await env.relay.stop()
             await server.stop()
@@ -134,13 +133,8 @@ async def test_keys_leave_the_fast_path_for_retries_and_come_back(make_env: Call
 async def _one_failure_then_all_delivered(env: Env, failed: Callable[[], bool]) -> None:
     locs = [f"B{i:02d}" for i in range(20)]
     await put_many(env, locs, 3)
-    want = [1, 2, 3]
-    await env.iop.wait_for(lambda: all(_collapsed(env.seqs(loc)) == want for loc in locs), timeout=30)
+    await _all_in_order(env, locs, [1, 2, 3], timeout=30)
     assert failed()
-    for loc in locs:
-        assert _collapsed(env.seqs(loc)) == want, (loc, env.seqs(loc))
-    await until_async(env.all_streams_empty, timeout=20)
-    assert await _pending(env) == 0
 
 
 async def test_a_failing_attempt_loses_its_shard_not_its_key(
