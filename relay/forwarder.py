@@ -139,6 +139,10 @@ class Forwarder:
         self._idle: deque[asyncio.Future[None]] = deque()  # one per worker waiting for a ready key
         self._workers: set[asyncio.Task[None]] = set()
         self._working: dict[asyncio.Task[None], _Shard] = {}  # worker → shard of its attempt on the wire
+        # Shards we stopped working on with a request of ours cut on the wire: the IOP may still
+        # apply it. If we take such a shard back, its pending entries are ours, not "foreign", but
+        # the takeover grace applies all the same before they are sent again.
+        self._cut: set[int] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -256,6 +260,8 @@ class Forwarder:
         shard.lost.set()
         if shard.reader is not None:
             shard.reader.cancel()
+        if shard.sending:
+            self._cut.add(index)
         for r in shard.runners.values():
             r.cancel()
         self._cut_workers(shard)
@@ -272,6 +278,7 @@ class Forwarder:
         if shard.sending:
             # An attempt is still on the wire: let the lease expire instead, so the next owner
             # waits claim_idle_s (longer than any attempt) before resending after it.
+            self._cut.add(index)
             for r in shard.runners.values():
                 r.cancel()
             self._cut_workers(shard)
@@ -313,12 +320,15 @@ class Forwarder:
         foreign = 0
         for stream in streams:
             foreign += await self.ds.foreign_pending(stream, self.me)
-        if foreign and shard.dirty:
-            log.info("takeover_grace", shard=shard.index, pending=foreign, wait_s=self.cfg.claim_idle_s)
+        ours_cut = shard.index in self._cut
+        if shard.dirty and (foreign or ours_cut):
+            log.info("takeover_grace", shard=shard.index, pending=foreign, own_cut=ours_cut,
+                     wait_s=self.cfg.claim_idle_s)  # fmt: skip
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(shard.lost.wait(), self.cfg.claim_idle_s)
             if shard.lost.is_set():
                 raise Abandon("lease lost during takeover grace")
+        self._cut.discard(shard.index)
         shard.parked |= await self.ds.parked_fields(shard.index)  # |=: a runner may have parked meanwhile
         for stream in streams:
             start = "0-0"
@@ -519,6 +529,14 @@ class Forwarder:
                     self._run_slow(shard, qkey, (outcome, attempts))
             except asyncio.CancelledError:
                 shard.active -= held
+                if not me.cancelling():
+                    # Not a cancel of this worker (shard cut, stop) but one a library let out: a bug.
+                    # Dropping the key while the shard is still ours could send its later entries
+                    # first, and ending the worker would shrink the pool: lose the shard, go on.
+                    log.exception("key_runner_failed", key=qkey[1], module=qkey[0])
+                    self._lose(shard.index, "worker failure")
+                    self._drop(shard, qkey)
+                    continue
                 self._drop(shard, qkey)
                 raise
             except Exception as exc:
@@ -570,7 +588,16 @@ class Forwarder:
         self, shard: _Shard, qkey: tuple[str, str], first: tuple[Outcome, _Attempts] | None = None,
         *, acking: bool = False,
     ) -> None:  # fmt: skip
-        shard.runners[qkey] = asyncio.create_task(self._run_key(shard, qkey, first, acking=acking))
+        task = asyncio.create_task(self._run_key(shard, qkey, first, acking=acking))
+        shard.runners[qkey] = task
+        task.add_done_callback(functools.partial(self._runner_done, shard, qkey))
+
+    def _runner_done(self, shard: _Shard, qkey: tuple[str, str], task: asyncio.Task[None]) -> None:
+        """A runner cancelled before its first step (its shard lost in the same turn of the loop)
+        never ran its own clean-up: forget its key here, or its entries would hold buffer room for good."""
+        if shard.runners.get(qkey) is task:
+            del shard.runners[qkey]
+            self._drop(shard, qkey)
 
     async def _run_key(
         self, shard: _Shard, qkey: tuple[str, str], first: tuple[Outcome, _Attempts] | None = None,
@@ -579,12 +606,12 @@ class Forwarder:
         """A key's head entry until delivered or dead-lettered, then the key goes back to the
         workers. ``first``: the attempt a worker already made; ``acking``: delivered, the ack to
         write again. A retrying key holds only itself."""
-        q = shard.queues[qkey]
+        q = shard.queues.get(qkey)  # None only if the key was dropped before this runner started
         cdr = int(qkey[0] == "cdrs")
         delay = 0.05
         handed = False
         try:
-            while not shard.lost.is_set():
+            while q and not shard.lost.is_set():
                 try:
                     if acking:
                         await self._record(shard, functools.partial(self.ds.finish, q[0]))
@@ -604,8 +631,13 @@ class Forwarder:
             if q and not self._gone(shard):
                 self._push_ready(shard, qkey)
                 handed = True
-        except (Abandon, GaveUp, asyncio.CancelledError):
+        except (Abandon, GaveUp):
             pass
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and not me.cancelling():  # not our cancel: one a library let out
+                log.exception("key_runner_failed", key=qkey[1], module=qkey[0])
+                self._lose(shard.index, "runner failure")  # before the key is dropped below
         except Exception:
             # A bug or Redis failure while finishing: the entry stays pending and is retried
             # after the shard is recovered; never acknowledged by accident.

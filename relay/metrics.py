@@ -6,6 +6,7 @@ operators of the config, ``CC/PID``). Never an object id. docs/operations.md lis
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -35,12 +36,17 @@ class HotCounter(Collector):
     ) -> None:
         self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
         self._values: dict[tuple[str, ...], float] = {}
+        self._created: dict[tuple[str, ...], float] = {}  # the _created sample prometheus_client writes
         registry.register(self)
 
     def inc(self, *labels: str) -> None:
         """Add one to the series of these label values (in ``labelnames`` order)."""
         values = self._values
-        values[labels] = values.get(labels, 0.0) + 1.0
+        value = values.get(labels)
+        if value is None:
+            self._created[labels] = time.time()
+            value = 0.0
+        values[labels] = value + 1.0
 
     def value(self, *labels: str) -> float:
         """The current count of one series (0 when never incremented)."""
@@ -49,7 +55,7 @@ class HotCounter(Collector):
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for labels, v in list(self._values.items()):
-            family.add_metric(list(labels), v)
+            family.add_metric(list(labels), v, created=self._created[labels])
         yield family
 
     def describe(self) -> Iterator[Metric]:
@@ -67,6 +73,7 @@ class HotHistogram(Collector):
         self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
         self.bounds = sorted(float(b) for b in buckets)
         self._series: dict[tuple[str, ...], list[float]] = {}  # per-bucket counts, +Inf, then the sum
+        self._created: dict[tuple[str, ...], float] = {}
         registry.register(self)
 
     def observe(self, value: float, *labels: str) -> None:
@@ -74,6 +81,7 @@ class HotHistogram(Collector):
         series = self._series.get(labels)
         if series is None:
             series = self._series[labels] = [0.0] * (len(self.bounds) + 2)
+            self._created[labels] = time.time()
         series[bisect_left(self.bounds, value)] += 1  # le semantics: the first bound >= value
         series[-1] += value
 
@@ -90,6 +98,8 @@ class HotHistogram(Collector):
                 cumulative += n
                 buckets.append((_le(bound), cumulative))
             family.add_metric(list(labels), buckets, sum_value=series[-1])
+            family.add_sample(self.name + "_created", dict(zip(self.labelnames, labels, strict=True)),
+                              self._created[labels])  # fmt: skip
         yield family
 
     def describe(self) -> Iterator[Metric]:

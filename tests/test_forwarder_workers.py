@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,13 @@ import pytest
 
 from relay import constants as K
 from relay import metrics
+from relay.config import Settings
 from relay.embedded_redis import EmbeddedRedis
-from relay.forwarder import Forwarder
+from relay.events import Event
+from relay.forwarder import Forwarder, _Shard
+from relay.link import Link
+from relay.ordering import location_key, shard_of
+from relay.store import Entry
 from tests.fake_iop import Received, Reply, random_faults
 from tests.test_forwarder import Env, make_env, put_many, until, until_async  # noqa: F401  (fixture)
 
@@ -172,3 +178,71 @@ async def test_a_failing_ack_callback_loses_its_shard_not_its_key(
     monkeypatch.setattr(Forwarder, "_count_delivered", flaky)
     env: Env = await make_env()
     await _one_failure_then_all_delivered(env, lambda: calls > 5)
+
+
+async def test_a_cancel_that_is_not_ours_loses_the_shard_and_keeps_the_pool(
+    make_env: Callable[..., Any], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """A CancelledError a library lets out is not a stop: the worker goes on, the shard recovers."""
+    calls = 0
+    real = Forwarder._attempt
+
+    async def leaky(self: Forwarder, shard: Any, entry: Any, attempts: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise asyncio.CancelledError()
+        return await real(self, shard, entry, attempts)
+
+    monkeypatch.setattr(Forwarder, "_attempt", leaky)
+    env: Env = await make_env(RELAY_FORWARDER_CONCURRENCY="8")
+    await _one_failure_then_all_delivered(env, lambda: calls > 5)
+    assert env.relay.forwarder is not None and len(env.relay.forwarder._workers) == 8
+
+
+class _NoRedis:
+    redis = None
+    shards = 4
+
+
+async def test_a_runner_cut_before_its_first_step_gives_its_room_back() -> None:
+    """A key handed to a runner, and its shard lost in the same turn of the loop: the runner never
+    starts, and its entries must still leave the buffer (else max_buffered shrinks for good)."""
+    fwd = Forwarder(Settings(), _NoRedis(), client=None, link=Link(4, 3))  # type: ignore[arg-type]
+    shard = _Shard(index=0, dirty=False)
+    fwd.shards[0] = shard
+
+    def entry(n: int) -> Entry:
+        ev = Event(id=f"e{n}", module="locations", method="PUT", country_code="FR", party_id="AB1",
+                   object_id="L1", key="loc:FR:AB1:L1", correlation_id="", received_at=0.0, body=b"{}")  # fmt: skip
+        return Entry(stream=K.stream_key("locations", 0), shard=0, id=f"{n}-0", event=ev, after=None)
+
+    fwd._feed(shard, [entry(1), entry(2)])
+    qkey = fwd._ready.popleft()[1]  # as a worker takes it, then hands it to a runner
+    fwd._run_slow(shard, qkey)
+    runner = shard.runners[qkey]
+    fwd._lose(0, "lease lost")  # same turn: the runner has not run a line yet
+    await asyncio.wait({runner})
+    assert runner.cancelled()
+    assert fwd._buffered == 0 and not shard.queues and not shard.runners
+
+
+async def test_a_shard_taken_back_after_a_cut_request_waits_before_resending(make_env: Callable[..., Any]) -> None:  # noqa: F811
+    """We lose a shard with a request on the wire (cut, but the IOP may still apply it) and our
+    lease loop takes the shard back: its pending entries are ours, yet the resend must wait
+    claim_idle_s as after any takeover, or it could overtake the cut request at the IOP."""
+    env: Env = await make_env()
+    hold = asyncio.Event()
+    env.iop.script = lambda r: Reply(hold=hold) if not hold.is_set() else None
+    await env.put_loc("G1", 1)
+    await env.iop.wait_for(lambda: env.iop.inflight == 1)
+    fwd = env.relay.forwarder
+    assert fwd is not None
+    index = shard_of(location_key("FR", "AB1", "G1"), env.settings.redis.shards)
+    cut_at = time.time()
+    fwd._lose(index, "test: lease lost")
+    await until(lambda: index in fwd.shards, timeout=10, what="shard taken back")
+    await env.iop.wait_for(lambda: len(env.iop.arrived) == 2, timeout=15)
+    assert env.iop.arrived[1].at - cut_at >= env.settings.forwarder.claim_idle_s
+    hold.set()
+    await _all_in_order(env, ["G1"], [1], timeout=10)

@@ -273,17 +273,27 @@ async def test_readyz_follows_redis_not_the_iop(relay_env: Callable[..., Any]) -
 
 
 def _samples(registry: CollectorRegistry) -> list[tuple[str, list[tuple[str, str]], float]]:
+    """Every sample of a scrape; a _created sample's value (a time) is checked apart."""
     return sorted(
-        (s.name, sorted(s.labels.items()), s.value)
+        (s.name, sorted(s.labels.items()), 0.0 if s.name.endswith("_created") else s.value)
         for family in text_string_to_metric_families(generate_latest(registry).decode())
         for s in family.samples
-        if not s.name.endswith("_created")  # prometheus_client's own series carry a creation time
     )
+
+
+def _created_times(registry: CollectorRegistry) -> list[float]:
+    return [
+        s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+        if s.name.endswith("_created")
+    ]
 
 
 def test_hot_metrics_expose_what_prometheus_client_would() -> None:
     """HotCounter and HotHistogram trade the lock for plain numbers: the scrape must not change."""
     ours, theirs = CollectorRegistry(), CollectorRegistry()
+    before = time.time()
     buckets = (0.005, 0.01, 0.1, 1, 30)
     hot_c = metrics.HotCounter("x_attempts_total", "doc", ["module", "outcome"], registry=ours)
     ref_c = Counter("x_attempts_total", "doc", ["module", "outcome"], registry=theirs)
@@ -298,6 +308,8 @@ def test_hot_metrics_expose_what_prometheus_client_would() -> None:
         ref_h.labels("locations").observe(value)
     hot_h.observe(0.2, "cdrs")
     ref_h.labels("cdrs").observe(0.2)
-    assert _samples(ours) == _samples(theirs)
+    assert _samples(ours) == _samples(theirs)  # _created included, one per series, as prometheus_client writes it
+    created = _created_times(ours)
+    assert len(created) == 4 and all(before <= t <= time.time() for t in created)
     assert hot_c.value("locations", "delivered") == 2 and hot_c.value("sessions", "delivered") == 0
     assert hot_h.count("locations") == 10 and hot_h.count("tariffs") == 0
