@@ -143,10 +143,8 @@ async def _one_failure_then_all_delivered(env: Env, failed: Callable[[], bool]) 
     assert failed()
 
 
-async def test_a_failing_attempt_loses_its_shard_not_its_key(
-    make_env: Callable[..., Any], monkeypatch: pytest.MonkeyPatch  # noqa: F811
-) -> None:
-    """A bug in a worker's attempt: the shard is lost and recovered, the key is not left behind."""
+def _fifth_attempt_raises(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> Callable[[], bool]:
+    """Patch the forwarder's attempts: the fifth raises ``exc``; the result says whether more followed."""
     calls = 0
     real = Forwarder._attempt
 
@@ -154,12 +152,20 @@ async def test_a_failing_attempt_loses_its_shard_not_its_key(
         nonlocal calls
         calls += 1
         if calls == 5:
-            raise RuntimeError("injected")
+            raise exc
         return await real(self, shard, entry, attempts)
 
     monkeypatch.setattr(Forwarder, "_attempt", flaky)
+    return lambda: calls > 5
+
+
+async def test_a_failing_attempt_loses_its_shard_not_its_key(
+    make_env: Callable[..., Any], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """A bug in a worker's attempt: the shard is lost and recovered, the key is not left behind."""
+    went_on = _fifth_attempt_raises(monkeypatch, RuntimeError("injected"))
     env: Env = await make_env()
-    await _one_failure_then_all_delivered(env, lambda: calls > 5)
+    await _one_failure_then_all_delivered(env, went_on)
 
 
 async def test_a_failing_ack_callback_loses_its_shard_not_its_key(
@@ -184,19 +190,9 @@ async def test_a_cancel_that_is_not_ours_loses_the_shard_and_keeps_the_pool(
     make_env: Callable[..., Any], monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     """A CancelledError a library lets out is not a stop: the worker goes on, the shard recovers."""
-    calls = 0
-    real = Forwarder._attempt
-
-    async def leaky(self: Forwarder, shard: Any, entry: Any, attempts: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 5:
-            raise asyncio.CancelledError()
-        return await real(self, shard, entry, attempts)
-
-    monkeypatch.setattr(Forwarder, "_attempt", leaky)
+    went_on = _fifth_attempt_raises(monkeypatch, asyncio.CancelledError())
     env: Env = await make_env(RELAY_FORWARDER_CONCURRENCY="8")
-    await _one_failure_then_all_delivered(env, lambda: calls > 5)
+    await _one_failure_then_all_delivered(env, went_on)
     assert env.relay.forwarder is not None and len(env.relay.forwarder._workers) == 8
 
 
