@@ -470,6 +470,7 @@ class Forwarder:
             q.clear()
 
     def _gone(self, shard: _Shard) -> bool:
+        """Whether work on this shard must stop: the shard is no longer ours, or the relay is stopping."""
         return shard.lost.is_set() or self._stopping.is_set()
 
     async def _settle(self, shards: list[_Shard], deadline: float) -> None:
@@ -529,24 +530,25 @@ class Forwarder:
                     self._run_slow(shard, qkey, (outcome, attempts))
             except asyncio.CancelledError:
                 shard.active -= held
-                if not me.cancelling():
-                    # Not a cancel of this worker (shard cut, stop) but one a library let out: a bug.
-                    # Dropping the key while the shard is still ours could send its later entries
-                    # first, and ending the worker would shrink the pool: lose the shard, go on.
-                    log.exception("key_runner_failed", key=qkey[1], module=qkey[0])
-                    self._lose(shard.index, "worker failure")
+                if me.cancelling():  # this worker cut (shard lost) or stopped
                     self._drop(shard, qkey)
-                    continue
-                self._drop(shard, qkey)
-                raise
+                    raise
+                # One a library let out: a bug. Dropping the key while the shard is still ours
+                # could send its later entries first, and ending would shrink the pool.
+                self._failed(shard, qkey, "worker failure")
             except Exception as exc:
                 shard.active -= held
-                if not isinstance(exc, Abandon | GaveUp):
-                    # A bug: losing the shard lets its next owner send the key's entries again, in
-                    # order, instead of leaving the key with nobody working on it.
-                    log.exception("key_runner_failed", key=qkey[1], module=qkey[0])
-                    self._lose(shard.index, "worker failure")
-                self._drop(shard, qkey)
+                if isinstance(exc, Abandon | GaveUp):
+                    self._drop(shard, qkey)
+                else:
+                    self._failed(shard, qkey, "worker failure")
+
+    def _failed(self, shard: _Shard, qkey: tuple[str, str], reason: str) -> None:
+        """A bug while working on a key: lose the shard, whose next owner sends the key's entries
+        again in order, rather than leave the key with nobody working on it."""
+        log.exception("key_runner_failed", key=qkey[1], module=qkey[0], reason=reason)
+        self._lose(shard.index, reason)
+        self._drop(shard, qkey)
 
     def _acked(self, shard: _Shard, qkey: tuple[str, str], entry: Entry, ack: asyncio.Future[Any]) -> None:
         """Done-callback of a worker's ack: only now may the key's next entry go out."""
@@ -575,10 +577,7 @@ class Forwarder:
             else:
                 self._push_ready(shard, qkey)
         except Exception:
-            # A bug here would leave the key with nobody working on it: lose the shard instead.
-            log.exception("ack_callback_failed", key=qkey[1], module=qkey[0])
-            self._lose(shard.index, "ack callback failure")
-            self._drop(shard, qkey)
+            self._failed(shard, qkey, "ack callback failure")
 
     def _count_delivered(self, ev: Event) -> None:
         metrics.DELIVERED.inc(ev.module)
@@ -636,13 +635,11 @@ class Forwarder:
         except asyncio.CancelledError:
             me = asyncio.current_task()
             if me is not None and not me.cancelling():  # not our cancel: one a library let out
-                log.exception("key_runner_failed", key=qkey[1], module=qkey[0])
-                self._lose(shard.index, "runner failure")  # before the key is dropped below
+                self._failed(shard, qkey, "runner failure")
         except Exception:
             # A bug or Redis failure while finishing: the entry stays pending and is retried
             # after the shard is recovered; never acknowledged by accident.
-            log.exception("key_runner_failed", key=qkey[1], module=qkey[0])
-            self._lose(shard.index, "runner failure")
+            self._failed(shard, qkey, "runner failure")
         finally:
             shard.runners.pop(qkey, None)
             if not handed:
@@ -699,7 +696,7 @@ class Forwarder:
         log.warning("redis_deliver_failed", error=str(exc), retry_in_s=delay, shard=shard.index)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._interrupted(shard), delay)
-        if self._stopping.is_set() or shard.lost.is_set():
+        if self._gone(shard):
             raise Abandon()
 
     async def _retrying(
@@ -722,7 +719,7 @@ class Forwarder:
         async def sleep(seconds: float) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._interrupted(shard), seconds)
-            if self._stopping.is_set() or shard.lost.is_set():
+            if self._gone(shard):
                 raise Abandon()
 
         def count_retry(rs: RetryCallState) -> None:
@@ -778,9 +775,9 @@ class Forwarder:
             return Outcome(Kind.TRANSIENT, f"state unavailable: {exc}")
         probe = self.link.try_acquire()
         if probe is None:
-            probe = await self.link.acquire(lambda: self._stopping.is_set() or shard.lost.is_set())
+            probe = await self.link.acquire(lambda: self._gone(shard))
         try:
-            if self._stopping.is_set() or shard.lost.is_set():
+            if self._gone(shard):
                 raise Abandon()
             now = self.clock()
             attempts.count += 1
@@ -845,7 +842,7 @@ class Forwarder:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._interrupted(shard), delay)
-            if self._stopping.is_set() or shard.lost.is_set():
+            if self._gone(shard):
                 raise Abandon()
             delay = min(delay * 2, 1.0)
 
