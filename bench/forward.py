@@ -73,7 +73,8 @@ from bench._common import (
     start_server,
 )
 from bench._profile import py_spy
-from relay import constants as K
+from relay import constants as H
+from relay.store import keys as K
 from relay.config import MODULES, Settings, load
 from relay.embedded_redis import EmbeddedRedis
 from relay.events import Event, encode, new_event_id
@@ -757,12 +758,12 @@ async def bare_client(iop_url: str, work: Workload, progress: Callable[[int], No
         for url, body, corr in pending:
             headers = {
                 "Authorization": auth,
-                K.H_REQUEST: uuid.uuid4().hex,
-                K.H_CORRELATION: corr,
-                K.H_FROM_CC: "FR",
-                K.H_FROM_PID: "AB1",
-                K.H_TO_CC: "FR",
-                K.H_TO_PID: "107",
+                H.H_REQUEST: uuid.uuid4().hex,
+                H.H_CORRELATION: corr,
+                H.H_FROM_CC: "FR",
+                H.H_FROM_PID: "AB1",
+                H.H_TO_CC: "FR",
+                H.H_TO_PID: "107",
                 "Content-Type": "application/json",
             }
             async with session.request("PUT", url, data=body, headers=headers, allow_redirects=False) as resp:

@@ -34,5 +34,20 @@ class InvalidEvent(RelayError, ValueError):
         self.status = status
 
 
-class StoreUnavailable(RelayError, ConnectionError):
-    """Redis could not take the write; nothing was stored, the caller may retry."""
+class StoreError(RelayError):
+    """Root of what relay.store raises: no caller outside the store sees a redis-py exception."""
+
+
+class StoreUnavailable(StoreError, ConnectionError):
+    """Redis did not answer or refused the command; the caller may retry.
+
+    A write that timed out may still have been applied: callers that retry rely on idempotence.
+    """
+
+
+class NoGroup(StoreUnavailable):
+    """A consumer group vanished (Redis restarted without persistence, or a stream was deleted)."""
+
+
+class Conflict(StoreError):
+    """Another writer changed the object between our read and our write: read and merge again."""

@@ -25,7 +25,7 @@ import structlog
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result
 
-from relay import constants as K
+from relay.store import keys as K
 from relay import logs, metrics, outgoing
 from relay.config import MODULES, Settings
 from relay.errors import StoreUnavailable

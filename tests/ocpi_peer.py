@@ -35,7 +35,7 @@ import structlog
 from aiohttp import web
 from click.testing import CliRunner, Result
 
-from relay import constants as K
+from relay.store import keys as K
 from relay.cli import main
 from relay.config import MODULES, Settings
 from relay.service import Relay

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from relay import constants as K
+from relay.store import keys as K
 from relay.config import MODULES
 from tests.conftest import AUTH, REPO, TOKEN, example, gireve_location
 from tests.fake_iop import FakeIop, random_faults

@@ -21,7 +21,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from relay import constants as K
+from relay.store import keys as K
 from relay import dlq
 from relay.config import MODULES, Settings
 from relay.embedded_redis import EmbeddedRedis

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from relay import constants as K
+from relay.store import keys as K
 from relay import metrics
 from relay.config import Settings
 from relay.embedded_redis import EmbeddedRedis

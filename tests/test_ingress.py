@@ -15,7 +15,8 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from relay import constants as K
+from relay import constants as H
+from relay.store import keys as K
 from relay.config import MODULES, Settings
 from relay.events import Event, decode
 from relay.ingress import create_app
@@ -268,7 +269,7 @@ async def test_spec_example_passes_ingress_under_warn(
     settings = make_settings(RELAY_INGRESS_PROFILE="warn", RELAY_OPERATORS_JSON=json.dumps(SPEC_OPERATORS))
     client, store = await client_for(settings)
     raw = (EXAMPLES / name).read_bytes()
-    status, answer = await send(client, method, f"{P}/{path}", raw, **{K.H_CORRELATION: f"corr-{name}"})
+    status, answer = await send(client, method, f"{P}/{path}", raw, **{H.H_CORRELATION: f"corr-{name}"})
     assert status == 202, answer
     assert answer["status_code"] == 1000
     rows = await entries(store, module)
@@ -1023,9 +1024,9 @@ async def test_batch_warnings_per_item(warn_client: tuple[Client, Store]) -> Non
 
 
 async def test_correlation_id_is_kept_in_the_envelope(ingress: Client, store: Store) -> None:
-    status, answer = await send(ingress, "PUT", LOC, enc(gireve_location()), **{K.H_CORRELATION: "csms-corr-42"})
+    status, answer = await send(ingress, "PUT", LOC, enc(gireve_location()), **{H.H_CORRELATION: "csms-corr-42"})
     assert status == 202
-    status, _ = await send(ingress, "PUT", f"{P}/sessions/FR/AB1/S1", enc(fr_session()), **{K.H_CORRELATION: "csms-s1"})
+    status, _ = await send(ingress, "PUT", f"{P}/sessions/FR/AB1/S1", enc(fr_session()), **{H.H_CORRELATION: "csms-s1"})
     assert status == 202
     status, _ = await send(ingress, "PUT", f"{P}/locations/FR/AB1/LOC2", enc(gireve_location("LOC2")))
     assert status == 202

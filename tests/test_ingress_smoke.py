@@ -4,7 +4,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from relay import constants as K
+from relay.store import keys as K
 from relay.events import decode
 from relay.store import Store
 from tests.conftest import AUTH, gireve_location

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from relay import constants as K
+from relay.store import keys as K
 from relay.config import Settings
 from relay.events import decode
 from relay.ingress import create_app

@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from relay import constants as K
+from relay.store import keys as K
 from relay.config import Settings
 from relay.errors import InvalidEvent
 from relay.events import Method, decode

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from relay import constants as K
+from relay.store import keys as K
 from relay.config import Settings
 from relay.errors import StoreUnavailable
 from relay.ordering import shard_of

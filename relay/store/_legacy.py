@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from relay import constants as K
+from relay.store import keys as K
 from relay.config import MODULES, RedisSettings
 from relay.errors import StoreUnavailable
 from relay.events import Event, decode, encode
