@@ -74,13 +74,13 @@ from bench._common import (
 )
 from bench._profile import py_spy
 from relay import constants as H
-from relay.store import keys as K
 from relay.config import MODULES, Settings, load
 from relay.embedded_redis import EmbeddedRedis
 from relay.events import Event, encode, new_event_id
 from relay.ocpi_client import authorization
 from relay.ordering import shard_of
 from relay.store import Store, connect
+from relay.store import keys as K
 from relay.validation import Target, validate
 
 CONFIG = REPO / "config" / "relay.toml"

@@ -25,7 +25,6 @@ import structlog
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result
 
-from relay.store import keys as K
 from relay import logs, metrics, outgoing
 from relay.config import MODULES, Settings
 from relay.errors import StoreUnavailable
@@ -34,6 +33,7 @@ from relay.link import GaveUp, Link
 from relay.ocpi_client import NotConfigured, OcpiClient
 from relay.retry import Kind, Outcome, backoff_s, classify
 from relay.store import DeliveryStore, Entry, Store, id_tuple, is_nogroup
+from relay.store import keys as K
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")

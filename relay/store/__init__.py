@@ -1,9 +1,21 @@
 """The only package that talks to Redis."""
 
 from relay.store._legacy import *  # noqa: F403  (temporary: split by job next)
+from relay.errors import Conflict
 from relay.store._legacy import (
-    Conflict, DeadLetter, DeliveryStore, Entry, Page, RegistrationStore, RoamingStore, StateReader, StateWrite,
-    Store, connect, id_tuple, is_nogroup, split_state,
+    DeadLetter,
+    DeliveryStore,
+    Entry,
+    Page,
+    RegistrationStore,
+    RoamingStore,
+    StateReader,
+    StateWrite,
+    Store,
+    connect,
+    id_tuple,
+    is_nogroup,
+    split_state,
 )  # fmt: skip
 
 __all__ = [

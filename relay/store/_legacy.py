@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import hiredis
 import msgspec
@@ -18,13 +20,39 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from relay.store import keys as K
 from relay.config import MODULES, RedisSettings
-from relay.errors import StoreUnavailable
+from relay.errors import Conflict, NoGroup, StoreError, StoreUnavailable
 from relay.events import Event, decode, encode
 from relay.ordering import shard_of
+from relay.store import keys as K
 
 log = structlog.get_logger(__name__)
+_C = TypeVar("_C", bound=type)
+
+
+def translate(exc: BaseException) -> StoreUnavailable:
+    """A redis-py or socket error as the store's own: NoGroup for a vanished group, else StoreUnavailable."""
+    if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+        return NoGroup(str(exc))
+    return StoreUnavailable(f"redis: {exc.__class__.__name__}: {exc}")
+
+
+def raises_store_errors(cls: _C) -> _C:
+    """Wrap every public coroutine method so callers see StoreError subclasses only, never redis-py's."""
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_") or not inspect.iscoroutinefunction(fn):
+            continue
+
+        async def wrapper(*args: Any, __fn: Any = fn, **kwargs: Any) -> Any:
+            try:
+                return await __fn(*args, **kwargs)
+            except StoreError:
+                raise
+            except (RedisError, OSError) as exc:
+                raise translate(exc) from exc
+
+        setattr(cls, name, functools.wraps(fn)(wrapper))
+    return cls
 
 # A session update records itself as its session's latest; a CDR notes that id as the one it must
 # wait for. Both in one script, so "accepted before the CDR" is decided by Redis, not by timing.
@@ -87,10 +115,6 @@ class StateWrite:
     doc: bytes = b""
     score: int = 0
     expected: int = 0
-
-
-class Conflict(Exception):
-    """Another writer changed the object between our read and our write: read and merge again."""
 
 
 def connect(url: str, settings: RedisSettings) -> aioredis.Redis:
@@ -184,6 +208,7 @@ def _reply(r: Any) -> Any:
     return r
 
 
+@raises_store_errors
 class Store:
     """Typed Redis operations of the relay."""
 
@@ -429,7 +454,7 @@ def _s(v: Any) -> str:
 
 def is_nogroup(exc: BaseException) -> bool:
     """A consumer group vanished (Redis restarted without persistence, or the stream was deleted)."""
-    return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
+    return isinstance(exc, NoGroup) or (isinstance(exc, ResponseError) and "NOGROUP" in str(exc))
 
 
 # -- the delivery side ---------------------------------------------------------------------------
@@ -574,6 +599,7 @@ def _entry(stream: str, shard: int, sid: Any, fields: dict[bytes, bytes]) -> Ent
     )
 
 
+@raises_store_errors
 class DeliveryStore:
     """Redis operations of the forwarder and the dead-letter tools, on top of Store's connection."""
 
@@ -786,6 +812,7 @@ TOKEN_A_KEY = f"{K.PREFIX}:token-a"
 TOKEN_A_USED_KEY = f"{K.PREFIX}:token-a-used"
 
 
+@raises_store_errors
 class RegistrationStore:
     """The credentials handshake's durable state: one JSON document and the pending token A."""
 
@@ -835,6 +862,7 @@ class Page:
     docs: list[tuple[str, bytes]]  # (state field, JSON document)
 
 
+@raises_store_errors
 class StateReader:
     """Reads of the state store for the OCPI listener (never writes)."""
 
@@ -884,6 +912,7 @@ def _token_key(token_type: str, uid: str) -> str:
     return f"{K.PREFIX}:token:{token_type}:{uid.upper()}"
 
 
+@raises_store_errors
 class RoamingStore:
     """Tokens pushed by the IOP and commands waiting for their result."""
 
