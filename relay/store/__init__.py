@@ -1,7 +1,7 @@
 """The only package that talks to Redis."""
 
-from relay.store._legacy import *  # noqa: F403  (temporary: split by job next)
 from relay.errors import Conflict
+from relay.store._legacy import *  # noqa: F403  (temporary: split by job next)
 from relay.store._legacy import (
     DeadLetter,
     DeliveryStore,
