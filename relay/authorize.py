@@ -17,6 +17,7 @@ from relay.ocpi_client import NotConfigured, OcpiClient
 from relay.ordering import location_key
 from relay.retry import Kind, classify
 from relay.store import RoamingStore, StateReader
+from relay.store.keys import state_field
 
 log = structlog.get_logger(__name__)
 _RFID = re.compile(r"^(?:[0-9A-Fa-f]{8}|[0-9A-Fa-f]{14})$")
@@ -85,7 +86,7 @@ class Authorizer:
             raise InvalidEvent([Problem(field="OCPI-from-party-id", rule="gireve.K1.operator", message=message)])
         found = []
         for cc, pid in candidates:
-            if await self.state.one("locations", location_key(cc, pid, location_id), f"{cc}:{pid}:{location_id}"):
+            if await self.state.one("locations", location_key(cc, pid, location_id), state_field(cc, pid, location_id)):
                 found.append((cc, pid))
         if not found:
             raise InvalidEvent([Problem(field="$.location_id", rule="gireve.K1.location",

@@ -24,6 +24,7 @@ from relay.models.common import DisplayText
 from relay.models.tokens import CommandResponse, CommandResult, CommandType, StartSession, StopSession
 from relay.ordering import location_key
 from relay.store import RoamingStore, StateReader, Store
+from relay.store.keys import state_field
 
 log = structlog.get_logger(__name__)
 _REQUESTS: dict[str, type[msgspec.Struct]] = {"START_SESSION": StartSession, "STOP_SESSION": StopSession}
@@ -93,7 +94,7 @@ class Commands:
             cc, pid = operator
             key = location_key(cc, pid, request.location_id)
             if self.settings.state.enabled and not await self.state.one("locations", key,
-                                                                         f"{cc}:{pid}:{request.location_id}"):
+                                                                         state_field(cc, pid, request.location_id)):
                 return Reply(404, 2003, message=f"unknown location {request.location_id}")
         cmd = Command(id=new_event_id(), type=command, response_url=response_url, country_code=operator[0],
                       party_id=operator[1], correlation_id=correlation_id or new_event_id(),

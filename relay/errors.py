@@ -1,4 +1,16 @@
-"""Errors as values with a kind: invalid input, transient, permanent, store unavailable."""
+"""Errors as values with a kind: invalid input, transient, permanent, store unavailable.
+
+Here: the errors that more than one layer of the relay raises or answers (configuration, refused input,
+the store). Where the others live: each is raised by one module only, is part of that module's API next to
+the client or function that raises it, and derives from ``Exception``, not ``RelayError``:
+
+- ``relay.credentials.HandshakeError``: the peer's answer to the OCPI credentials handshake was unusable.
+- ``relay.csms.CsmsUnavailable``: the CSMS webhook did not answer usefully in time.
+- ``relay.ocpi_client.NotConfigured``: no IOP endpoint or token for a module yet; the event waits.
+- ``relay.link.GaveUp``: a wait for the IOP link's permission ended because the caller gave up (stopping).
+- ``relay.forwarder.Abandon``: stop working on an entry without acknowledging it (stopping, lease lost).
+- ``relay.ocpi_server.sender.BadRequest``: a query parameter of a Sender interface was unusable (HTTP 400).
+"""
 
 from __future__ import annotations
 

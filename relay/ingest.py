@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -21,6 +20,7 @@ from relay.errors import InvalidEvent, Problem, StoreUnavailable
 from relay.events import Event
 from relay.state import state_field
 from relay.store import Conflict, StateWrite, Store
+from relay.timestamps import epoch_ms
 from relay.validation import Accepted
 
 log = structlog.get_logger(__name__)
@@ -39,12 +39,11 @@ class Ingested:
 
 
 def _ms(stamp: Any) -> int:
-    """An OCPI DateTime as epoch ms for the index; without a designator it is UTC, never local time."""
+    """An OCPI DateTime as epoch ms for the index (no designator: UTC); 0 when it is not one."""
     try:
-        dt = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+        return epoch_ms(stamp)
     except ValueError:
         return 0
-    return int((dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp() * 1000)
 
 
 def _needs_merge(event: Event) -> bool:

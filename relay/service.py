@@ -10,7 +10,6 @@ from contextlib import suppress
 
 import structlog
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from relay import logs, metrics
 from relay.authorize import Authorizer
@@ -19,7 +18,7 @@ from relay.config import Settings
 from relay.credentials import Registry
 from relay.csms import CsmsClient
 from relay.embedded_redis import EmbeddedRedis
-from relay.errors import ConfigError, StoreUnavailable
+from relay.errors import ConfigError, StoreError, StoreUnavailable
 from relay.forwarder import Forwarder
 from relay.ingress import create_app
 from relay.ingress.roaming import RoamingDeps
@@ -195,7 +194,7 @@ class Relay:
                 if self.registry.generation != applied:
                     applied = self.registry.generation
                     await self._apply_registration()
-            except (RedisError, OSError) as exc:
+            except StoreError as exc:
                 metrics.REDIS_ERRORS.labels(op="registration").inc()
                 log.debug("registration_refresh_failed", error=str(exc))
             # Changes made in this process (the OCPI listener's handshake) wake us at once; other
@@ -225,7 +224,7 @@ class Relay:
         while True:
             try:
                 await self.commands.expire()
-            except (RedisError, OSError, StoreUnavailable) as exc:
+            except StoreError as exc:
                 metrics.REDIS_ERRORS.labels(op="commands").inc()
                 log.debug("command_timeouts_failed", error=str(exc))
             except Exception:
@@ -252,12 +251,12 @@ class Relay:
         try:
             started = time.perf_counter()
             if not await self.store.ping():
-                raise ConnectionError("no answer to PING")
+                raise StoreUnavailable("no answer to PING")
             metrics.REDIS_ROUNDTRIP.observe(time.perf_counter() - started)
             depth = await self.store.stream_lengths()
             oldest = await ds.oldest()
             dead = await ds.dlq_lengths()
-        except (RedisError, OSError) as exc:
+        except StoreError as exc:
             metrics.REDIS_ERRORS.labels(op="gauges").inc()
             log.debug("gauges_failed", error=str(exc))
             return False

@@ -9,23 +9,19 @@ EVSE or Connector moves the ``last_updated`` of its parents.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from relay.events import Event
+from relay.store import keys as K
+from relay.timestamps import parse_datetime
 
 Doc = dict[str, Any]
 
 
 def state_field(event: Event) -> tuple[str, str]:
     """(hash field, index member) of the event's object: ``CC:PID:ID[:TARGET]`` and ``ID[:TARGET]``."""
-    if event.module == "cdrs":
-        member = event.object_id
-    elif event.module == "tariffs":
-        member = event.key.split(":", 3)[3]  # tar:CC:PID:<id>:<target>
-    else:
-        member = event.object_id
-    return f"{event.country_code}:{event.party_id}:{member}", member
+    member = K.state_member(event.module, event.object_id, event.key)
+    return K.state_field(event.country_code, event.party_id, member), member
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,16 +57,10 @@ def merge(current: Doc, patch: Doc, nested: tuple[str, str] | None = None) -> Do
     return out
 
 
-def _utc(stamp: Any) -> datetime:
-    """An OCPI DateTime string as an aware datetime (no designator means UTC); ValueError if not one."""
-    dt = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
-
-
 def _later(a: Any, b: Any) -> Any:
     """The later of two OCPI DateTime strings (parents never go back in time)."""
     try:
-        da, db = _utc(a), _utc(b)
+        da, db = parse_datetime(a), parse_datetime(b)
     except ValueError:
         return b
     return a if da > db else b

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from relay.commands import Commands
 from relay.config import Settings
@@ -25,6 +24,7 @@ from relay.store import DeliveryStore, RoamingStore, StateReader
 from tests.csms_fake import CSMS_TOKEN, Bench, CsmsPost, bench, iop_token
 from tests.fake_iop import Received, Reply
 from tests.ocpi_peer import token_header
+from tests.waiting import wait_until
 
 TO_AB1 = {"OCPI-from-country-code": "NL", "OCPI-from-party-id": "TNM",
           "OCPI-to-country-code": "FR", "OCPI-to-party-id": "AB1"}  # fmt: skip
@@ -252,10 +252,7 @@ async def test_result_posted_while_the_iop_is_down_is_delivered_once_back(
 
         status, _ = await post_result(b, command_id, {"result": "ACCEPTED"})
         assert status == 202
-        deadline = time.monotonic() + 10
-        while b.relay.link.state == "up":  # the forwarder is trying, and failing
-            assert time.monotonic() < deadline, "link never went down"
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: b.relay.link.state != "up", 10, "link down")  # the forwarder tries, and fails
 
         failures = {"left": 2}
 
@@ -334,10 +331,11 @@ async def test_a_result_the_iop_refuses_is_dead_lettered(make_settings: Callable
         assert (await post_result(b, command_id, {"result": "ACCEPTED"}))[0] == 202
         assert b.relay.store is not None
         ds = DeliveryStore(b.relay.store)
-        deadline = time.monotonic() + 10
-        while (await ds.dlq_lengths())["commands"] != 1:
-            assert time.monotonic() < deadline, "never dead-lettered"
-            await asyncio.sleep(0.02)
+
+        async def dead_lettered() -> bool:
+            return (await ds.dlq_lengths())["commands"] == 1
+
+        await wait_until(dead_lettered, 10, "the result dead-lettered")
         assert len([r for r in b.iop.received if url.endswith(r.path)]) == 1  # permanent: not retried
 
 
@@ -430,7 +428,7 @@ async def test_redis_errors_answer_503_on_the_ingress(
         command_id, _ = await accepted_start(b)
 
         async def broken(*_: Any, **__: Any) -> Any:
-            raise RedisConnectionError("redis gone")
+            raise StoreUnavailable("redis: ConnectionError: redis gone")  # what the store raises, never redis-py's
 
         monkeypatch.setattr(RoamingStore, "command", broken)
         monkeypatch.setattr(RoamingStore, "token", broken)

@@ -21,7 +21,6 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from relay.store import keys as K
 from relay.config import Settings
 from relay.errors import InvalidEvent
 from relay.events import Method, decode
@@ -29,6 +28,7 @@ from relay.ingest import Ingest
 from relay.ingress import create_app
 from relay.ordering import location_key, session_key, shard_of, tariff_key
 from relay.store import Conflict, StateReader, StateWrite, Store
+from relay.store import keys as K
 from relay.typedefs import Health
 from relay.validation import Accepted, parse_target, validate
 from tests.conftest import AUTH, example, gireve_location
@@ -161,7 +161,7 @@ async def score(store: Store, module: str, key: str, member: str, cc: str = "FR"
 
 async def entries(store: Store, module: str, key: str) -> list[Any]:
     """The stream entries of one ordering key (decoded events), in stream order."""
-    rows = await store.redis.xrange(K.stream_key(module, shard_of(key, store.shards)))
+    rows: Any = await store.redis.xrange(K.stream_key(module, shard_of(key, store.shards)))
     return [ev for ev in (decode(f[b"e"]) for _, f in rows) if ev.key == key]
 
 
@@ -456,7 +456,6 @@ class RacingStore(Store):
     def __init__(self, base: Store, racers: int, stale: tuple[int, bytes | None] | None = None) -> None:
         super().__init__(base.redis, base.settings)
         self.base = base
-        self._sha = base._sha
         self.gate = asyncio.Barrier(racers)
         self.first_reads = racers
         self.stale = stale

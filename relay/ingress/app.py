@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any, Literal
 
 import msgspec
@@ -17,6 +16,7 @@ from relay.errors import InvalidEvent, Problem, StoreUnavailable
 from relay.events import Method
 from relay.ingest import Ingest, Ingested
 from relay.ingress import roaming as roaming_routes
+from relay.ingress.auth import token_required
 from relay.ingress.responses import Answer, accepted, json_response, now_iso, refused, unavailable
 from relay.ingress.roaming import RoamingDeps
 from relay.store import Store
@@ -56,16 +56,6 @@ _batch_decoder = msgspec.json.Decoder(Batch)
 INGEST = web.AppKey("ingest", Ingest)
 
 
-def _authorised(request: web.Request, tokens: tuple[str, ...]) -> bool:
-    # "Bearer x" as the issue asks, and OCPI's "Token x" so a CSMS's OCPI client works unchanged.
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() not in {"bearer", "token"} or not value:
-        return False
-    given = value.strip().encode()
-    return any(hmac.compare_digest(given, t.encode()) for t in tokens)
-
-
 async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise InvalidEvent([Problem(field="body", rule="size", message=f"larger than {limit} bytes")], 413)
@@ -99,12 +89,10 @@ def _operator(settings: Settings, country_code: str, party_id: str) -> str:
 
 
 async def handle_event(request: web.Request) -> web.Response:
-    """Any Receiver-shaped route: validate, append durably, 202 with the event id."""
+    """Any Receiver-shaped route: validate, append durably, 202 with the event id (the token checked before)."""
     settings = request.app[SETTINGS]
     module, operator = "unknown", ""
     try:
-        if not _authorised(request, settings.ingress.tokens()):
-            raise InvalidEvent([Problem(field="Authorization", rule="auth", message="missing or wrong token")], 401)
         query = dict(request.query) if request.query_string else None
         target = parse_target(request.method, request.match_info["tail"], query)
         module, operator = target.module, _operator(settings, target.country_code, target.party_id)
@@ -144,8 +132,6 @@ async def handle_batch(request: web.Request) -> web.Response:
     """Many operations in one request, each validated and stored on its own; per-item results."""
     settings = request.app[SETTINGS]
     try:
-        if not _authorised(request, settings.ingress.tokens()):
-            raise InvalidEvent([Problem(field="Authorization", rule="auth", message="missing or wrong token")], 401)
         raw = await _read_body(request, settings.ingress.max_body_bytes * 64)
         try:
             batch = _batch_decoder.decode(raw)
@@ -221,9 +207,16 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return refused(InvalidEvent([Problem(field="url", rule="route", message=exc.reason)], exc.status))
 
 
+def _count_refused_token(request: web.Request, exc: InvalidEvent) -> None:
+    """A 401 of the event route counts as a refused event (module unknown); batch and roaming 401s do not."""
+    if request.match_info.handler is handle_event:
+        metrics.count_refused("unknown", "", exc.status, exc.problems)
+
+
 def create_app(settings: Settings, store: Store, health: Health, roaming: RoamingDeps | None = None) -> web.Application:
-    """The ingress application; the caller owns the store and the runner."""
-    app = web.Application(client_max_size=settings.ingress.max_body_bytes * 64, middlewares=[json_errors])
+    """The ingress application; the caller owns the store and the runner. Routes under PREFIX need the token."""
+    middlewares = [json_errors, token_required(PREFIX, on_refused=_count_refused_token)]
+    app = web.Application(client_max_size=settings.ingress.max_body_bytes * 64, middlewares=middlewares)
     app[SETTINGS] = settings
     app[STORE] = store
     app[INGEST] = Ingest(store, settings)

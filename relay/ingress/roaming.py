@@ -7,16 +7,14 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from redis.exceptions import RedisError
 
 from relay import constants as K
 from relay.authorize import Authorizer
 from relay.commands import Commands
 from relay.envelope import OCPI_OK, ocpi
-from relay.errors import InvalidEvent, Problem, StoreUnavailable
+from relay.errors import InvalidEvent, Problem, StoreError, StoreUnavailable
 from relay.ingress.responses import accepted, refused, unavailable
 from relay.store import RoamingStore
-from relay.typedefs import SETTINGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,17 +30,12 @@ DEPS = web.AppKey("roaming_deps", RoamingDeps)
 
 
 def _guarded(handler: Handler) -> Handler:
-    """The CSMS's bearer token, as on every other ingress route; Redis unreachable → 503, not a bare 500."""
+    """Redis unreachable → 503, not a bare 500 (the token is checked before, as on every ingress route)."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        from relay.ingress.app import _authorised  # the ingress's one rule; app imports this module
-
-        if not _authorised(request, request.app[SETTINGS].ingress.tokens()):
-            problem = Problem(field="Authorization", rule="auth", message="missing or wrong token")
-            return refused(InvalidEvent([problem], 401))
         try:
             return await handler(request)
-        except (RedisError, OSError):
+        except StoreError:
             return unavailable("Redis unavailable, send again")
 
     return guarded

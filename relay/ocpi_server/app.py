@@ -9,7 +9,6 @@ from contextlib import suppress
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from redis.exceptions import RedisError
 
 from relay import constants as K
 from relay.commands import Commands
@@ -17,6 +16,7 @@ from relay.config import Settings
 from relay.credentials import Registry
 from relay.csms import CsmsClient
 from relay.envelope import ocpi
+from relay.errors import StoreError
 from relay.ocpi_server import credentials, roaming, sender, versions
 from relay.ocpi_server.auth import authenticate
 from relay.ocpi_server.keys import REGISTRY, ROLE, SETTINGS, STATE, TOKEN_A_ROUTES
@@ -49,7 +49,7 @@ async def _dispatch(request: web.Request, handler: Handler) -> web.StreamRespons
         # --from-iop`, the token B that `relay register --versions-url` hands the IOP (which calls
         # back at once), a token A another replica has just spent, a registration made elsewhere.
         # Unknown tokens and one-time tokens A are checked against Redis before the answer.
-        with suppress(RedisError, OSError):
+        with suppress(StoreError):
             await registry.refresh()
         role = authenticate(header, registry, accept_plain=plain)
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else ""

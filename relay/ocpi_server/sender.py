@@ -7,7 +7,6 @@ paginated as OCPI says (``date_from``, ``date_to``, ``offset``, ``limit``, ``Lin
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,6 +21,8 @@ from relay.envelope import now_iso, ocpi
 from relay.ocpi_server.keys import SETTINGS, STATE
 from relay.ocpi_server.versions import announce
 from relay.ordering import location_key
+from relay.store.keys import state_field
+from relay.timestamps import epoch_ms
 
 MODULES = ("locations", "sessions", "cdrs", "tariffs")
 
@@ -43,11 +44,9 @@ def _ms(value: str | None, name: str) -> int | None:
     if not value:
         return None
     try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return epoch_ms(value)  # OCPI: a DateTime without designator is UTC (not the server's local time)
     except ValueError:
         raise BadRequest(f"{name}: not an OCPI DateTime") from None
-    # OCPI: a DateTime without designator is UTC (not the server's local time).
-    return int((dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp() * 1000)
 
 
 def _int(value: str | None, name: str, default: int) -> int:
@@ -110,7 +109,7 @@ async def get_location(request: web.Request) -> web.Response:
     loc_id = request.match_info["location_id"]
     evse_uid, connector_id = request.match_info.get("evse_uid"), request.match_info.get("connector_id")
     for cc, pid in operators:
-        doc = await request.app[STATE].one("locations", location_key(cc, pid, loc_id), f"{cc}:{pid}:{loc_id}")
+        doc = await request.app[STATE].one("locations", location_key(cc, pid, loc_id), state_field(cc, pid, loc_id))
         if doc is None:
             continue
         found: Any = msgspec.json.decode(doc)

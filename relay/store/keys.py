@@ -7,8 +7,14 @@ its session watermarks and its lease live in one slot, and one Lua script may to
 from __future__ import annotations
 
 PREFIX = "relay"
-GROUP = "relay"
-ENTRY_FIELD = "e"
+GROUP = "relay"  # the consumer group of every stream
+
+# Fields of a stream entry (the Lua scripts spell them too: see relay/store/lua/).
+ENTRY_FIELD = "e"  # the envelope (relay.events)
+AFTER_FIELD = "a"  # a CDR: the id of its session's last update accepted before it
+ORIGIN_FIELD = "o"  # a replayed entry: its stream id before it was dead-lettered
+INFO_FIELD = "i"  # a dead letter: reason, attempts, times (msgpack)
+SOURCE_FIELD = "s"  # a dead letter: its stream id before it died
 
 
 def stream_key(module: str, shard: int) -> str:
@@ -56,6 +62,76 @@ def lease_key(shard: int) -> str:
     return f"{PREFIX}:{{r{shard}}}:lease"
 
 
-REPLICAS_KEY = f"{PREFIX}:replicas"
-META_KEY = f"{PREFIX}:meta"
-LINK_KEY = f"{PREFIX}:link"
+def key_field(module: str, key: str) -> str:
+    """``module|ordering key``: the field of an ordering key in the parked and delivered hashes."""
+    return f"{module}|{key}"
+
+
+def state_field(country_code: str, party_id: str, member: str) -> str:
+    """Field of a state hash: ``CC:PID:ID[:TARGET]`` (``member`` is the object's index member)."""
+    return f"{country_code}:{party_id}:{member}"
+
+
+def state_member(module: str, object_id: str, ordering_key: str) -> str:
+    """Member of an index (and the end of the state field): the object id, ``ID:TARGET`` for a tariff variant.
+
+    A tariff's variants per eMSP are distinct objects; the variant is the end of its ordering key
+    ``tar:CC:PID:ID:TARGET`` (relay.ordering.tariff_key).
+    """
+    if module == "tariffs":
+        return ordering_key.split(":", 3)[3]
+    return object_id
+
+
+# -- replicas and the link --------------------------------------------------------------------------
+
+REPLICAS_KEY = f"{PREFIX}:replicas"  # zset: replica id -> last heartbeat (ms)
+META_KEY = f"{PREFIX}:meta"  # hash of facts every replica must agree on
+SHARDS_FIELD = "shards"  # in META_KEY: the shard count the first replica recorded
+LINK_KEY = f"{PREFIX}:link"  # hash: operator requests to every replica
+RESUME_FIELD = "resume_at"  # in LINK_KEY: when an operator last asked to resume (epoch s)
+
+
+def link_key(replica: str) -> str:
+    """Hash: one replica's link state as it last published it (link_fields())."""
+    return f"{LINK_KEY}:{replica}"
+
+
+def link_fields(state: str, reason: str, since: float) -> dict[str, str | float]:
+    """The fields of a link_key() hash."""
+    return {"state": state, "reason": reason, "since": since}
+
+
+LINK_KEY_PATTERN = link_key("*")  # SCAN match for every replica's link hash
+
+
+def replica_of_link_key(key: str) -> str:
+    """The replica id of a link_key()."""
+    return key.split(":", 2)[2]
+
+
+# -- registration with the IOP -----------------------------------------------------------------------
+
+REGISTRATION_KEY = f"{PREFIX}:registration"  # string: the registration JSON
+TOKEN_A_KEY = f"{PREFIX}:token-a"  # string: the pending one-time token A
+TOKEN_A_USED_KEY = f"{PREFIX}:token-a-used"  # set: digests of spent tokens A
+
+
+# -- tokens from the IOP and commands in progress ------------------------------------------------------
+
+COMMANDS_DUE_KEY = f"{PREFIX}:commands:due"  # zset: command id -> when its result is due (ms)
+
+
+def token_key(token_type: str, uid: str) -> str:
+    """Hash: ``CC:PID`` of each issuer -> its token with this type and uid."""
+    return f"{PREFIX}:token:{token_type}:{uid.upper()}"
+
+
+def token_field(country_code: str, party_id: str) -> str:
+    """Field of a token_key(): the issuer, upper case."""
+    return f"{country_code}:{party_id}".upper()
+
+
+def command_key(command_id: str) -> str:
+    """String with a TTL: a command awaiting its result."""
+    return f"{PREFIX}:command:{command_id}"

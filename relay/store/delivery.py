@@ -1,0 +1,109 @@
+"""DeliveryStore: what the forwarder and the dead-letter tools do in Redis.
+
+Reading (XREADGROUP, XAUTOCLAIM of a taken-over shard), finishing a delivered entry (finish.lua:
+XACK + XDEL + its watermarks, coalesced with other commands into one pipeline), the watermarks a
+key waits on (parked, session-done, delivered) and the queue gauges. Leases and replicas
+(leases.py) and dead letters (deadletters.py) are parts of the same facade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from relay.config import MODULES
+from relay.store import keys as K
+from relay.store import scripts
+from relay.store.connection import Connection, optional_text, pipelined, raises_store_errors, text
+from relay.store.deadletters import DeadLetters
+from relay.store.entries import Entry, PendingRows, decode_entry, id_tuple
+from relay.store.leases import Leases
+
+_Streams = list[tuple[bytes, PendingRows]]  # XREADGROUP's reply: per stream, its name and entries
+
+
+@raises_store_errors
+class DeliveryStore(Leases, DeadLetters):
+    """Redis operations of the forwarder and the dead-letter tools, on top of Store's connection."""
+
+    def __init__(self, store: Connection) -> None:
+        super().__init__(store)
+        self._finish_keys: dict[int, tuple[str, str, str]] = {}  # per shard: built once, used per event
+
+    async def load_scripts(self) -> None:
+        """Register the delivery scripts at start (a NOSCRIPT later loads them again by itself)."""
+        await scripts.load(self.redis, scripts.DELIVERY)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def read_new(self, streams: dict[str, int], consumer: str, count: int, block_ms: int | None) -> list[Entry]:
+        """XREADGROUP ``>`` over several streams (stream → shard), up to ``count`` from each.
+
+        Blocks up to block_ms for the first entry (None: returns at once)."""
+        resp = await self.redis.xreadgroup(K.GROUP, consumer, {s: ">" for s in streams}, count=count, block=block_ms)
+        out: list[Entry] = []
+        for stream, rows in cast(_Streams | None, resp) or []:
+            name = text(stream)
+            out += [decode_entry(name, streams[name], sid, fields) for sid, fields in rows if fields]
+        return out
+
+    async def claim(self, stream: str, shard: int, consumer: str, start: str, count: int) -> tuple[str, list[Entry]]:
+        """XAUTOCLAIM every pending entry of a stream (we own its shard), in stream order."""
+        res = await self.redis.xautoclaim(stream, K.GROUP, consumer, 0, start_id=start, count=count)
+        nxt, rows = text(res[0]), cast(PendingRows, res[1])  # [next start, entries(, ids deleted meanwhile)]
+        return nxt, [decode_entry(stream, shard, sid, fields) for sid, fields in rows if fields]
+
+    async def foreign_pending(self, stream: str, consumer: str) -> int:
+        """Pending entries of a stream held by other consumers (a dead or departed replica)."""
+        info: dict[str, Any] = await self.redis.xpending(stream, K.GROUP)
+        return sum(int(c["pending"]) for c in info.get("consumers", []) if text(c["name"]) != consumer)
+
+    # -- finishing ----------------------------------------------------------------------------
+
+    def finish(self, entry: Entry) -> asyncio.Future[Any]:
+        """Ack + delete a delivered entry and advance its watermarks, in one script (coalesced)."""
+        ev = entry.event
+        keys = self._finish_keys.get(entry.shard)
+        if keys is None:
+            shard = entry.shard
+            keys = self._finish_keys[shard] = (
+                K.delivered_key(shard), K.session_done_key(shard), K.session_last_key(shard)
+            )  # fmt: skip
+        return self.store.call(
+            "EVALSHA", scripts.FINISH.sha, 4, entry.stream, *keys,
+            K.GROUP, entry.id, K.key_field(ev.module, ev.key),
+            ev.key if ev.module == "sessions" else "",
+            ev.key if ev.module == "cdrs" else "",
+            entry.after or "",
+        )  # fmt: skip
+
+    # -- what a key waits on ------------------------------------------------------------------
+
+    async def parked_fields(self, shard: int) -> set[str]:
+        """Every parked ``module|key`` of a shard."""
+        return {text(k) for k in await self.redis.hkeys(K.parked_key(shard))}
+
+    async def parked(self, shard: int, module: str, key: str) -> str | None:
+        """The dead-letter id that parked this key, if it is parked (coalesced with other commands)."""
+        return optional_text(await self.store.call("HGET", K.parked_key(shard), K.key_field(module, key)))
+
+    async def session_done(self, shard: int, key: str) -> str | None:
+        """Stream id of the last delivered or dead-lettered update of a session."""
+        return optional_text(await self.store.call("HGET", K.session_done_key(shard), key))
+
+    async def last_delivered(self, shard: int, module: str, key: str) -> str | None:
+        """Stream id of the newest delivered event of an ordering key (the replay guard)."""
+        return optional_text(await self.redis.hget(K.delivered_key(shard), K.key_field(module, key)))
+
+    # -- gauges -------------------------------------------------------------------------------
+
+    async def oldest(self) -> dict[str, float | None]:
+        """Per module, the ingress time (epoch ms from the stream id) of the oldest undelivered event."""
+        n = self.store.shards
+        streams = [K.stream_key(module, shard) for module in MODULES for shard in range(n)]
+        res = await pipelined(self.redis, lambda pipe: [pipe.xrange(stream, count=1) for stream in streams])
+        out: dict[str, float | None] = {}
+        for i, module in enumerate(MODULES):
+            firsts = [id_tuple(text(rows[0][0]))[0] for rows in res[i * n : (i + 1) * n] if rows]
+            out[module] = min(firsts) / 1000 if firsts else None
+        return out

@@ -1,0 +1,16 @@
+-- Move an entry to its dead-letter stream with the reason, ack it, maybe park its key.
+-- KEYS: stream, dlq, session-done, parked
+-- ARGV: group, id, envelope, info, session key or '', after or '', park field or ''
+-- Returns the dead letter's id, or false if another finisher got there first.
+-- include: gt.lua
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+-- Only the first to finish the entry writes the dead letter (see finish.lua).
+if redis.call('XDEL', KEYS[1], ARGV[2]) == 0 then return false end
+local fields = {'e', ARGV[3], 'i', ARGV[4], 's', ARGV[2]}
+if ARGV[6] ~= '' then table.insert(fields, 'a'); table.insert(fields, ARGV[6]) end
+local dead = redis.call('XADD', KEYS[2], '*', unpack(fields))
+if ARGV[5] ~= '' and gt(ARGV[2], redis.call('HGET', KEYS[3], ARGV[5])) then
+  redis.call('HSET', KEYS[3], ARGV[5], ARGV[2])
+end
+if ARGV[7] ~= '' then redis.call('HSETNX', KEYS[4], ARGV[7], dead) end
+return dead

@@ -1,0 +1,21 @@
+-- Ack + delete a delivered entry and advance its watermarks.
+-- KEYS: stream, delivered, session-done, session-last
+-- ARGV: group, id, module|key, session key ('' unless a session), cdr key ('' unless a CDR), cdr's after id
+-- Returns what XACK counted.
+-- include: gt.lua
+local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+-- The first to finish an entry is the one that deletes it. (XACK alone cannot tell: it counts 0
+-- when the group was recreated after NOGROUP, and a delivered session update must still count.)
+local d = redis.call('XDEL', KEYS[1], ARGV[2])
+if d == 1 then
+  if gt(ARGV[2], redis.call('HGET', KEYS[2], ARGV[3])) then redis.call('HSET', KEYS[2], ARGV[3], ARGV[2]) end
+  if ARGV[4] ~= '' and gt(ARGV[2], redis.call('HGET', KEYS[3], ARGV[4])) then
+    redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
+  end
+  if ARGV[5] ~= '' and redis.call('HGET', KEYS[4], ARGV[5]) == ARGV[6] then
+    -- the session is over: its CDR is out and no update came after it; forget its watermarks
+    redis.call('HDEL', KEYS[4], ARGV[5])
+    redis.call('HDEL', KEYS[3], ARGV[5])
+  end
+end
+return n
