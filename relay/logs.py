@@ -19,7 +19,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -140,18 +140,22 @@ def debug_enabled() -> bool:
     return _debug
 
 
-def configure_logging(level: str = "info", fmt: str = "json", redact: Iterable[str] = ()) -> None:
+def configure_logging(
+    level: str = "info", fmt: str = "json", redact: Iterable[str] = (), stream: TextIO | None = None
+) -> None:
     """Configure structlog (and stdlib logging for aiohttp's own messages) once per process.
 
-    The renderer stays the last processor (tests wrap it in place to capture rendered lines).
+    Lines go to ``stream``, bound now (default: ``sys.stderr`` as it is at this call). The tests pass
+    ``sys.__stderr__``: pytest swaps ``sys.stderr`` for a capture file, and an interrupted run closes it
+    before the session's last teardowns log. The renderer stays the last processor (tests wrap it in place
+    to capture rendered lines).
     """
     global _debug
+    out = stream if stream is not None else sys.stderr
     lvl = logging.getLevelName(level.upper())
     _debug = lvl <= logging.DEBUG
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     redactor = Redactor(redact)
     stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
@@ -165,11 +169,11 @@ def configure_logging(level: str = "info", fmt: str = "json", redact: Iterable[s
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
     # Libraries' stdlib records (warnings and up): same shape, same redaction, one line each.
-    handler = _StdlibHandler(sys.stderr)
+    handler = _StdlibHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name, stamper],

@@ -29,8 +29,9 @@ from relay.config import MODULES, Settings
 from relay.service import Relay
 from tests.conftest import AUTH, gireve_location
 from tests.fake_iop import FakeIop
-from tests.loopback import LoopbackServer, wait_until
+from tests.loopback import LoopbackServer
 from tests.ocpi_peer import VERSION, OcpiPeer, running, token_header
+from tests.waiting import wait_until
 
 CSMS_TOKEN = "csms-webhook-secret"
 IOP_TOKENS = "/ocpi/2.2.1/tokens"  # the fake IOP's Tokens SENDER endpoint (POST {uid}/authorize)
@@ -104,7 +105,9 @@ class CsmsFake(LoopbackServer):
         return [p for p in self.posts if p.kind == kind]
 
     async def wait_for(self, cond: Callable[[], bool], timeout: float = 10.0) -> None:
-        await wait_until(self.changed, cond, timeout, lambda: f"csms: {len(self.posts)} posts")
+        await wait_until(
+            cond, timeout, lambda: f"condition on the fake CSMS ({len(self.posts)} posts)", changed=self.changed
+        )
 
 
 class RecordingIop(FakeIop):

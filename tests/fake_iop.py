@@ -12,7 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.loopback import LoopbackServer, wait_until
+from tests.loopback import LoopbackServer
+from tests.waiting import wait_until
 
 
 @dataclass
@@ -104,7 +105,9 @@ class FakeIop(LoopbackServer):
 
     async def wait_for(self, cond: Callable[[], bool], timeout: float = 20.0) -> None:
         """Wait until cond() holds (checked after each request), or fail."""
-        await wait_until(self.changed, cond, timeout, lambda: f"{len(self.received)} requests")
+        await wait_until(
+            cond, timeout, lambda: f"condition on the fake IOP ({len(self.received)} requests)", changed=self.changed
+        )
 
     def paths(self, method: str | None = None) -> list[str]:
         return [r.path for r in self.received if method is None or r.method == method]

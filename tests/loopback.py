@@ -1,13 +1,10 @@
-"""Loopback HTTP servers the tests stand up as peers (the IOP, the CSMS): free ports, a server that can
-be taken down and brought back on its port, and waiting for a condition that requests make true."""
+"""Loopback HTTP servers the tests stand up as peers (the IOP, the CSMS): free ports, and a server that can
+be taken down and brought back on its port, with an event its requests set (for ``tests.waiting.wait_until``)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import time
-from collections.abc import Callable
 
 from aiohttp import web
 
@@ -17,18 +14,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-async def wait_until(changed: asyncio.Event, cond: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    """Wait until cond() holds, checked whenever ``changed`` is set (and every 0.2 s), or fail with what()."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"condition not met within {timeout}s; {what()}")
-        changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), min(left, 0.2))
 
 
 class LoopbackServer:

@@ -35,13 +35,13 @@ import structlog
 from aiohttp import web
 from click.testing import CliRunner, Result
 
-from relay.store import keys as K
 from relay.cli import main
 from relay.config import MODULES, Settings
 from relay.service import Relay
 from relay.store import Store
+from relay.store import keys as K
 from tests.conftest import AUTH, REPO, TOKEN, gireve_location
-from tests.loopback import wait_until
+from tests.waiting import wait_until
 
 VERSION = "2.2.1"
 ROUTING_HEADERS = ("OCPI-from-country-code", "OCPI-from-party-id", "OCPI-to-country-code", "OCPI-to-party-id")
@@ -212,7 +212,9 @@ class OcpiPeer:
         return [s.json()["name"] for s in self.seen if s.path == path and s.method == "PUT" and s.authorized]
 
     async def wait_for(self, cond: Callable[[], bool], timeout: float = 10.0) -> None:
-        await wait_until(self.changed, cond, timeout, lambda: f"peer saw {[s.path for s in self.seen]}")
+        await wait_until(
+            cond, timeout, lambda: f"condition on the peer (saw {[s.path for s in self.seen]})", changed=self.changed
+        )
 
     # -- acting as the IOP towards the relay -----------------------------------------------------------
 
@@ -350,23 +352,7 @@ async def until_pending(store: Store, n: int, module: str = "locations", timeout
     async def check() -> bool:
         return await pending(store, module) == n
 
-    await until(check, timeout, what=f"{n} {module} entries pending")
-
-
-async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll an async or sync condition until it holds, or fail after timeout."""
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
-        got = cond()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not met within {timeout}s")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.1)
+    await wait_until(check, timeout, what=f"{n} {module} entries pending")
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +27,12 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from relay.store import keys as K
 from relay.config import MODULES
+from relay.store import keys as K
 from tests.conftest import AUTH, REPO, TOKEN, example, gireve_location
 from tests.fake_iop import FakeIop, random_faults
 from tests.loopback import free_port
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -90,15 +91,14 @@ class Proc:
         return f"{socket.gethostname()}-{self.proc.pid}-"
 
     async def ready(self, http: aiohttp.ClientSession, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        async def up() -> bool:
             assert self.proc is not None and self.proc.poll() is None, f"{self.name} exited:\n{self.log()}"
             with suppress(aiohttp.ClientError, OSError):
                 async with http.get(f"http://127.0.0.1:{self.port}/healthz") as r:
-                    if r.status == 200:
-                        return
-            assert time.monotonic() < deadline, f"{self.name} not up within {timeout}s:\n{self.log()}"
-            await asyncio.sleep(0.05)
+                    return r.status == 200
+            return False
+
+        await wait_until(up, timeout, lambda: f"{self.name} up; its log:\n{self.log()}")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -337,10 +337,10 @@ async def finish(w: World, producer: Producer, run: asyncio.Task[None], kills: i
         await w.iop.wait_for(lambda: tally.all_delivered(producer), timeout=40)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{await diagnose(w, producer)}") from None
-    deadline = time.monotonic() + 20
-    while not await drained(w.redis):  # sessions and CDRs too
-        assert time.monotonic() < deadline, f"streams not drained\n{await diagnose(w, producer)}"
-        await asyncio.sleep(0.05)
+    try:
+        await wait_until(lambda: drained(w.redis), 20, "streams drained")  # sessions and CDRs too
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{await diagnose(w, producer)}") from None
     assert await dead_letters(w.redis) == 0  # transient faults only: nothing dead-lettered
     stats = check(w.iop, producer, kills)
     stats["sessions_with_cdr"] = check_sessions(w.iop, producer)
@@ -413,14 +413,14 @@ async def test_kill_9_one_of_two_relays_survivor_takes_over(world: World) -> Non
     kills = 0
     started = time.monotonic()
     for _ in range(3):
-        await until(both_hold_shards, 15, "both replicas holding shards")
+        await wait_until(both_hold_shards, 15, "both replicas holding shards")
         await requests_since(w.iop, rng.randint(40, 200), timeout=20)
         b.kill()
         kills += 1
         killed_at = time.monotonic()
         # The survivor takes the dead replica's shards once its heartbeat and leases expire, then
         # waits the claim grace before resending its pending entries.
-        await until(a_holds_all, 15, "survivor holding every shard")
+        await wait_until(a_holds_all, 15, "survivor holding every shard")
         took_over_s = time.monotonic() - killed_at
         assert took_over_s < 8, took_over_s  # heartbeat expiry (2 TTL = 3 s) + a lease round or two
         await requests_since(w.iop, 30, timeout=20)  # the survivor delivers, the old shards included
@@ -431,10 +431,3 @@ async def test_kill_9_one_of_two_relays_survivor_takes_over(world: World) -> Non
     stats = await finish(w, producer, run, kills)
     print(f"two relays: {kills} kills of one, {stats}, {time.monotonic() - started:.1f}s")
     assert a.alive and a.starts == 1  # the survivor was never restarted
-
-
-async def until(cond: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        await asyncio.sleep(0.05)

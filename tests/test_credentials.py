@@ -30,9 +30,9 @@ from tests.ocpi_peer import (
     routes,
     running,
     token_header,
-    until,
     until_pending,
 )
+from tests.waiting import wait_until
 
 OPERATORS = json.dumps(
     [
@@ -331,7 +331,7 @@ async def test_unregister_from_iop_queues_then_new_registration_delivers(
             await put_location(relay, name)
         # The forwarder has read all three and holds them: had it been allowed to send, it would have.
         await until_pending(relay.store, 3)
-        await until(lambda: relay.link.state == "paused", what="link paused")
+        await wait_until(lambda: relay.link.state == "paused", what="link paused")
         assert len(peer.module_requests()) == 1
         data = await status_json(settings)
         assert data["connection"]["state"] == "unregistered"
@@ -370,10 +370,10 @@ async def test_cli_unregister_tells_the_iop(make_settings: Callable[..., Setting
         async def c_refused() -> bool:
             return (await peer.call("GET", r["credentials"], c))[0] == 401
 
-        await until(c_refused, what="the running relay refuses C")
+        await wait_until(c_refused, what="the running relay refuses C")
         await put_location(relay, "v1")
         await until_pending(relay.store, 1)
-        await until(lambda: relay.link.state == "paused", what="link paused")
+        await wait_until(lambda: relay.link.state == "paused", what="link paused")
         assert peer.module_requests() == []
         res = await cli(settings, "unregister", "--yes")
         assert res.exit_code == 1 and "not registered" in res.output
@@ -463,7 +463,7 @@ async def test_reregistration_resumes_a_link_stopped_by_401(
         old_b = peer.token_b
         peer.accepted.discard(old_b)
         await put_location(relay, "v1")
-        await until(lambda: relay.link.state == "auth_failed", what="link stopped by the 401")
+        await wait_until(lambda: relay.link.state == "auth_failed", what="link stopped by the 401")
         await put_location(relay, "v2")
         await until_pending(relay.store, 2)
         refused = [s for s in peer.module_requests() if not s.authorized]

@@ -16,6 +16,7 @@ from relay.config import Settings
 from relay.service import Relay
 from tests.conftest import AUTH, REPO, TOKEN, gireve_location
 from tests.fake_iop import FakeIop, Received, Reply
+from tests.waiting import wait_until
 
 FAST = {
     "RELAY_FORWARDER_BACKOFF_INITIAL_S": "0.01",
@@ -84,12 +85,15 @@ async def _dead(e: Env) -> list[dict[str, Any]]:
 
 
 async def _wait_dead(e: Env, n: int) -> list[dict[str, Any]]:
-    for _ in range(200):
+    rows: list[dict[str, Any]] = []
+
+    async def listed() -> bool:
+        nonlocal rows
         rows = await _dead(e)
-        if len(rows) >= n:
-            return rows
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"expected {n} dead letters")
+        return len(rows) >= n
+
+    await wait_until(listed, 20, f"{n} dead letters listed")
+    return rows
 
 
 async def test_permanent_failure_is_listed_and_shown(env: Env) -> None:
@@ -159,12 +163,13 @@ async def test_status_reports_queues_dead_letters_and_link(env: Env) -> None:
     await env.put("LOC1", "x")
     await _wait_dead(env, 1)
     data: dict[str, Any] = {}
-    for _ in range(100):  # the link state is published on the lease loop's next round
-        res = await env.cli("status", "--json")
-        data = json.loads(res.stdout)
-        if data["replicas"]:
-            break
-        await asyncio.sleep(0.05)
+
+    async def published() -> bool:  # the link state is published on the lease loop's next round
+        nonlocal data
+        data = json.loads((await env.cli("status", "--json")).stdout)
+        return bool(data["replicas"])
+
+    await wait_until(published, 10, "a replica in relay status")
     assert data["modules"]["locations"]["dead"] == 1
     assert data["modules"]["locations"]["queued"] == 0
     assert [link["state"] for link in data["replicas"].values()] == ["up"]

@@ -4,9 +4,9 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from relay.store import keys as K
 from relay.events import decode
 from relay.store import Store
+from relay.store import keys as K
 from tests.conftest import AUTH, gireve_location
 
 

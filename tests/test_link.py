@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from relay.link import GaveUp, Link
+from tests.waiting import stays_false, wait_until
 
 
 def state(link: Link) -> str:
@@ -19,21 +20,6 @@ def state(link: Link) -> str:
 
 def gauge(state: str) -> float | None:
     return REGISTRY.get_sample_value("relay_iop_link_state", {"state": state})
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
-async def not_within(cond: Callable[[], bool], seconds: float) -> None:
-    """Assert cond() stays false for a while (for "nothing happens" checks)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert not cond()
-        await asyncio.sleep(0.005)
 
 
 async def attempt(link: Link, outcome: Callable[[bool], Awaitable[None]], hold: asyncio.Event | None = None) -> bool:
@@ -101,7 +87,7 @@ async def test_failures_of_attempts_already_in_flight_do_not_delay_the_probe() -
         await link.failure("refused", probe=probe)
 
     stragglers = [asyncio.create_task(attempt(link, fail, hold)) for _ in range(10)]
-    await until(lambda: link.inflight == 10)
+    await wait_until(lambda: link.inflight == 10)
     hold.set()
     assert not any(await asyncio.gather(*stragglers))
     assert state(link) == "down"
@@ -121,7 +107,7 @@ async def test_probe_success_brings_the_link_up_with_a_ramp() -> None:
     # limit 1: a second attempt waits while one is in flight.
     hold = asyncio.Event()
     first = asyncio.create_task(attempt(link, lambda probe: link.success(), hold))
-    await until(lambda: link.inflight == 1)
+    await wait_until(lambda: link.inflight == 1)
     second_in = asyncio.Event()
 
     async def second_body() -> None:
@@ -130,7 +116,7 @@ async def test_probe_success_brings_the_link_up_with_a_ramp() -> None:
         await link.success()
 
     second = asyncio.create_task(second_body())
-    await not_within(second_in.is_set, 0.1)
+    await stays_false(second_in.is_set, 0.1)
     hold.set()
     await asyncio.wait_for(asyncio.gather(first, second), 2)
     # first success of window 1 → limit 2; then a window of 2 → 4; a window of 4 → 6 (capped).
@@ -149,8 +135,8 @@ async def test_probe_success_brings_the_link_up_with_a_ramp() -> None:
     assert link.limit == 1
     holds = asyncio.Event()
     tasks = [asyncio.create_task(attempt(link, lambda probe: link.success(), holds)) for _ in range(5)]
-    await until(lambda: link.inflight == 1)
-    await not_within(lambda: link.inflight > 1, 0.05)
+    await wait_until(lambda: link.inflight == 1)
+    await stays_false(lambda: link.inflight > 1, 0.05)
     holds.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 2)
 
@@ -171,13 +157,13 @@ async def test_auth_failure_blocks_every_slot_until_resume(how: str) -> None:
             got.set()
 
     task = asyncio.create_task(wants_to_send())
-    await not_within(got.is_set, 0.3)  # no probing either: the same token cannot succeed
+    await stays_false(got.is_set, 0.3)  # no probing either: the same token cannot succeed
     assert link.inflight == 0
     # Failures and successes reported meanwhile do not reopen it.
     await link.failure("x")
     await link.success()
     assert state(link) == how.replace("pause", "paused")
-    await not_within(got.is_set, 0.05)
+    await stays_false(got.is_set, 0.05)
     await link.resume("operator")
     await asyncio.wait_for(task, 1)
     assert state(link) == "up" and link.limit == 1 and gauge("up") == 1 and gauge("auth_failed") == 0
@@ -193,7 +179,7 @@ async def test_a_waiting_slot_gives_up_when_woken() -> None:
             raise AssertionError("admitted while paused")
 
     task = asyncio.create_task(wants_to_send())
-    await not_within(task.done, 0.05)
+    await stays_false(task.done, 0.05)
     stopping = True
     await link.wake()
     with pytest.raises(GaveUp):
@@ -213,10 +199,10 @@ async def test_a_freed_slot_goes_to_the_oldest_waiter_and_to_one_only() -> None:
         link.release(probe)
 
     tasks = [asyncio.create_task(waiter(n)) for n in range(5)]
-    await until(lambda: len(link._waiters) == 5)
+    await wait_until(lambda: len(link._waiters) == 5)
     assert link.try_acquire() is None  # a newcomer does not overtake the queue
     link.release(False)
-    await until(lambda: len(order) == 5)
+    await wait_until(lambda: len(order) == 5)
     assert order == [0, 1, 2, 3, 4]
     assert link.inflight == 1  # the slot still held by the test
     link.release(False)
@@ -229,7 +215,7 @@ async def test_a_waiter_cancelled_after_it_was_granted_gives_the_slot_back() -> 
     assert link.try_acquire() is False
     first = asyncio.create_task(link.acquire())
     second = asyncio.create_task(link.acquire())
-    await until(lambda: len(link._waiters) == 2)
+    await wait_until(lambda: len(link._waiters) == 2)
     link.release(False)  # granted to `first`, which is cancelled before it runs
     first.cancel()
     assert await asyncio.wait_for(second, 1) is False  # the slot moved on instead of leaking

@@ -26,7 +26,8 @@ from relay.config import Settings
 from relay.embedded_redis import EmbeddedRedis
 from tests.conftest import AUTH, gireve_location
 from tests.fake_iop import FakeIop, Received, Reply
-from tests.test_forwarder import FAST, Env, loc_of, until, until_async
+from tests.test_forwarder import FAST, Env, loc_of
+from tests.waiting import wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 LOC = "locations"
@@ -78,7 +79,7 @@ class Run:
             await self.scrape()
             return self.delta(name, **labels) >= want
 
-        await until_async(reached, what=f"{name}{labels} +{want}")
+        await wait_until(reached, what=f"{name}{labels} +{want}")
 
 
 @pytest.fixture
@@ -153,7 +154,7 @@ async def test_scrape_after_a_scripted_run(relay_env: Callable[..., Any]) -> Non
     after_first = time.time()
     for n in (2, 3):
         await env.put_loc("M-DOWN", n)
-    await until(lambda: env.relay.link.state == "down", what="link down")
+    await wait_until(lambda: env.relay.link.state == "down", what="link down")
     gauges_from = time.time()
     assert await env.relay.update_gauges()
     gauges_to = time.time()
@@ -231,7 +232,7 @@ async def test_readyz_follows_redis_not_the_iop(relay_env: Callable[..., Any]) -
             env = await relay_env(iop=FakeIop(), RELAY_REDIS_URL=server.url)
             port = env.relay.ingress_port
             await env.put_loc("R1", 1)
-            await until(lambda: env.relay.link.state == "down", what="link down")
+            await wait_until(lambda: env.relay.link.state == "down", what="link down")
             assert await env.relay.update_gauges()
             status, body = await probe(env.http, port, "/readyz")
             assert status == 200, body
@@ -244,7 +245,7 @@ async def test_readyz_follows_redis_not_the_iop(relay_env: Callable[..., Any]) -
             async def unready() -> bool:
                 return (await probe(env.http, port, "/readyz"))[0] == 503
 
-            await until_async(unready, what="/readyz 503 with Redis stopped")
+            await wait_until(unready, what="/readyz 503 with Redis stopped")
             status, body = await probe(env.http, port, "/readyz")
             assert body["ready"] is False and body["redis"] == "unreachable"
             assert await probe(env.http, port, "/healthz") == (200, {"status": "ok"})  # alive: no restart wanted
@@ -258,7 +259,7 @@ async def test_readyz_follows_redis_not_the_iop(relay_env: Callable[..., Any]) -
             async def ready() -> bool:
                 return (await probe(env.http, port, "/readyz"))[0] == 200
 
-            await until_async(ready, what="/readyz 200 with Redis back")
+            await wait_until(ready, what="/readyz 200 with Redis back")
             assert await env.relay.update_gauges()
             after = await scrape(env.http, port)
             assert val(after, "relay_queue_depth", module=LOC) == 1  # still queued, still counted

@@ -1,15 +1,15 @@
-"""The OCPI 2.2.1 models against every spec example of their kind, and against broken input.
+"""The OCPI 2.2.1 models against every spec example of their kind, our own fixtures, and broken input.
 
-The examples come from the shared reference copy of the spec; their directory is found relative to
-this file (``<repo>/../shared/reference``) or through ``RELAY_REFERENCE_DIR`` (the directory holding
-``ocpi-2.2.1/``). A missing directory fails the tests: silently skipping them would hide a regression.
+The spec's examples come from the reference copy of the spec: ``$RELAY_REFERENCE_DIR/ocpi-2.2.1/examples``
+(the variable names the directory holding ``ocpi-2.2.1/``), else ``<repo>/../shared/reference``. A clone on
+its own has neither: the tests of the spec's examples are skipped (pytest says why), unless
+``RELAY_REFERENCE_DIR`` is set, when a wrong path fails them. Everything else, the broken-input tests
+included, runs on the project's own objects in ``tests/data``, named after the spec example each stands in for.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgspec
@@ -30,15 +30,7 @@ from relay.models import (
 from relay.models.common import DisplayText, EnergyMix, GeoLocation
 from relay.models.locations import Hours, RegularHours
 from relay.models.tariffs import TariffRestrictions
-
-
-def _examples_dir() -> Path:
-    override = os.environ.get("RELAY_REFERENCE_DIR")
-    reference = Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "reference"
-    return reference / "ocpi-2.2.1" / "examples"
-
-
-EXAMPLES_DIR = _examples_dir()
+from tests.conftest import DATA, SPEC_DIR, needs_spec_examples
 
 
 class Example(NamedTuple):
@@ -48,8 +40,8 @@ class Example(NamedTuple):
     wrapper: str | None = None  # the file nests the object under this single key, e.g. {"energy_mix": {...}}
 
 
-# Every example of the modules the relay carries, by file name. The PATCH URLs in mod_locations.asciidoc
-# tell which level each location_patch_* example addresses.
+# Every example of the modules the relay carries, by file name (our fixtures in tests/data use the same names).
+# The PATCH URLs in mod_locations.asciidoc tell which level each location_patch_* example addresses.
 EXAMPLES: dict[str, Example] = {
     "cdr_example.json": Example(Cdr),
     "location_example.json": Example(Location),
@@ -115,7 +107,8 @@ PATCH_TYPES: tuple[type[msgspec.Struct], ...] = (LocationPatch, EvsePatch, Conne
 
 
 def _read(name: str) -> bytes:
-    return (EXAMPLES_DIR / name).read_bytes()
+    """One of the spec's examples."""
+    return (SPEC_DIR / name).read_bytes()
 
 
 def _unwrap(raw: bytes, wrapper: str | None) -> bytes:
@@ -127,8 +120,8 @@ def _unwrap(raw: bytes, wrapper: str | None) -> bytes:
 
 
 def _example_json(name: str) -> dict[str, Any]:
-    """An example as plain JSON, to be broken by a negative test."""
-    doc = msgspec.json.decode(_read(name))
+    """One of our fixtures (tests/data) as plain JSON, to be broken by a negative test."""
+    doc = msgspec.json.decode((DATA / name).read_bytes())
     assert isinstance(doc, dict)
     return doc
 
@@ -147,16 +140,28 @@ def _decode(doc: Any, type_: type[msgspec.Struct]) -> msgspec.Struct:
     return msgspec.json.decode(msgspec.json.encode(doc), type=type_)
 
 
-# --- the examples --------------------------------------------------------------------------------------------------
+def _assert_round_trips(raw: bytes, example: Example) -> None:
+    raw = _unwrap(raw, example.wrapper)
+    obj = msgspec.json.decode(raw, type=example.type)
+    encoded = msgspec.json.encode(obj)
+    assert msgspec.json.decode(encoded, type=example.type) == obj
+    # Unknown fields are ignored, so a misspelt field name would drop data silently: the re-encoded
+    # JSON must carry every value of the example (numbers compare equal whether int or float).
+    assert msgspec.json.decode(encoded) == msgspec.json.decode(raw)
 
 
+# --- the spec's examples -------------------------------------------------------------------------------------------
+
+
+@needs_spec_examples
 def test_examples_dir_exists() -> None:
-    assert EXAMPLES_DIR.is_dir(), f"OCPI examples not found at {EXAMPLES_DIR} (set RELAY_REFERENCE_DIR)"
+    assert SPEC_DIR.is_dir(), f"OCPI examples not found at {SPEC_DIR} (set RELAY_REFERENCE_DIR)"
 
 
+@needs_spec_examples
 def test_every_example_is_classified() -> None:
-    names = sorted(p.name for p in EXAMPLES_DIR.glob("*.json"))
-    assert names, f"no examples in {EXAMPLES_DIR}"
+    names = sorted(p.name for p in SPEC_DIR.glob("*.json"))
+    assert names, f"no examples in {SPEC_DIR}"
     unclassified = [
         n for n in names if n not in EXAMPLES and n not in INVALID_EXAMPLES and not n.startswith(OUT_OF_SCOPE_PREFIXES)
     ]
@@ -166,24 +171,28 @@ def test_every_example_is_classified() -> None:
     assert not missing, f"{missing} are mapped but no longer in the reference"
 
 
+@needs_spec_examples
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_decodes_and_round_trips(name: str) -> None:
-    example = EXAMPLES[name]
-    raw = _unwrap(_read(name), example.wrapper)
-    obj = msgspec.json.decode(raw, type=example.type)
-    encoded = msgspec.json.encode(obj)
-    assert msgspec.json.decode(encoded, type=example.type) == obj
-    # Unknown fields are ignored, so a misspelt field name would drop data silently: the re-encoded
-    # JSON must carry every value of the example (numbers compare equal whether int or float).
-    assert msgspec.json.decode(encoded) == msgspec.json.decode(raw)
+    _assert_round_trips(_read(name), EXAMPLES[name])
 
 
+@needs_spec_examples
 @pytest.mark.parametrize("name", sorted(INVALID_EXAMPLES))
 def test_example_contradicting_its_table_is_refused(name: str) -> None:
     type_, message = INVALID_EXAMPLES[name]
     with pytest.raises(msgspec.ValidationError) as exc:
         msgspec.json.decode(_read(name), type=type_)
     assert str(exc.value) == message
+
+
+# --- our fixtures --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("*.json")))
+def test_fixture_decodes_and_round_trips(name: str) -> None:
+    assert name in EXAMPLES, f"{name}: name a fixture after the spec example it stands in for"
+    _assert_round_trips((DATA / name).read_bytes(), EXAMPLES[name])
 
 
 # --- refused input: each error names the field path ----------------------------------------------------------------
@@ -297,9 +306,10 @@ def test_patch_without_last_updated(type_: type[msgspec.Struct]) -> None:
     assert _refused({}, type_) == "Object missing required field `last_updated`"
 
 
+@needs_spec_examples
 @pytest.mark.parametrize("name", sorted(n for n, e in EXAMPLES.items() if e.type in PATCH_TYPES))
 def test_patch_example_without_last_updated(name: str) -> None:
-    doc = _example_json(name)
+    doc = msgspec.json.decode(_read(name))
     del doc["last_updated"]
     assert _refused(doc, EXAMPLES[name].type) == "Object missing required field `last_updated`"
 
@@ -382,11 +392,13 @@ def test_wrong_json_type() -> None:
 
 
 def test_patch_keeps_absent_fields_unset_and_does_not_send_them() -> None:
-    patch = msgspec.json.decode(_read("location_patch_example_location.json"), type=LocationPatch)
-    assert patch.name == "Interparking Gent Zuid"
+    patch = msgspec.json.decode((DATA / "location_patch_example_location.json").read_bytes(), type=LocationPatch)
+    assert patch.name == "Parking Part-Dieu Villette (P2)"
     assert patch.address is msgspec.UNSET
     assert patch.evses is msgspec.UNSET
-    assert msgspec.json.encode(patch) == b'{"name":"Interparking Gent Zuid","last_updated":"2019-06-24T12:39:09Z"}'
+    assert msgspec.json.encode(patch) == (
+        b'{"name":"Parking Part-Dieu Villette (P2)","last_updated":"2024-03-06T07:15:00Z"}'
+    )
 
 
 def test_patch_nested_objects_are_whole_objects() -> None:
@@ -421,9 +433,9 @@ def test_patch_refuses_null() -> None:
 
 
 def test_session_patch_charging_periods() -> None:
-    patch = msgspec.json.decode(_read("session_patch_example_charging_period.json"), type=SessionPatch)
+    patch = msgspec.json.decode((DATA / "session_patch_example_charging_period.json").read_bytes(), type=SessionPatch)
     assert isinstance(patch.charging_periods, list)
-    assert patch.charging_periods[0].dimensions[0].volume == 2200
+    assert patch.charging_periods[0].dimensions[0].volume == 6.8
     assert patch.status is msgspec.UNSET
 
 

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from relay.store import keys as K
 from relay.config import Settings
 from relay.events import decode
 from relay.ingress import create_app
 from relay.ordering import location_key, session_key, shard_of, tariff_key
 from relay.store import Store, connect
+from relay.store import keys as K
 from relay.typedefs import Health
 from relay.validation import parse_target, validate
 from tests.conftest import AUTH, example, gireve_location

@@ -26,8 +26,9 @@ from relay.service import Relay
 from relay.store import DeadLetter, DeliveryStore, StateReader
 from tests.conftest import AUTH, gireve_location
 from tests.fake_iop import FakeIop, Received, Reply
-from tests.ocpi_peer import OcpiPeer, running, until
+from tests.ocpi_peer import OcpiPeer, running
 from tests.test_sender import OPERATORS, Iop, cdr_of, op, pulling, session_of, tariff_of
+from tests.waiting import wait_until
 
 FAST = {
     "RELAY_IOP_TOKEN": "iop-token",
@@ -143,7 +144,7 @@ async def test_patch_answered_2003_is_healed_by_a_put_of_the_location_in_its_ord
     assert heal.headers["OCPI-from-party-id"] == "AB1" and heal.headers["Content-Type"] == "application/json"
     assert heal.headers["X-Correlation-ID"] == env.iop.received[1].headers["X-Correlation-ID"]  # the same event
     assert await env.metric("relay_patches_healed_total", module="locations") == healed + 1
-    await until(env.drained, what="streams drained")
+    await wait_until(env.drained, what="streams drained")
     assert await env.dead("locations") == []
 
 
@@ -171,7 +172,7 @@ async def test_patch_answered_http_404_without_ocpi_body_is_healed(make_env: Cal
     assert env.at(SES)[-1].json()["kwh"] == 3.5
     for m in ("locations", "sessions"):
         assert await env.metric("relay_patches_healed_total", module=m) == before[m] + 1
-    await until(env.drained, what="streams drained")
+    await wait_until(env.drained, what="streams drained")
 
 
 async def test_no_healing_when_turned_off(make_env: Callable[..., Any]) -> None:
@@ -182,8 +183,8 @@ async def test_no_healing_when_turned_off(make_env: Callable[..., Any]) -> None:
     await env.send(
         "PATCH", "/locations/FR/AB1/LOC1/3256", {"status": "BLOCKED", "last_updated": "2024-01-01T00:01:00Z"}
     )
-    await until(lambda: len(env.iop.received) == 2)
-    await until(env.drained, what="dead-lettered")
+    await wait_until(lambda: len(env.iop.received) == 2)
+    await wait_until(env.drained, what="dead-lettered")
     [dead] = await env.dead("locations")
     assert dead.info["unknown_object"] is True and dead.info["ocpi_code"] == 2003
     assert [r.method for r in env.iop.received] == ["PUT", "PATCH"]  # no PUT followed
@@ -194,7 +195,7 @@ async def test_a_put_answered_2003_is_not_healed(make_env: Callable[..., Any]) -
     healed = await env.metric("relay_patches_healed_total", module="locations")
     env.iop.script = lambda r: Reply(status=404, ocpi=2003)
     await env.send("PUT", "/locations/FR/AB1/LOC1", gireve_location("LOC1"))
-    await until(env.drained, what="dead-lettered")
+    await wait_until(env.drained, what="dead-lettered")
     assert [r.method for r in env.iop.received] == ["PUT"]
     assert len(await env.dead("locations")) == 1
     assert await env.metric("relay_patches_healed_total", module="locations") == healed
@@ -212,7 +213,7 @@ async def test_patch_of_a_never_seen_object_is_forwarded_as_sent(make_env: Calla
     # The IOP does not know it either: there is no state to heal with, so it ends as a dead letter.
     env.iop.script = lambda r: Reply(status=404, ocpi=2003)
     await env.send("PATCH", "/locations/FR/AB1/NEW2", {"name": "x", "last_updated": "2024-01-01T00:01:00Z"})
-    await until(env.drained, what="dead-lettered")
+    await wait_until(env.drained, what="dead-lettered")
     [dead] = await env.dead("locations")
     assert dead.info["unknown_object"] is True and dead.event.method == "PATCH"
     assert {r.method for r in env.iop.received} == {"PATCH"}  # never a PUT made up from nothing

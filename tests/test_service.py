@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import REPO, gireve_location
+from tests.waiting import wait_until
 
 SHIPPED = REPO / "config" / "relay.toml"
 SECRET = "svc-T0ken-never-logged-7f3a"
@@ -59,14 +59,6 @@ def servers_on(data_dir: Path) -> list[int]:
                 if needle in (proc / "cmdline").read_bytes() and alive(int(proc.name)):
                     pids.append(int(proc.name))
     return pids
-
-
-async def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -106,23 +98,21 @@ class Served:
             )
 
     async def ready(self, http: aiohttp.ClientSession) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
+        async def up() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"relay exited with {self.proc.returncode}:\n{self.log()}")
             with suppress(aiohttp.ClientError):
                 async with http.get(f"{self.base}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"relay not ready within {START_TIMEOUT_S}s:\n{self.log()}")
-            await asyncio.sleep(0.05)
+                    return resp.status == 200
+            return False
+
+        await wait_until(up, START_TIMEOUT_S, lambda: f"relay ready; its log:\n{self.log()}")
 
     async def wait_exit(self, timeout_s: float) -> int:
         assert self.proc is not None
         proc = self.proc
-        await wait_for(lambda: proc.poll() is not None, timeout_s, "the relay to exit")
+        await wait_until(lambda: proc.poll() is not None, timeout_s, "the relay to exit")
         return proc.returncode
 
     def log(self) -> str:
@@ -216,10 +206,7 @@ def _refused(port: int) -> bool:
 
 async def wait_for_refused(port: int, timeout_s: float = 10) -> None:
     """Until a new connection to the port is refused (the listener is closed)."""
-    deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(_refused, port):
-        assert time.monotonic() < deadline, "the listener was not closed after SIGTERM"
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: asyncio.to_thread(_refused, port), timeout_s, "the listener closed after SIGTERM")
 
 
 # --- the tests ---------------------------------------------------------------------------------------------------
@@ -268,7 +255,7 @@ async def test_serve_accepts_then_stops_gracefully_on_sigterm(served: Served, ht
         # Once the relay has read every body, each handler has all it needs: it validates and then waits
         # for the paused Redis, so it is in flight when SIGTERM comes.
         ports = {writer.get_extra_info("sockname")[1] for _, writer in held}
-        await wait_for(lambda: unread_bytes(served.port, ports) == 0, 10, "the relay to read the bodies")
+        await wait_until(lambda: unread_bytes(served.port, ports) == 0, 10, "the relay to read the bodies")
         served.proc.send_signal(signal.SIGTERM)
         # it stops accepting new connections while the in-flight requests are still open
         await wait_for_refused(served.port)
@@ -282,7 +269,7 @@ async def test_serve_accepts_then_stops_gracefully_on_sigterm(served: Served, ht
         event_ids.append(payload["data"]["event_id"])
 
     assert await served.wait_exit(15) == 0, served.log()
-    await wait_for(lambda: not alive(redis_pid), 10, "the embedded server to exit")
+    await wait_until(lambda: not alive(redis_pid), 10, "the embedded server to exit")
     assert servers_on(served.data_dir) == []
 
     events = served.log_events()
@@ -343,7 +330,7 @@ async def test_kill_9_of_the_relay_loses_nothing_and_takes_its_server_down(
     assert served.proc is not None
     served.proc.kill()
     served.proc.wait(timeout=10)
-    await wait_for(lambda: not alive(redis_pid), 10, "the orphaned embedded server to exit")
+    await wait_until(lambda: not alive(redis_pid), 10, "the orphaned embedded server to exit")
 
     served.start()  # same directory: the stale pidfile and socket must not get in the way
     await served.ready(http)

@@ -14,7 +14,8 @@ import trustme
 from prometheus_client import REGISTRY
 
 from relay.config import Settings
-from tests.ocpi_peer import OcpiPeer, hub_role, hub_ssl, put_location, routes, running, token_header, until
+from tests.ocpi_peer import OcpiPeer, hub_role, hub_ssl, put_location, routes, running, token_header
+from tests.waiting import wait_until
 
 FAST = {
     "RELAY_FORWARDER_BACKOFF_INITIAL_S": "0.01",
@@ -164,7 +165,7 @@ async def test_client_certificate_towards_an_mtls_iop(make_settings: Callable[..
             assert relay.store is not None
             await put_location(relay, "v1")
             # Without a client certificate: transient failures, retried, the event kept.
-            await until(lambda: transient_attempts() >= before + 2, what="retried transient failures")
+            await wait_until(lambda: transient_attempts() >= before + 2, what="retried transient failures")
             assert peer.seen == []  # nothing got past the TLS handshake
             assert (await relay.store.stream_lengths())["locations"] == 1
         async with running(make_settings(RELAY_IOP_TLS_CERT_FILE=client_cert, RELAY_IOP_TLS_KEY_FILE=client_key,
