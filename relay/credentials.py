@@ -18,6 +18,7 @@ import structlog
 
 from relay import logs
 from relay.config import Settings
+from relay.errors import RelayError
 from relay.ocpi_client import StaticDirectory, authorization, ssl_context
 from relay.store import RegistrationStore
 
@@ -75,7 +76,7 @@ class Registration(msgspec.Struct, kw_only=True):
         return None
 
 
-class HandshakeError(Exception):
+class HandshakeError(RelayError):
     """The peer's versions, details or credentials answer was unusable; nothing was stored."""
 
 

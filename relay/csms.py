@@ -9,11 +9,12 @@ import msgspec
 import structlog
 
 from relay.config import CsmsSettings
+from relay.errors import RelayError
 
 log = structlog.get_logger(__name__)
 
 
-class CsmsUnavailable(Exception):
+class CsmsUnavailable(RelayError):
     """The CSMS webhook did not answer usefully in time."""
 
 

@@ -23,12 +23,13 @@ from typing import Literal
 import structlog
 
 from relay import metrics
+from relay.errors import RelayError
 
 log = structlog.get_logger(__name__)
 State = Literal["up", "down", "auth_failed", "paused", "unconfigured"]
 
 
-class GaveUp(Exception):
+class GaveUp(RelayError):
     """``acquire(give_up)`` stopped waiting for permission because ``give_up()`` became true."""
 
 

@@ -15,6 +15,7 @@ from multidict import CIMultiDictProxy
 
 from relay import constants as K
 from relay.config import IopSettings
+from relay.errors import RelayError
 from relay.events import Event
 
 _MAX_REDIRECTS = 3
@@ -75,7 +76,7 @@ def ssl_context(settings: IopSettings) -> ssl.SSLContext | None:
     return ctx
 
 
-class NotConfigured(Exception):
+class NotConfigured(RelayError):
     """No endpoint or token for this module yet: the event waits, nothing is attempted."""
 
 

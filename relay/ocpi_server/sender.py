@@ -18,6 +18,7 @@ from relay import constants as K
 from relay.config import Settings
 from relay.credentials import VERSION, public_base
 from relay.envelope import now_iso, ocpi
+from relay.errors import RelayError
 from relay.ocpi_server.keys import SETTINGS, STATE
 from relay.ocpi_server.versions import announce
 from relay.ordering import location_key
@@ -27,7 +28,7 @@ from relay.timestamps import epoch_ms
 MODULES = ("locations", "sessions", "cdrs", "tariffs")
 
 
-class BadRequest(Exception):
+class BadRequest(RelayError):
     """A query parameter OCPI defines was unusable."""
 
 
