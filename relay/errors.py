@@ -8,7 +8,7 @@ the client or function that raises it, and derives from ``Exception``, not ``Rel
 - ``relay.csms.CsmsUnavailable``: the CSMS webhook did not answer usefully in time.
 - ``relay.ocpi_client.NotConfigured``: no IOP endpoint or token for a module yet; the event waits.
 - ``relay.link.GaveUp``: a wait for the IOP link's permission ended because the caller gave up (stopping).
-- ``relay.forwarder.Abandon``: stop working on an entry without acknowledging it (stopping, lease lost).
+- ``relay.shard.Abandon``: stop working on an entry without acknowledging it (stopping, lease lost).
 - ``relay.ocpi_server.sender.BadRequest``: a query parameter of a Sender interface was unusable (HTTP 400).
 """
 

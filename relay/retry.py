@@ -1,7 +1,8 @@
-"""What an IOP answer means for delivery, and how long to wait before the next attempt.
+"""What an IOP answer means for delivery, and the backoff curve between attempts.
 
 ``classify`` is pure: (HTTP status, headers, body, exception) → Outcome. Every row of the policy
-is in ``tests/test_retry.py``.
+is in ``tests/test_retry.py``. What delivery does with an Outcome (the wait before the next
+attempt, expiry, parking, healing, the dead letter) is decided in ``relay.policy``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ class Kind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """One attempt's result. ``link`` marks failures that say the IOP as a whole is unwell."""
+    """One attempt's result. ``link`` marks failures that say the IOP as a whole is unwell.
+
+    ``classify`` sets the fields up to ``unknown_object``; the flags after it are set by the
+    decisions of ``relay.policy`` (code checks them, never the wording of ``reason``).
+    """
 
     kind: Kind
     reason: str
@@ -41,6 +46,12 @@ class Outcome:
     link: bool = False
     # The IOP does not know the object a PATCH addresses: a later issue heals with a full PUT.
     unknown_object: bool = False
+    # A PUT of the whole object follows at once (policy.healing): no wait, not counted as a retry.
+    healing: bool = False
+    # Dead-lettered without an attempt, behind its parked key's dead letter (policy.parked_behind).
+    parked: bool = False
+    # Transient until max_age_s ran out, then permanent (policy.expired_outcome).
+    expired: bool = False
 
 
 class _Envelope(msgspec.Struct):

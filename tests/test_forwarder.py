@@ -21,13 +21,14 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from relay.store import keys as K
 from relay import dlq
 from relay.config import MODULES, Settings
 from relay.embedded_redis import EmbeddedRedis
+from relay.errors import StoreUnavailable
 from relay.ordering import location_key, session_key, shard_of
 from relay.service import Relay
 from relay.store import DeadLetter, DeliveryStore, Store, connect
+from relay.store import keys as K
 from relay.validation import parse_target, validate
 from tests.conftest import AUTH, example, gireve_location
 from tests.fake_iop import FakeIop, Received, Reply, random_faults
@@ -434,7 +435,7 @@ async def test_a_key_parked_by_a_script_whose_reply_was_lost_stays_parked(make_e
         dead_id = await real(entry, info, park=park)
         runs.append(dead_id)
         if len(runs) == 1:
-            raise TimeoutError("the reply was lost after the script ran")
+            raise StoreUnavailable("redis: TimeoutError: the reply was lost after the script ran")
         return dead_id
 
     fwd.ds.dead_letter = reply_lost_once  # type: ignore[method-assign]
@@ -461,7 +462,7 @@ async def test_entries_of_a_read_whose_reply_was_lost_are_sent_before_newer_ones
         got = await real(streams, consumer, count, block_ms)
         if got and not lost:
             lost.append(len(got))
-            raise ConnectionError("the reply was lost after XREADGROUP ran")
+            raise StoreUnavailable("redis: ConnectionError: the reply was lost after XREADGROUP ran")
         return got
 
     fwd.ds.read_new = reply_lost_once  # type: ignore[method-assign]

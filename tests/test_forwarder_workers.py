@@ -14,15 +14,17 @@ from typing import Any
 
 import pytest
 
-from relay.store import keys as K
 from relay import metrics
 from relay.config import Settings
+from relay.delivery import Delivery
 from relay.embedded_redis import EmbeddedRedis
 from relay.events import Event
-from relay.forwarder import Forwarder, _Shard
+from relay.forwarder import Forwarder
 from relay.link import Link
 from relay.ordering import location_key, shard_of
+from relay.shard import QKey, Shard
 from relay.store import Entry
+from relay.store import keys as K
 from tests.fake_iop import Received, Reply, random_faults
 from tests.test_forwarder import Env, make_env, put_many, until, until_async  # noqa: F401  (fixture)
 
@@ -133,7 +135,7 @@ async def test_keys_leave_the_fast_path_for_retries_and_come_back(make_env: Call
     assert fwd is not None
     await until(lambda: all(not s.runners and not s.active and not s.queues for s in fwd.shards.values()),
                 what="every key let go")  # fmt: skip
-    assert len(fwd._workers) == 8
+    assert fwd.pool_size == 8
 
 
 async def _one_failure_then_all_delivered(env: Env, failed: Callable[[], bool]) -> None:
@@ -146,16 +148,16 @@ async def _one_failure_then_all_delivered(env: Env, failed: Callable[[], bool]) 
 def _fifth_attempt_raises(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> Callable[[], bool]:
     """Patch the forwarder's attempts: the fifth raises ``exc``; the result says whether more followed."""
     calls = 0
-    real = Forwarder._attempt
+    real = Delivery.attempt
 
-    async def flaky(self: Forwarder, shard: Any, entry: Any, attempts: Any) -> Any:
+    async def flaky(self: Delivery, shard: Any, entry: Any, attempts: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 5:
             raise exc
         return await real(self, shard, entry, attempts)
 
-    monkeypatch.setattr(Forwarder, "_attempt", flaky)
+    monkeypatch.setattr(Delivery, "attempt", flaky)
     return lambda: calls > 5
 
 
@@ -172,16 +174,16 @@ async def test_a_failing_ack_callback_loses_its_shard_not_its_key(
     make_env: Callable[..., Any], monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     calls = 0
-    real = Forwarder._count_delivered
+    real = Delivery.count_delivered
 
-    def flaky(self: Forwarder, ev: Any) -> None:
+    def flaky(self: Delivery, ev: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 5:
             raise RuntimeError("injected")
         real(self, ev)
 
-    monkeypatch.setattr(Forwarder, "_count_delivered", flaky)
+    monkeypatch.setattr(Delivery, "count_delivered", flaky)
     env: Env = await make_env()
     await _one_failure_then_all_delivered(env, lambda: calls > 5)
 
@@ -193,7 +195,7 @@ async def test_a_cancel_that_is_not_ours_loses_the_shard_and_keeps_the_pool(
     went_on = _fifth_attempt_raises(monkeypatch, asyncio.CancelledError())
     env: Env = await make_env(RELAY_FORWARDER_CONCURRENCY="8")
     await _one_failure_then_all_delivered(env, went_on)
-    assert env.relay.forwarder is not None and len(env.relay.forwarder._workers) == 8
+    assert env.relay.forwarder is not None and env.relay.forwarder.pool_size == 8
 
 
 class _NoRedis:
@@ -205,7 +207,7 @@ async def test_a_runner_cut_before_its_first_step_gives_its_room_back() -> None:
     """A key handed to a runner, and its shard lost in the same turn of the loop: the runner never
     starts, and its entries must still leave the buffer (else max_buffered shrinks for good)."""
     fwd = Forwarder(Settings(), _NoRedis(), client=None, link=Link(4, 3))  # type: ignore[arg-type]
-    shard = _Shard(index=0, dirty=False)
+    shard = Shard(index=0, dirty=False, stopping=asyncio.Event())
     fwd.shards[0] = shard
 
     def entry(n: int) -> Entry:
@@ -213,14 +215,17 @@ async def test_a_runner_cut_before_its_first_step_gives_its_room_back() -> None:
                    object_id="L1", key="loc:FR:AB1:L1", correlation_id="", received_at=0.0, body=b"{}")  # fmt: skip
         return Entry(stream=K.stream_key("locations", 0), shard=0, id=f"{n}-0", event=ev, after=None)
 
-    fwd._feed(shard, [entry(1), entry(2)])
-    qkey = fwd._ready.popleft()[1]  # as a worker takes it, then hands it to a runner
-    fwd._run_slow(shard, qkey)
+    taken: list[QKey] = []
+    fwd.reader.ready = lambda _shard, qkey: taken.append(qkey)  # this test is the worker that takes it
+    fwd.reader.feed(shard, [entry(1), entry(2)])
+    [qkey] = taken
+    assert fwd.buffer.held == 2
+    fwd.start_runner(shard, qkey)  # as a worker hands it to a runner
     runner = shard.runners[qkey]
-    fwd._lose(0, "lease lost")  # same turn: the runner has not run a line yet
+    fwd.lose(0, "lease lost")  # same turn: the runner has not run a line yet
     await asyncio.wait({runner})
     assert runner.cancelled()
-    assert fwd._buffered == 0 and not shard.queues and not shard.runners
+    assert fwd.buffer.held == 0 and not shard.queues and not shard.runners
 
 
 async def test_a_shard_taken_back_after_a_cut_request_waits_before_resending(make_env: Callable[..., Any]) -> None:  # noqa: F811
@@ -236,7 +241,7 @@ async def test_a_shard_taken_back_after_a_cut_request_waits_before_resending(mak
     assert fwd is not None
     index = shard_of(location_key("FR", "AB1", "G1"), env.settings.redis.shards)
     cut_at = time.time()
-    fwd._lose(index, "test: lease lost")
+    fwd.lose(index, "test: lease lost")
     await until(lambda: index in fwd.shards, timeout=10, what="shard taken back")
     await env.iop.wait_for(lambda: len(env.iop.arrived) == 2, timeout=15)
     assert env.iop.arrived[1].at - cut_at >= env.settings.forwarder.claim_idle_s
