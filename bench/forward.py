@@ -20,9 +20,10 @@ order per key, and (relay) the streams empty with nothing pending and no dead le
 included). The receiver is pinned to --receiver-cpu, the relay and the bare client to --relay-cpu,
 and Redis (all its threads) to the receiver's CPU (--redis-cpu): the relay's core is the relay's
 alone, as the bare client's is. A floating Redis (--redis-cpu float) lands on the relay's core part of
-the time and takes its share there.
+the time and takes its share there. The relay and the bare client run on the same event loop,
+--loop asyncio (default) or uvloop (the speed extra; ``relay serve`` takes it whenever it is installed).
 
-Usage: python bench/forward.py [--events 50000] [--quick] [--repeat 1] [--profile DIR]
+Usage: python bench/forward.py [--events 50000] [--quick] [--repeat 1] [--loop asyncio|uvloop] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ from bench._common import (
 )
 from bench._profile import py_spy
 from relay import constants as H
+from relay.cli import choose_loop
 from relay.config import MODULES, Settings, load
 from relay.embedded_redis import EmbeddedRedis
 from relay.events import Event, encode, new_event_id
@@ -393,6 +395,7 @@ def relay_env(redis_url: str, iop_url: str, port: int, data_dir: Path) -> dict[s
 def start_relay(ctx: Ctx, iop_url: str, tag: str) -> Server:
     port = free_port()
     env = relay_env(ctx.server.url, iop_url, port, ctx.workdir / "relay-data")
+    env["RELAY_LOOP"] = ctx.args.loop  # relay serve would take uvloop whenever it is installed
     env.update(kv.split("=", 1) for kv in ctx.args.relay_env)
     argv = [python(), "-m", "relay", "serve", "--config", str(CONFIG)]
     if ctx.args.relay_src:  # a private copy of the relay package (experiments): it must win over the repo's
@@ -637,7 +640,10 @@ def run_bare(ctx: Ctx, work: Workload) -> Run:
     argv += ["--bare-keys", str(work.keys), "--bare-per-key", str(work.per_key), "--bare-tag", work.tag]
     if ctx.args.bare_uvloop:
         argv += ["--bare-uvloop", str(Path(ctx.args.bare_uvloop).resolve())]
-        run.label = f"(c) bare aiohttp client + uvloop, {CONCURRENCY} in flight"
+        run.label = f"(c) bare client, uvloop, {CONCURRENCY} in flight"
+    elif ctx.args.loop == "uvloop":
+        argv += ["--loop", "uvloop"]
+        run.label = f"(c) bare client, uvloop, {CONCURRENCY} in flight"
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(
             argv,
@@ -791,7 +797,7 @@ _BUCKETS = [
         ("relay.link", r"relay/link\.py"),
         ("relay.ocpi_client", r"relay/ocpi_client\.py"),
         ("relay.retry (classify)", r"relay/retry\.py"),
-        ("relay.store", r"relay/store\.py"),
+        ("relay.store", r"relay/store/"),
         ("relay (other)", r"relay/"),
         ("tenacity", r"tenacity/"),
         ("aiohttp client/http", r"aiohttp/"),
@@ -823,7 +829,7 @@ _STAGES = (
     ("      prometheus labels()/observe/inc", ("MetricWrapperBase.labels", "Histogram.observe", "Counter.inc")),
     ("  finish (ack future)", ("DeliveryStore.finish",)),
     ("  _free (room Condition)", ("Forwarder._free",)),
-    ("Store flush loop (coalesced pipelines)", ("Store._flush_loop",)),
+    ("Store flush loop (coalesced pipelines)", ("Connection._flush_loop",)),
 )
 
 
@@ -895,7 +901,7 @@ def _header(ctx: Ctx) -> str:
             "embedded Redis (unix socket, AOF everysec, auto-rewrite off) "
             + ("floating" if a.redis_cpu == "float" else f"pinned to CPU {redis_cpu(a)}"),
             f"  relay: forwarder concurrency {CONCURRENCY}, read_batch {fw.read_batch}, max_buffered "
-            f"{fw.max_buffered}, {ctx.settings.redis.shards} shards, log level warning, default asyncio loop",
+            f"{fw.max_buffered}, {ctx.settings.redis.shards} shards, log level warning, {a.loop} event loop (--loop)",
             f"  events: Location PUT, body ~{body} B (examples/location.json), prefilled round-robin over the keys "
             "before the relay starts; events/s = events / (last - first request at the receiver); "
             f"median of {a.repeat} run(s)",
@@ -1010,6 +1016,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR", help="py-spy record the relay in (a), (b) and the bare client in (c)")
     p.add_argument("--profile-rate", type=int, default=200)
     p.add_argument("--logs", metavar="DIR", help="keep the relay's logs in DIR")
+    p.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="event loop of the relay (RELAY_LOOP) and of the bare client (default asyncio; uvloop: the speed extra)",
+    )
     p.add_argument("--bare-uvloop", metavar="DIR", help="run the bare client on uvloop, imported from DIR")
     p.add_argument("--relay-env", action="append", default=[], metavar="K=V", help="extra env for the relay (tuning)")
     p.add_argument("--relay-src", metavar="DIR", help="run the relay package found in DIR (a patched copy) instead")
@@ -1085,6 +1097,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.insert(0, args.bare_uvloop)
             uvloop = importlib.import_module("uvloop")
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                result = runner.run(bare_client(args.iop_url, work))
+        elif args.loop == "uvloop":
+            with asyncio.Runner(loop_factory=choose_loop("uvloop")[1]) as runner:
                 result = runner.run(bare_client(args.iop_url, work))
         else:
             result = asyncio.run(bare_client(args.iop_url, work))

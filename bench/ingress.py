@@ -1,4 +1,4 @@
-"""Ingress throughput: the relay beside two bare aiohttp+Redis handlers, per AOF durability mode.
+"""Ingress throughput: the relay beside bare aiohttp+Redis handlers, per AOF durability mode and event loop.
 
 Runs, for each durability mode of the embedded server (AOF appendfsync everysec and always):
 
@@ -7,9 +7,17 @@ Runs, for each durability mode of the embedded server (AOF appendfsync everysec 
   (b) relay, POST /ingress/2.2.1/batch with --batch-size Location PUTs per request (events/s);
   (c) bare aiohttp handler, one awaited XADD per request (same body, no validation);
   (d) bare aiohttp handler, XADDs of concurrent requests coalesced into one pipeline per round trip;
+  (e) bare aiohttp handler doing the work the relay must do and nothing more (bench/bare.py --mode
+      commit): the ingress's msgspec decode into relay.models.Location, the event envelope, and the
+      relay's Store.commit (the _COMMIT script with the state write, coalesced per round trip);
+  (f) the same handler as (e), POST /batch (decode of the batch, then Store.commit_many);
 
-and prints one table with events/s, the ratios and the targets of issue 3: (a) >= 80 % of (d),
-batch >= 40 k events/s.
+and prints one table with events/s, the ratios and the targets: (a) >= 80 % of (d) (issue 3),
+(a) >= 85 % of (e) and (b) >= 85 % of (f), batch >= 40 k events/s.
+
+--loop asyncio|uvloop|both: the event loop of every server under test (the relay through RELAY_LOOP,
+the bare handlers through their --loop, both chosen by relay.cli.choose_loop); the loop a server
+really ran on is read from its memory map and checked (a wrong one fails the run's check).
 
 Method: every server runs in its own process pinned to --server-cpu; the load generator (wrk, one
 thread, --connections keep-alive connections; bench/loadgen.py if wrk is missing) is pinned to
@@ -19,13 +27,16 @@ stream entries, measure, wait until writes stop, count again: the check column c
 entries with the acknowledged events (a 202 must mean stored; requests cut off in flight when the
 generator stops may be stored without their 202 being read, at most one per connection).
 
-Usage: python bench/ingress.py [--duration 10] [--fsync both|always|everysec] [--profile DIR]
+Usage: python bench/ingress.py [--duration 10] [--fsync both|always|everysec] [--loop asyncio|uvloop|both]
+       [--only abcdef] [--repeat N] [--profile DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -69,8 +80,13 @@ RUNS: dict[str, tuple[str, str]] = {
     "b": ("(b) relay POST /batch", "batch"),
     "c": ("(c) bare aiohttp, 1 XADD/request", "single"),
     "d": ("(d) bare aiohttp, coalesced XADDs", "single"),
+    "e": ("(e) bare decode + _COMMIT (single)", "single"),
+    "f": ("(f) bare decode + _COMMIT, /batch", "batch"),
 }
-TARGET_RATIO = 0.80
+BARE_MODES = {"c": "single", "d": "coalesce", "e": "commit", "f": "commit"}
+LOOPS = ("asyncio", "uvloop")
+TARGET_RATIO = 0.80  # (a)/(d)
+TARGET_SAME_WORK = 0.85  # (a)/(e) and (b)/(f): the relay against a handler doing only the work it must do
 TARGET_BATCH = 40_000
 NOISE = 0.15  # busy CPU (fraction of a core) outside the measured processes that marks a run as disturbed
 
@@ -84,6 +100,8 @@ class Load(Protocol):
 @dataclass
 class Row:
     fsync: str
+    loop: str  # the event loop asked for: asyncio | uvloop
+    loop_seen: str  # the one the server process ran on (read from its memory map)
     key: str
     label: str
     result: LoadResult
@@ -113,6 +131,8 @@ class Row:
 
     @property
     def check(self) -> str:
+        if self.loop_seen != self.loop:
+            return f"FAIL: ran on {self.loop_seen}, not {self.loop}"
         extra = self.stored - self.result.events
         if extra < 0:
             return f"FAIL: {-extra} acknowledged, not stored"
@@ -130,10 +150,10 @@ class Row:
 
 
 def median_rows(rows: list[Row]) -> list[Row]:
-    """One row per (fsync, run): the repetition with the median events/s, carrying every repetition's rate."""
-    groups: dict[tuple[str, str], list[Row]] = {}
+    """One row per (fsync, loop, run): the repetition with the median events/s, carrying every repetition's rate."""
+    groups: dict[tuple[str, str, str], list[Row]] = {}
     for r in rows:
-        groups.setdefault((r.fsync, r.key), []).append(r)
+        groups.setdefault((r.fsync, r.loop, r.key), []).append(r)
     out = []
     for group in groups.values():
         ranked = sorted(group, key=lambda r: r.rate)
@@ -148,10 +168,11 @@ STATE = {"enabled": "true"}  # --state off: the relay without its state store (i
 
 
 def server_argv(
-    key: str, redis_url: str, port: int, data_dir: Path, relay_src: str | None = None, bare_loop: str = "asyncio"
+    key: str, redis_url: str, port: int, data_dir: Path, relay_src: str | None = None, loop: str = "asyncio"
 ) -> tuple[list[str], dict[str, str]]:
     if key in ("a", "b"):
         env = clean_env(
+            RELAY_LOOP=loop,
             RELAY_STATE_ENABLED=STATE["enabled"],
             RELAY_REDIS_URL=redis_url,
             RELAY_INGRESS_LISTEN=f"127.0.0.1:{port}",
@@ -171,7 +192,7 @@ def server_argv(
             )
             return [python(), "-c", boot, str(src), "serve", "--config", str(config)], env
         return [python(), "-m", "relay", "serve", "--config", str(config)], env
-    mode = "single" if key == "c" else "coalesce"
+    mode = BARE_MODES[key]
     argv = [
         python(),
         "-m",
@@ -183,9 +204,22 @@ def server_argv(
         "--port",
         str(port),
         "--loop",
-        bare_loop,
+        loop,
     ]
     return argv, clean_env()
+
+
+def loop_of(pid: int) -> str:
+    """The event loop a server runs on: uvloop if its extension is mapped in the process, else asyncio.
+
+    relay.cli.choose_loop imports uvloop only when it is chosen, and nothing else in the relay or the
+    bare handlers imports it: mapped means used.
+    """
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return "?"
+    return "uvloop" if "/uvloop/" in maps else "asyncio"
 
 
 def wait_quiet(max_wait_s: float, window_s: float = 0.5) -> None:
@@ -247,14 +281,16 @@ class Bench:
             actual = client.config_get("appendfsync")["appendfsync"]
             assert actual == fsync, f"embedded server runs appendfsync {actual}, wanted {fsync}"
             rows = []
-            for key in [k for _ in range(self.args.repeat) for k in self.args.only]:  # abcd abcd ...
-                row = self.run_one(fsync, key, client, server.url, redis_pid)
+            # a(asyncio) a(uvloop) b(asyncio) ... then again: both loops of a run are measured side by side
+            plan = [(k, loop) for _ in range(self.args.repeat) for k in self.args.only for loop in self.args.loops]
+            for key, loop in plan:
+                row = self.run_one(fsync, key, loop, client, server.url, redis_pid)
                 print(_row_line(row), file=sys.stderr, flush=True)
                 for attempt in range(2, self.args.retry_noisy + 2):
                     if not row.noisy:
                         break
                     print(f"  disturbed by other processes: run {key} again ({attempt})", file=sys.stderr, flush=True)
-                    again = self.run_one(fsync, key, client, server.url, redis_pid)
+                    again = self.run_one(fsync, key, loop, client, server.url, redis_pid)
                     print(_row_line(again), file=sys.stderr, flush=True)
                     if again.other_cpu < row.other_cpu:
                         row = again
@@ -265,23 +301,24 @@ class Bench:
         finally:
             asyncio.run(server.stop())
 
-    def run_one(self, fsync: Fsync, key: str, client: redis.Redis, redis_url: str, redis_pid: int) -> Row:
+    def run_one(self, fsync: Fsync, key: str, loop: str, client: redis.Redis, redis_url: str, redis_pid: int) -> Row:
         label, kind = RUNS[key]
         reset_redis(client)
         port = free_port()
-        argv, env = server_argv(key, redis_url, port, self.workdir, self.args.relay_src, self.args.bare_loop)
-        log = self.workdir / f"server-{fsync}-{key}.log"
+        argv, env = server_argv(key, redis_url, port, self.workdir, self.args.relay_src, loop)
+        log = self.workdir / f"server-{fsync}-{loop}-{key}.log"
         srv: Server = start_server(label, argv, env, port, log, self.server_cpus)
         url = f"http://127.0.0.1:{port}"
         try:
             smoke(url, key)
+            loop_seen = loop_of(srv.pid)
             wait_quiet(self.args.quiet_wait)
             probe = speed_probe(self.server_cpus)
             self.load.run(url, kind, self.args.warmup, "W")
             before = settled_entries(client, srv.pid)
             profiler = None
             if self.args.profile is not None and key in self.args.profile_runs:
-                out = Path(self.args.profile) / f"{'relay' if key in 'ab' else 'bare'}-{fsync}-{key}.txt"
+                out = Path(self.args.profile) / f"{'relay' if key in 'ab' else 'bare'}-{fsync}-{loop}-{key}.txt"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 profiler = start_record(srv.pid, out, self.args.duration, self.load_cpus)
                 if out not in self.profiles:  # a disturbed run made again overwrites its profile
@@ -302,6 +339,8 @@ class Bench:
         bound = self.args.connections * (self.args.batch_size if kind == "batch" else 1)
         return Row(
             fsync=fsync,
+            loop=loop,
+            loop_seen=loop_seen,
             key=key,
             label=label,
             result=result,
@@ -323,11 +362,18 @@ def _row_line(r: Row) -> str:
     if r.group_failed and not r.check.startswith("FAIL"):
         marks += " [FAIL in another repetition]"
     return (
-        f"{r.fsync:<9} {r.label:<37} {r.rate:>9,.0f} {r.req_rate:>8,.0f} {res.p50_ms:>7.1f} {res.p99_ms:>7.1f} "
+        f"{r.fsync:<9} {r.loop:<7} {r.label:<37} {r.rate:>9,.0f} {r.req_rate:>8,.0f} "
+        f"{res.p50_ms:>7.1f} {res.p99_ms:>7.1f} "
         f"{100 * r.server_cpu:>5.0f}% {100 * r.redis_cpu:>5.0f}% {100 * r.gen_cpu:>5.0f}% {100 * r.other_cpu:>5.0f}% "
         f"{r.us_per_event(r.server_cpu):>6.0f} {r.us_per_event(r.redis_cpu):>6.0f} {r.speed:>5.2f} "
         f"{res.events:>10,} {r.stored:>10,} {res.other + res.errors:>6,}  {r.check}{marks}"
     )
+
+
+def _loop_name(loop: str) -> str:
+    if loop == "asyncio":
+        return "asyncio (standard)"
+    return f"uvloop {importlib.metadata.version('uvloop')}"
 
 
 def _header(args: argparse.Namespace, load: Load, redis_version: str) -> str:
@@ -345,8 +391,8 @@ def _header(args: argparse.Namespace, load: Load, redis_version: str) -> str:
         f"  machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}; Python "
         f"{platform.python_version()}, aiohttp {_aiohttp.__version__}, redis-py {redis.__version__} "
         f"(hiredis {hiredis.__version__}), msgspec {msgspec.__version__}, {redis_version}",
-        f"  server (relay / bare handler): one process pinned to CPU {args.server_cpu}; bare handlers on the "
-        f"{'default asyncio' if args.bare_loop == 'asyncio' else 'uvloop'} event loop",
+        f"  server (relay / bare handler): one process pinned to CPU {args.server_cpu}; event loop "
+        f"{' and '.join(_loop_name(loop) for loop in args.loops)} (relay: RELAY_LOOP, bare: --loop; loop column)",
         f"  Redis: embedded server (relay.embedded_redis), unix socket, AOF on, "
         f"{redis_where.get(args.redis_cpu, 'floating (not pinned)')}; auto AOF rewrite {args.aof_rewrite}",
         f"  load: {load.name} pinned to CPU {args.load_cpu}, {args.connections} keep-alive connections, "
@@ -361,6 +407,8 @@ def _header(args: argparse.Namespace, load: Load, redis_version: str) -> str:
         )
     if args.relay_src:
         lines.append(f"  NOTE: relay code from {args.relay_src} (not the repository's)")
+    if args.state == "off" and set(args.only) & {"e", "f"}:
+        lines.append("  NOTE: --state off: the relay appends without its state; (e) and (f) still commit the state")
     if args.profile:
         lines.append(
             f"  NOTE: py-spy sampled runs {','.join(args.profile_runs)} (on the load CPU): slightly lower numbers"
@@ -384,41 +432,81 @@ def _header(args: argparse.Namespace, load: Load, redis_version: str) -> str:
     return "\n".join(lines)
 
 
+def _cpu_per_event(r: Row) -> float:
+    """Server + Redis CPU microseconds per acknowledged event (the core they share)."""
+    return r.us_per_event(r.server_cpu) + r.us_per_event(r.redis_cpu)
+
+
+def _ratio(by: dict[str, Row], num: str, den: str, target: float | None = None) -> str | None:
+    """Throughput ratio, then the same ratio from CPU per event (steadier when the machine is shared)."""
+    if num not in by or den not in by or not by[den].rate:
+        return None
+    ratio = by[num].rate / by[den].rate
+    text = f"({num})/({den}) = {100 * ratio:.0f} %"
+    if target is not None:
+        text += f" (target >= {100 * target:.0f} %: {'PASS' if ratio >= target else 'MISS'})"
+    if _cpu_per_event(by[num]):
+        text += f" [by CPU/event {100 * _cpu_per_event(by[den]) / _cpu_per_event(by[num]):.0f} %]"
+    return text
+
+
 def _table(rows: list[Row]) -> str:
     head = (
-        f"{'fsync':<9} {'run':<37} {'events/s':>9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'fsync':<9} {'loop':<7} {'run':<37} {'events/s':>9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'srvCPU':>6} {'redis':>6} {'load':>6} {'other':>6} {'srv us':>6} {'rds us':>6} {'speed':>5} "
         f"{'acked':>10} {'stored':>10} {'non2xx':>6}  check"
     )
     out = [head, "-" * len(head)]
     modes = list(dict.fromkeys(r.fsync for r in rows))
+    loops = list(dict.fromkeys(r.loop for r in rows))
     for mode in modes:
-        out += [_row_line(r) for r in rows if r.fsync == mode]
+        for loop in loops:
+            out += [_row_line(r) for r in rows if r.fsync == mode and r.loop == loop]
         out.append("")
     out.append("ratios and targets:")
     for mode in modes:
-        by = {r.key: r for r in rows if r.fsync == mode}
-        parts = [f"  {mode:<9}"]
-        if "a" in by and "d" in by and by["d"].rate:
-            ratio = by["a"].rate / by["d"].rate
-            ok = "PASS" if ratio >= TARGET_RATIO else "MISS"
-            parts.append(f"(a)/(d) = {100 * ratio:.0f} % (target >= {100 * TARGET_RATIO:.0f} %: {ok})")
-        if "c" in by and "d" in by and by["d"].rate:
-            parts.append(f"(c)/(d) = {100 * by['c'].rate / by['d'].rate:.0f} %")
-        if "b" in by:
-            ok = "PASS" if by["b"].rate >= TARGET_BATCH else "MISS"
-            parts.append(f"batch = {by['b'].rate:,.0f} events/s (target >= {TARGET_BATCH:,}: {ok})")
-        out.append("   ".join(parts))
-    for base in ("everysec",):
-        if base in modes and "always" in modes:
+        for loop in loops:
+            by = {r.key: r for r in rows if r.fsync == mode and r.loop == loop}
+            parts = [f"  {mode:<9} {loop:<7}"]
+            parts += [
+                x
+                for x in (
+                    _ratio(by, "a", "d", TARGET_RATIO),
+                    _ratio(by, "a", "e", TARGET_SAME_WORK),
+                    _ratio(by, "b", "f", TARGET_SAME_WORK),
+                    _ratio(by, "c", "d"),
+                )
+                if x is not None
+            ]
+            if "b" in by:
+                ok = "PASS" if by["b"].rate >= TARGET_BATCH else "MISS"
+                parts.append(f"batch = {by['b'].rate:,.0f} events/s (target >= {TARGET_BATCH:,}: {ok})")
+            out.append("   ".join(parts).rstrip())
+    return "\n".join(out + _comparisons(rows, modes, loops))
+
+
+def _comparisons(rows: list[Row], modes: list[str], loops: list[str]) -> list[str]:
+    """uvloop against asyncio, and appendfsync always against everysec, run by run."""
+    out = []
+    if len(loops) > 1:
+        for mode in modes:
+            gain = []
+            for key in RUNS:
+                aio = [r for r in rows if r.key == key and r.fsync == mode and r.loop == "asyncio"]
+                uv = [r for r in rows if r.key == key and r.fsync == mode and r.loop == "uvloop"]
+                if aio and uv and aio[0].rate:
+                    gain.append(f"{key}: {100 * (uv[0].rate / aio[0].rate - 1):+.0f} %")
+            out.append(f"  {mode:<9} uvloop vs asyncio (throughput gained): " + ", ".join(gain))
+    if "everysec" in modes and "always" in modes:
+        for loop in loops:
             cost = []
-            for key in "abcd":
-                ev = [r for r in rows if r.key == key and r.fsync == base]
-                al = [r for r in rows if r.key == key and r.fsync == "always"]
+            for key in RUNS:
+                ev = [r for r in rows if r.key == key and r.fsync == "everysec" and r.loop == loop]
+                al = [r for r in rows if r.key == key and r.fsync == "always" and r.loop == loop]
                 if ev and al and ev[0].rate:
                     cost.append(f"{key}: {100 * (1 - al[0].rate / ev[0].rate):+.0f} %")
-            out.append("  cost of appendfsync always vs everysec (throughput lost): " + ", ".join(cost))
-    return "\n".join(out)
+            out.append(f"  {loop:<7} cost of appendfsync always vs everysec (throughput lost): " + ", ".join(cost))
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -428,7 +516,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fsync", choices=["both", "always", "everysec"], default="both")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=200, help="operations per batch request (default 200)")
-    p.add_argument("--only", default="abcd", help="runs to do, e.g. 'ad' (default abcd)")
+    p.add_argument("--only", default="abcdef", help="runs to do, e.g. 'ade' (default abcdef)")
     p.add_argument("--state", choices=["on", "off"], default="on", help="the relay's state store (default on)")
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--load-cpu", type=int, default=1)
@@ -440,12 +528,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="repetitions of every run; the table shows medians")
     p.add_argument("--retry-noisy", type=int, default=2, help="extra runs for a disturbed run (default 2)")
     p.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for an idle machine before a run")
-    p.add_argument("--bare-loop", choices=["asyncio", "uvloop"], default="asyncio", help="event loop of (c) and (d)")
+    p.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop", "both"],
+        default="asyncio",
+        help="event loop of every server under test; both: each run on each loop, side by side (default asyncio)",
+    )
     p.add_argument("--relay-src", metavar="DIR", help="run the relay package found in DIR (a patched copy) instead")
     args = p.parse_args(argv)
     args.only = [k for k in args.only if k in RUNS]
     if not args.only:
-        p.error("--only: give some of a, b, c, d")
+        p.error(f"--only: give some of {', '.join(RUNS)}")
+    args.loops = list(LOOPS) if args.loop == "both" else [args.loop]
+    if "uvloop" in args.loops and importlib.util.find_spec("uvloop") is None:
+        p.error("--loop uvloop: uvloop is not installed (pip install -e '.[speed]')")
     if len(os.sched_getaffinity(0)) < 2 and args.server_cpu == args.load_cpu:
         print("warning: server and load generator share one CPU", file=sys.stderr)
     return args
