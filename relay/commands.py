@@ -93,8 +93,9 @@ class Commands:
                 return Reply(400, 2001, message="evse_uid: required when connector_id is set")
             cc, pid = operator
             key = location_key(cc, pid, request.location_id)
-            if self.settings.state.enabled and not await self.state.one("locations", key,
-                                                                         state_field(cc, pid, request.location_id)):
+            if self.settings.state.enabled and not await self.state.one(
+                "locations", key, state_field(cc, pid, request.location_id)
+            ):
                 return Reply(404, 2003, message=f"unknown location {request.location_id}")
         cmd = Command(id=new_event_id(), type=command, response_url=response_url, country_code=operator[0],
                       party_id=operator[1], correlation_id=correlation_id or new_event_id(),

@@ -137,9 +137,7 @@ class _Details(msgspec.Struct):
 
 def _client(settings: Settings) -> aiohttp.ClientSession:
     timeout = aiohttp.ClientTimeout(total=settings.iop.connect_timeout_s + settings.iop.request_timeout_s)
-    return aiohttp.ClientSession(
-        timeout=timeout, connector=aiohttp.TCPConnector(ssl=ssl_context(settings.iop) or True)
-    )
+    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=ssl_context(settings.iop) or True))
 
 
 async def _get_ocpi(http: aiohttp.ClientSession, url: str, token: str) -> Any:

@@ -180,9 +180,7 @@ class OcpiClient:
         # Redirects are followed by hand: aiohttp would turn a PUT into a GET on 301/302, and
         # real receivers redirect to the same path with a trailing slash.
         while True:
-            async with self._session.request(
-                method, url, data=data, headers=headers, allow_redirects=False
-            ) as resp:
+            async with self._session.request(method, url, data=data, headers=headers, allow_redirects=False) as resp:
                 body = await resp.read()
                 location = resp.headers.get("Location")
                 if (

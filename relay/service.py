@@ -52,7 +52,6 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
@@ -67,6 +66,7 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
 
 class Relay:
     """One relay process: start() brings every part up in order, stop() takes it down in reverse."""

@@ -162,7 +162,8 @@ def _fifth_attempt_raises(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -
 
 
 async def test_a_failing_attempt_loses_its_shard_not_its_key(
-    make_env: Callable[..., Any], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    make_env: Callable[..., Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A bug in a worker's attempt: the shard is lost and recovered, the key is not left behind."""
     went_on = _fifth_attempt_raises(monkeypatch, RuntimeError("injected"))
@@ -171,7 +172,8 @@ async def test_a_failing_attempt_loses_its_shard_not_its_key(
 
 
 async def test_a_failing_ack_callback_loses_its_shard_not_its_key(
-    make_env: Callable[..., Any], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    make_env: Callable[..., Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls = 0
     real = Delivery.count_delivered
@@ -189,7 +191,8 @@ async def test_a_failing_ack_callback_loses_its_shard_not_its_key(
 
 
 async def test_a_cancel_that_is_not_ours_loses_the_shard_and_keeps_the_pool(
-    make_env: Callable[..., Any], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    make_env: Callable[..., Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A CancelledError a library lets out is not a stop: the worker goes on, the shard recovers."""
     went_on = _fifth_attempt_raises(monkeypatch, asyncio.CancelledError())

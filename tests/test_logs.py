@@ -206,7 +206,7 @@ async def test_relay_logs_ids_on_failures_nothing_per_delivery_and_no_secret(
         if loc_of(r) != "FAIL":
             return None
         # An IOP that echoes the credentials it got, in every form, into its error messages.
-        echo = f"auth={r.headers.get('Authorization')} plain={IOP_SECRET} body={{\"token\": \"{IOP_SECRET}\"}}"
+        echo = f'auth={r.headers.get("Authorization")} plain={IOP_SECRET} body={{"token": "{IOP_SECRET}"}}'
         first = len([x for x in iop.arrived if loc_of(x) == "FAIL"]) == 1
         return Reply(status=200, ocpi=3000 if first else 2001, body=json.dumps(
             {"status_code": 3000 if first else 2001, "status_message": echo, "timestamp": "2026-01-01T00:00:00Z"}
