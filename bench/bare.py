@@ -41,11 +41,11 @@ from relay import models, ordering
 from relay.cli import choose_loop
 from relay.config import load
 from relay.events import Event, new_event_id
-from relay.ingress.app import _batch_decoder
+from relay.ingress.app import batch_decoder
 from relay.service import tune_gc
 from relay.state import state_field
 from relay.store import StateWrite, Store, connect
-from relay.validation import _DECODERS
+from relay.validation import DECODERS
 
 STREAM = "bench:bare"
 REDIS: web.AppKey[aioredis.Redis] = web.AppKey("redis", aioredis.Redis)
@@ -114,7 +114,7 @@ async def handle_coalesce(request: web.Request) -> web.Response:
 # -- commit: decode + envelope + the relay's Store.commit ------------------------------------------
 
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
-LOCATION = _DECODERS[("locations", "PUT", 0)]  # the ingress's decoder: msgspec.json.Decoder(models.Location)
+LOCATION = DECODERS[("locations", "PUT", 0)]  # the ingress's decoder: msgspec.json.Decoder(models.Location)
 _ids = msgspec.json.Encoder()
 
 
@@ -146,7 +146,7 @@ async def handle_commit(request: web.Request) -> web.Response:
 
 
 async def handle_commit_batch(request: web.Request) -> web.Response:
-    batch = _batch_decoder.decode(await request.read())
+    batch = batch_decoder.decode(await request.read())
     writes = []
     for op in batch.operations:
         cc, pid, object_id = op.path.rsplit("/", 3)[1:]

@@ -1,6 +1,7 @@
 """The ``relay`` command: serve, check-config, and operator tools.
 
-Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error, 3 Redis unreachable (no relay
+running on the data directory, [redis] url not answering, the embedded server failing).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import click
 import msgspec
 
 from relay import __version__
-from relay.cli_common import config_option, load_settings, with_store
+from relay.cli_common import config_option, load_settings, storage_where, warn_weak, with_store
 from relay.cli_dlq import dlq
 from relay.cli_registration import register, unregister
 from relay.cli_status import link, status
 from relay.config import MODULES
-from relay.errors import ConfigError
+from relay.config_checks import config_warnings
+from relay.errors import ConfigError, StoreError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,6 +50,7 @@ def main() -> None:
       0  success
       1  runtime failure (Redis unreachable, unknown id, declined prompt, handshake refused)
       2  usage or configuration error (the message names the option or the key)
+      3  Redis unreachable: no relay runs on [storage] dir (its embedded server), or [redis] url does not answer
     """
 
 
@@ -91,17 +94,21 @@ def serve(config_path: Path | None) -> None:
       RELAY_REDIS_URL=redis://redis:6379/0 RELAY_INGRESS_TOKEN_FILE=/run/secrets/token relay serve
     \b
     Endpoints on the ingress port: /healthz (alive), /readyz (Redis reachable), /metrics (Prometheus).
-    Exit codes: 0 after a graceful stop, 1 cannot start (port in use…), 2 configuration error.
+    Exit codes: 0 after a graceful stop, 1 cannot start (port in use, another relay on the data dir),
+    2 configuration error, 3 Redis unreachable at start or the embedded server failing (one line on stderr).
     Event loop: uvloop when installed (pip install 'relay[speed]'); env RELAY_LOOP=asyncio forces the standard one.
     """
     import structlog
 
+    from relay.embedded_redis import DataDirBusy, EmbeddedRedisLost
     from relay.logs import configure_logging
     from relay.service import Relay, tune_gc
 
     settings = load_settings(config_path, serving=True)
     configure_logging(settings.log.level, settings.log.format, settings.log.redact_fields)
     tune_gc()
+    for w in config_warnings(settings, registering=bool(settings.ocpi.token_a)):  # weak, not invalid: start anyway
+        structlog.get_logger("relay.cli").warning("weak_setting", key=w.key, problem=w.message, hint=w.hint)
     try:
         loop_name, loop_factory = choose_loop()
         structlog.get_logger("relay.cli").info("event_loop", loop=loop_name)
@@ -111,6 +118,15 @@ def serve(config_path: Path | None) -> None:
         for p in exc.problems:
             click.echo(f"  - {p}", err=True)
         sys.exit(2)
+    except EmbeddedRedisLost as exc:
+        click.echo(f"stopped: {exc}", err=True)
+        sys.exit(3)
+    except StoreError as exc:  # before OSError: StoreUnavailable is a ConnectionError
+        click.echo(f"cannot start: Redis unreachable ({storage_where(settings)}): {exc}", err=True)
+        sys.exit(3)
+    except DataDirBusy as exc:
+        click.echo(f"cannot start: {exc}", err=True)  # nothing was started, stopped or signalled
+        sys.exit(1)
     except OSError as exc:
         # e.g. a listen address already in use: say which, without a traceback.
         click.echo(f"cannot start: {exc.strerror or exc} (ingress.listen={settings.ingress.listen}, "
@@ -119,16 +135,22 @@ def serve(config_path: Path | None) -> None:
 
 
 @main.command("check-config")
+@click.option("--strict", is_flag=True, help="Exit 2 when a weak setting is warned about, as for an invalid one.")
 @config_option
-def check_config(config_path: Path | None) -> None:
+def check_config(strict: bool, config_path: Path | None) -> None:
     """Validate the configuration (file + env) and print the effective values, secrets hidden.
+
+    Valid but weak settings (a short ingress token, an ingress off loopback, plain-http IOP or public
+    URLs) are warned about on stderr, one line each naming the key, with what to do instead.
 
     \b
     Examples:
       relay check-config --config config/relay.toml
       RELAY_IOP_PARTY_ID=007 relay check-config | jq .iop
+      relay check-config --strict       # in a deployment pipeline: warnings fail it
     \b
-    Exit codes: 0 valid (JSON on stdout), 2 invalid (each problem on stderr, naming the key).
+    Exit codes: 0 valid (JSON on stdout; warnings, if any, on stderr), 2 invalid (each problem on
+    stderr, naming the key), or valid with warnings under --strict.
     """
     settings = load_settings(config_path, serving=True)
     from relay.logs import Redactor, add_secrets, settings_secrets
@@ -136,8 +158,12 @@ def check_config(config_path: Path | None) -> None:
     add_secrets(settings_secrets(settings))
     # The same redaction as the logs: secret-named keys, tokens and URL passwords are hidden.
     data = Redactor()(None, "", msgspec.to_builtins(settings))
+    weak = warn_weak(settings, registering=bool(settings.ocpi.token_a))
     click.echo(msgspec.json.format(msgspec.json.encode(data)).decode())
-    click.echo("configuration is valid", err=True)
+    if weak and strict:
+        click.echo(f"configuration is valid but has {weak} warning(s), refused by --strict", err=True)
+        sys.exit(2)
+    click.echo("configuration is valid" + (f", with {weak} warning(s)" if weak else ""), err=True)
 
 
 @main.command()

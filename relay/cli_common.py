@@ -7,13 +7,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
 from relay.config import Settings, load
 from relay.errors import ConfigError, StoreError
 
-__all__ = ["config_option", "load_settings", "with_store"]
+__all__ = ["config_option", "load_settings", "storage_where", "warn_weak", "with_store"]
 
 T = TypeVar("T")
 
@@ -40,8 +41,36 @@ def load_settings(config_path: Path | None, *, serving: bool = False) -> Setting
         sys.exit(2)
 
 
+def warn_weak(settings: Settings, *, registering: bool, iop_versions_url: str = "") -> int:
+    """Each weak setting (relay.config_checks) on stderr, redacted as the logs are; returns how many."""
+    from relay.config_checks import config_warnings
+    from relay.logs import Redactor, settings_secrets
+
+    weak = [str(w) for w in config_warnings(settings, registering=registering, iop_versions_url=iop_versions_url)]
+    for line in Redactor(secrets=settings_secrets(settings))(None, "", {"weak": weak})["weak"]:
+        click.echo(f"warning: {line}", err=True)
+    return len(weak)
+
+
+def storage_where(settings: Settings) -> str:
+    """Which Redis, for a message: the data directory's embedded server, or [redis] url without its password."""
+    if not settings.redis.url:
+        return f"embedded server of data dir {Path(settings.storage.dir).resolve()}"
+    parts = urlsplit(settings.redis.url)
+    if parts.password:
+        parts = parts._replace(netloc=f"{parts.username or ''}:[redacted]@{parts.netloc.rpartition('@')[2]}")
+    return f"redis.url {urlunsplit(parts)}"
+
+
+NOT_RUNNING = 3  # exit code: Redis unreachable (no relay running on the data directory, or [redis] url silent)
+
+
 def with_store(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
-    """Run fn(store) against the configured Redis, starting the embedded server if needed."""
+    """Run fn(store) against the running relay's Redis: the embedded server of [storage] dir, or [redis] url.
+
+    Never starts a server: with none answering, one line on stderr and exit code 3 (an empty server
+    started here would report an empty queue while the relay's events wait elsewhere).
+    """
     import structlog
 
     from relay.embedded_redis import EmbeddedRedis
@@ -53,26 +82,22 @@ def with_store(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
         configure_logging("warning", "console", settings.log.redact_fields)
 
     async def go() -> T:
-        embedded = None
         url = settings.redis.url
         if not url:
             embedded = EmbeddedRedis(settings.storage.dir, settings.storage.durability)
-            if await embedded.answers():
-                url = embedded.url  # a running relay's server: use it, don't start a second one
-                embedded = None
-            else:
-                await embedded.start()
-                url = embedded.url
+            if not await embedded.answers():
+                click.echo(f"no relay is running on data dir {embedded.dir} (nothing answers on {embedded.socket}): "
+                           "start `relay serve` with this configuration, or set [redis] url", err=True)  # fmt: skip
+                sys.exit(NOT_RUNNING)
+            url = embedded.url  # the running relay's server
         store = Store(connect(url, settings.redis), settings.redis)
         try:
             await store.load_scripts()
             return await fn(store)
         except StoreError as exc:
-            click.echo(f"Redis unreachable: {exc}", err=True)
-            sys.exit(1)
+            click.echo(f"Redis unreachable ({storage_where(settings)}): {exc}", err=True)
+            sys.exit(NOT_RUNNING)
         finally:
             await store.close()
-            if embedded is not None:
-                await embedded.stop()
 
     return asyncio.run(go())

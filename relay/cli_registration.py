@@ -9,7 +9,7 @@ from typing import Any
 import click
 import msgspec
 
-from relay.cli_common import config_option, load_settings, with_store
+from relay.cli_common import config_option, load_settings, warn_weak, with_store
 
 
 @click.command()
@@ -27,6 +27,7 @@ def register(from_iop: bool, versions_url: str | None, token_a: str | None, as_j
       relay register --from-iop
       → hand the printed versions URL and token A to GIREVE; GIREVE calls the relay, which then
         uses the token GIREVE gave and hands GIREVE a fresh one. Token A then stops working.
+        Token A is printed once: the relay stores only its digest and cannot show it again.
     \b
     Other hubs (Register – ToIOP):
       relay register --versions-url https://hub.example/ocpi/versions --token-a TOKEN
@@ -43,6 +44,7 @@ def register(from_iop: bool, versions_url: str | None, token_a: str | None, as_j
         raise click.UsageError("use either --from-iop, or --versions-url with --token-a")
     if versions_url and not token_a:
         raise click.UsageError("--versions-url needs --token-a (or RELAY_REGISTER_TOKEN_A)")
+    warn_weak(settings, registering=True, iop_versions_url=versions_url or "")  # our public URL goes to the IOP
 
     async def go(store: Any) -> None:
         rs = RegistrationStore(store)
@@ -52,7 +54,9 @@ def register(from_iop: bool, versions_url: str | None, token_a: str | None, as_j
             out = {"versions_url": ours(settings), "token_a": token}
             click.echo(msgspec.json.encode(out).decode() if as_json else
                        f"versions URL: {out['versions_url']}\ntoken A:      {token}\n"
-                       "Hand both to GIREVE; the relay must be running and reachable at that URL.")  # fmt: skip
+                       "Hand both to GIREVE; the relay must be running and reachable at that URL.\n"
+                       "Token A is shown only now: the relay keeps its digest, it cannot be read back "
+                       "(run this again for a new one).")  # fmt: skip
             return
         assert versions_url is not None and token_a is not None
         token_b = new_token()

@@ -4,6 +4,10 @@ The IOP's request is answered at once with the CSMS's verdict (CommandResponse);
 later from the CSMS through the ingress and is delivered to the command's ``response_url`` on the
 ordered, retried, dead-lettered path of every other event. A result that never comes is sent as
 TIMEOUT when its deadline passes (whichever comes first wins, atomically).
+
+The result is POSTed with the hub's token: a ``response_url`` must be on one of the hub's origins
+(``Directory.origins``: its registered endpoints, ``[iop] url``, ``[ocpi] command_response_origins``),
+else the command is refused at once like any invalid command (400 / OCPI 2001).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, get_args
 import msgspec
 import structlog
 
-from relay import metrics
+from relay import metrics, urls
 from relay.config import Settings
 from relay.csms import CsmsClient, CsmsUnavailable
 from relay.errors import InvalidEvent, Problem, StoreUnavailable
@@ -71,8 +75,12 @@ class Commands:
         msg = [DisplayText(language="en", text=message[:512])] if message else None
         return Reply(200, 1000, CommandResponse(result=result, timeout=timeout, message=msg))  # type: ignore[arg-type]
 
-    async def receive(self, command: str, raw: bytes, operator: tuple[str, str], correlation_id: str) -> Reply:
-        """One command from the IOP, for a hosted operator: validate, ask the CSMS, answer."""
+    async def receive(self, command: str, raw: bytes, operator: tuple[str, str], correlation_id: str, *,
+                      origins: frozenset[str]) -> Reply:  # fmt: skip
+        """One command from the IOP, for a hosted operator: validate, ask the CSMS, answer.
+
+        ``origins``: where the hub's token may go (``Directory.origins``); the response_url must be on one.
+        """
         if command not in self.settings.csms.commands or not self.csms.configured:
             return self._response(command, "NOT_SUPPORTED", "not supported by this CPO")
         kind = _REQUESTS.get(command)
@@ -86,6 +94,10 @@ class Commands:
             response_url = request.get("response_url") if isinstance(request, dict) else None
         if not isinstance(response_url, str) or not response_url.startswith(("http://", "https://")):
             return Reply(400, 2001, message="response_url: required http(s) URL")
+        if urls.origin_or_none(response_url) not in origins:
+            hint = "not on an origin of the IOP; list it in [ocpi] command_response_origins if it is"
+            log.warning("command_response_url_refused", command=command, response_url=response_url[:300], hint=hint)
+            return Reply(400, 2001, message="response_url: not on an origin of the IOP")
         if isinstance(request, StartSession):
             if request.connector_id is None:
                 return Reply(400, 2001, message="connector_id: required by GIREVE in START_SESSION")

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from relay import urls
 from relay.errors import ConfigError
 
 CiCountry = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")]
@@ -38,7 +39,10 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class StorageSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Local data directory (embedded server's AOF, local state) and its fsync policy."""
+    """Local data directory (embedded server's AOF, local state) and its fsync policy.
+
+    ``dir`` is relative to the config file's directory (to the working directory without a file).
+    """
 
     dir: str = "./data"
     durability: Literal["always", "everysec"] = "always"
@@ -54,6 +58,12 @@ class IngressSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_batch_items: Annotated[int, msgspec.Meta(ge=1)] = 5000
     profile: Literal["strict", "warn"] = "strict"
     shutdown_timeout_s: PositiveFloat = 10.0
+    # Connection limits (relay.listeners): a request line and headers complete within header_timeout_s
+    # of the accept, an idle keep-alive connection closed after idle_timeout_s, at most max_connections
+    # open at once (the next ones wait in the kernel's accept queue).
+    header_timeout_s: PositiveFloat = 10.0
+    idle_timeout_s: PositiveFloat = 120.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
 
     def tokens(self) -> tuple[str, ...]:
         """Accepted bearer tokens; a comma-separated list allows rotation without downtime."""
@@ -72,6 +82,17 @@ class OcpiSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
     shutdown_timeout_s: PositiveFloat = 5.0
+    # Connection limits, as [ingress]'s (the TLS handshake counts in header_timeout_s), and at most
+    # max_connections_per_ip from one client address (0: no per-address cap). max_connections is also
+    # kept below what RLIMIT_NOFILE leaves once the ingress and outbound connections are served.
+    header_timeout_s: PositiveFloat = 10.0
+    idle_timeout_s: PositiveFloat = 60.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 512
+    max_connections_per_ip: Annotated[int, msgspec.Meta(ge=0)] = 64
+    # Handshake URLs may be http, loopback or private (test set-ups, private networks); else https + public.
+    allow_insecure_urls: bool = False
+    # Origins (https://host[:port]) a command's response_url may name besides the hub's own.
+    command_response_origins: list[str] = []
 
 
 class IopSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -88,6 +109,8 @@ class IopSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tls_cert_file: str = ""
     tls_key_file: str = ""
     authorize_timeout_s: PositiveFloat = 5.0
+    # Largest answer read from the hub or a handshake peer (on the wire, and once inflated).
+    max_response_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
 
 
 CommandName = Literal["START_SESSION", "STOP_SESSION", "RESERVE_NOW", "CANCEL_RESERVATION", "UNLOCK_CONNECTOR"]
@@ -295,6 +318,11 @@ def _validate_urls_and_tls(s: Settings) -> list[str]:
                         ("csms.webhook_url", s.csms.webhook_url)):  # fmt: skip
         if value and not value.startswith(("http://", "https://")):
             errors.append(f"{name}: must be an http(s) URL")
+    for i, value in enumerate(s.ocpi.command_response_origins):
+        try:
+            urls.parse_origin(value)
+        except urls.UrlRefused as exc:
+            errors.append(f"ocpi.command_response_origins[{i}]: {value!r} is not https://host[:port]: {exc}")
     for section, tls in (("iop", s.iop), ("ocpi", s.ocpi)):
         if bool(tls.tls_cert_file) != bool(tls.tls_key_file):
             errors.append(f"{section}.tls_cert_file/tls_key_file: give both or neither")
@@ -339,6 +367,9 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
         settings = msgspec.convert(data, Settings)
     except msgspec.ValidationError as exc:
         raise ConfigError([_config_path(str(exc))]) from exc
+    # Relative paths are relative to the config file's directory (the working directory without a file),
+    # wherever they were written: `relay serve` and every CLI verb find the same data directory from anywhere.
+    settings.storage.dir = os.path.normpath(base / settings.storage.dir)
     errors = _read_secret_files(settings, base, env) + _validate(settings)
     if errors:
         raise ConfigError(errors)

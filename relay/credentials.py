@@ -7,20 +7,21 @@ Token names follow the role they play, not the letters of the spec (which swap w
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
 import msgspec
 import structlog
 
-from relay import logs
+from relay import logs, urls
 from relay.config import Settings
 from relay.errors import RelayError
 from relay.ocpi_client import StaticDirectory, authorization, ssl_context
 from relay.store import RegistrationStore
+from relay.store.registration import is_digest, token_digest
 
 log = structlog.get_logger(__name__)
 VERSION = "2.2.1"
@@ -59,7 +60,7 @@ class Registration(msgspec.Struct, kw_only=True):
 
     state: Literal["registered", "unregistered"]
     direction: Literal["from_iop", "to_iop"]
-    incoming_token: str
+    incoming_token: str  # stored as its digest (the relay only compares it); in clear only as just made
     outgoing_token: str
     versions_url: str
     version_url: str
@@ -136,18 +137,30 @@ class _Details(msgspec.Struct):
 
 
 def _client(settings: Settings) -> aiohttp.ClientSession:
+    """The handshake's HTTP client: public addresses only (unless allowed), answers capped, no redirects
+    (each request passes ``allow_redirects=False``: a redirect is a failed handshake)."""
     timeout = aiohttp.ClientTimeout(total=settings.iop.connect_timeout_s + settings.iop.request_timeout_s)
-    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=ssl_context(settings.iop) or True))
+    connector = urls.connector(ssl=ssl_context(settings.iop) or True, allow_insecure=settings.ocpi.allow_insecure_urls)
+    return aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
+                                 headers={"Accept-Encoding": urls.ACCEPT_ENCODING})  # fmt: skip
 
 
-async def _get_ocpi(http: aiohttp.ClientSession, url: str, token: str) -> Any:
+def _check(settings: Settings, url: str, what: str) -> None:
+    """A URL named by the peer (or the operator) that the handshake is about to call; HandshakeError if refused."""
+    try:
+        urls.check_handshake_url(url, allow_insecure=settings.ocpi.allow_insecure_urls)
+    except urls.UrlRefused as exc:
+        raise HandshakeError(f"{what} {url!r} refused: {exc}") from None
+
+
+async def _get_ocpi(http: aiohttp.ClientSession, settings: Settings, url: str, token: str) -> Any:
     headers = {"Authorization": authorization(token), "X-Request-ID": new_token()[:16]}
     headers["X-Correlation-ID"] = headers["X-Request-ID"]
     try:
-        async with http.get(url, headers=headers) as resp:
-            body = await resp.read()
+        async with http.get(url, headers=headers, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise HandshakeError(f"GET {url}: HTTP {resp.status}")
+            body = await urls.read_capped(resp, settings.iop.max_response_bytes)
     except aiohttp.ClientError as exc:
         raise HandshakeError(f"GET {url}: {exc.__class__.__name__}: {exc}") from exc
     try:
@@ -159,26 +172,35 @@ async def _get_ocpi(http: aiohttp.ClientSession, url: str, token: str) -> Any:
     return env.data
 
 
-async def discover(http: aiohttp.ClientSession, versions: str, token: str) -> tuple[str, list[Endpoint]]:
-    """GET the peer's versions, pick 2.2.1, GET its details: (version URL, endpoints)."""
+async def discover(http: aiohttp.ClientSession, settings: Settings, versions: str,
+                   token: str) -> tuple[str, list[Endpoint]]:  # fmt: skip
+    """GET the peer's versions, pick 2.2.1, GET its details: (version URL, endpoints).
+
+    Every URL called or kept (versions, version details, each endpoint: where the peer's token will
+    go) must pass the outbound policy (``urls.check_handshake_url``).
+    """
+    _check(settings, versions, "versions URL")
     try:
-        listed = msgspec.convert(await _get_ocpi(http, versions, token), list[_Version])
+        listed = msgspec.convert(await _get_ocpi(http, settings, versions, token), list[_Version])
     except msgspec.ValidationError as exc:
         raise HandshakeError(f"versions: {exc}") from exc
     chosen = next((v for v in listed if v.version == VERSION), None)
     if chosen is None:
         raise HandshakeError(f"versions: the peer offers {[v.version for v in listed]}, not {VERSION}")
+    _check(settings, chosen.url, "version details URL")
     try:
-        details = msgspec.convert(await _get_ocpi(http, chosen.url, token), _Details)
+        details = msgspec.convert(await _get_ocpi(http, settings, chosen.url, token), _Details)
     except msgspec.ValidationError as exc:
         raise HandshakeError(f"version details: {exc}") from exc
+    for e in details.endpoints:
+        _check(settings, e.url, f"{e.identifier} endpoint")
     return chosen.url, details.endpoints
 
 
 async def accept_from_iop(settings: Settings, offered: Credentials) -> Registration:
     """Register – FromIOP: check the IOP's versions with its token, and make a fresh token for it."""
     async with _client(settings) as http:
-        version_url, endpoints = await discover(http, offered.url, offered.token)
+        version_url, endpoints = await discover(http, settings, offered.url, offered.token)
     now = time.time()
     return Registration(
         state="registered",
@@ -197,7 +219,7 @@ async def accept_from_iop(settings: Settings, offered: Credentials) -> Registrat
 async def register_to_iop(settings: Settings, versions: str, token_a: str, token_b: str) -> Registration:
     """Register – ToIOP: discover with A, POST our credentials carrying B, keep the returned token."""
     async with _client(settings) as http:
-        version_url, endpoints = await discover(http, versions, token_a)
+        version_url, endpoints = await discover(http, settings, versions, token_a)
         cred_url = next((e.url for e in endpoints if e.identifier == "credentials"), None)
         if cred_url is None:
             raise HandshakeError("version details: no credentials endpoint")
@@ -205,8 +227,8 @@ async def register_to_iop(settings: Settings, versions: str, token_a: str, token
         headers = {"Authorization": authorization(token_a), "Content-Type": "application/json"}
         headers["X-Request-ID"] = headers["X-Correlation-ID"] = new_token()[:16]
         try:
-            async with http.post(cred_url, data=body, headers=headers) as resp:
-                raw = await resp.read()
+            async with http.post(cred_url, data=body, headers=headers, allow_redirects=False) as resp:
+                raw = await urls.read_capped(resp, settings.iop.max_response_bytes)
                 if resp.status not in (200, 201):
                     raise HandshakeError(f"POST {cred_url}: HTTP {resp.status}: {raw[:200]!r}")
         except aiohttp.ClientError as exc:
@@ -241,6 +263,9 @@ class Directory:
     def __init__(self, settings: Settings) -> None:
         self.static = StaticDirectory(settings.iop)
         self.registration: Registration | None = None
+        # Configured in [ocpi] command_response_origins (validated by config.load).
+        self._configured = frozenset(urls.parse_origin(o) for o in settings.ocpi.command_response_origins)
+        self._origins: tuple[Registration | None, frozenset[str]] | None = None
 
     def endpoint(self, module: str, role: str = "RECEIVER") -> str | None:
         reg = self.registration
@@ -254,6 +279,23 @@ class Directory:
             return self.static.token()
         return reg.outgoing_token if reg.state == "registered" else None
 
+    def origins(self) -> frozenset[str]:
+        """Where the IOP's token may go: the registration's URLs, ``[iop] url``, and the configured extras.
+
+        A command's response_url must be on one of these (checked when the command arrives and
+        before each attempt): the hub's token never goes to a host the hub merely named.
+        """
+        reg = self.registration
+        if self._origins is None or self._origins[0] is not reg:
+            found = set(self.static.origins()) | self._configured
+            if reg is not None and reg.state == "registered":
+                for url in (reg.versions_url, reg.version_url, *(e.url for e in reg.endpoints)):
+                    o = urls.origin_or_none(url)
+                    if o is not None:
+                        found.add(o)
+            self._origins = (reg, frozenset(found))
+        return self._origins[1]
+
     def usable(self) -> bool:
         """True when there is somewhere to deliver and a token to do it with."""
         return self.token() is not None and any(self.endpoint(m) for m in ("locations", "sessions", "cdrs", "tariffs"))
@@ -263,8 +305,16 @@ registration_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(Registration)
 
 
 def digest(token: str) -> str:
-    """How a used token A is remembered (never in clear)."""
-    return hashlib.sha256(token.encode()).hexdigest()
+    """How a token the relay only compares is stored (tokens A, the incoming token): never in clear."""
+    return token_digest(token)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenAClaim:
+    """A token A spent by a registration that is under way (``Registry.claim_token_a``)."""
+
+    token: str
+    pending: bool  # it was the pending token A (``relay register --from-iop``), not ``[ocpi] token_a``
 
 
 class Registry:
@@ -274,8 +324,9 @@ class Registry:
         self.settings = settings
         self.store = store
         self.directory = Directory(settings)
-        self.pending_a: str | None = None
+        self.pending_a: str | None = None  # the pending token A's digest
         self._used: set[str] = set()
+        self._incoming = ""  # the registered incoming token's digest
         self._raw: bytes | None = None
         self.generation = 0  # bumped on every change, whoever made it
         self.changed = asyncio.Event()  # set on every change, so the service reacts at once
@@ -288,40 +339,92 @@ class Registry:
         """Reload from Redis; True if the registration changed."""
         raw, pending, used = await self.store.load()
         self.pending_a, self._used = pending, used
-        if pending:
-            logs.add_secrets([pending])
         if raw == self._raw:
             return False
         self._raw = raw
         self.directory.registration = registration_codec[1].decode(raw) if raw else None
         reg = self.directory.registration
-        if reg is not None:
-            logs.add_secrets(t for t in (reg.incoming_token, reg.outgoing_token) if t)
+        incoming = reg.incoming_token if reg is not None else ""
+        self._incoming = incoming if not incoming or is_digest(incoming) else digest(incoming)  # an older version's
+        if reg is not None and reg.outgoing_token:
+            logs.add_secrets([reg.outgoing_token])
         self.generation += 1
         self.changed.set()
         return True
 
-    def token_a_candidates(self) -> list[str]:
-        """Tokens A that may still open a Register – FromIOP."""
-        out = [t for t in (self.pending_a, self.settings.ocpi.token_a) if t]
-        return [t for t in out if digest(t) not in self._used]
+    def is_token_a(self, token: str) -> bool:
+        """True if the token may still open a Register – FromIOP (the pending token A or [ocpi] token_a)."""
+        d = digest(token)
+        if d in self._used:
+            return False
+        configured = self.settings.ocpi.token_a
+        return any(secrets.compare_digest(d, a) for a in (self.pending_a, configured and digest(configured)) if a)
 
     def role_of(self, token: str) -> Literal["registered", "token_a"] | None:
-        """What a presented (decoded) token is: the current incoming token, a token A, or nothing."""
+        """What a presented (decoded) token is: the current incoming token, a token A, or nothing.
+
+        Compared by digest: that is all Redis holds of them.
+        """
         reg = self.registration
-        if reg is not None and reg.state == "registered" and secrets.compare_digest(token, reg.incoming_token):
-            return "registered"
-        if any(secrets.compare_digest(token, a) for a in self.token_a_candidates()):
-            return "token_a"
-        return None
+        if reg is not None and reg.state == "registered" and self._incoming:
+            if secrets.compare_digest(digest(token), self._incoming):
+                return "registered"
+        return "token_a" if self.is_token_a(token) else None
+
+    async def claim_token_a(self, token: str) -> TokenAClaim | None:
+        """Spend a token A as its registration starts, atomically in Redis: of concurrent registrations
+        with one token A, one gets the claim and the others None (they are answered like an unknown
+        token). ``release_token_a`` gives it back if the handshake fails before anything is stored."""
+        configured = bool(self.settings.ocpi.token_a) and secrets.compare_digest(token, self.settings.ocpi.token_a)
+        got = await self.store.claim_token_a(token, configured=configured)
+        if not got:
+            return None
+        self._used.add(digest(token))  # refused on this replica at once; refresh() confirms
+        return TokenAClaim(token, pending=got == 2)
+
+    async def release_token_a(self, claim: TokenAClaim) -> None:
+        """The handshake failed and stored nothing: the token A works again (GIREVE may retry with it)."""
+        await self.store.release_token_a(claim.token, pending=claim.pending)
+        self._used.discard(digest(claim.token))
 
     async def save(self, reg: Registration, used_token_a: str | None = None) -> None:
-        """Persist a (re-)registration; the token A that opened it stops working."""
+        """Persist a (re-)registration; the token A that opened it stops working.
+
+        The incoming token is stored as its digest (``reg`` itself, which the caller may still answer
+        with, keeps it in clear).
+        """
+        if reg.incoming_token and not is_digest(reg.incoming_token):
+            logs.add_secrets([reg.incoming_token])  # made by this process: never logged by it either
+            reg = msgspec.structs.replace(reg, incoming_token=digest(reg.incoming_token))
         raw = registration_codec[0].encode(reg)
         await self.store.save(raw, digest(used_token_a) if used_token_a else None)
         await self.refresh()
         log.info("registered", direction=reg.direction, versions_url=reg.versions_url,
                  endpoints=len(reg.endpoints))  # fmt: skip
+
+    async def hash_stored_tokens(self, *, registration: bool = True) -> bool:
+        """An older version stored the pending token A and the incoming token in clear: store their
+        digests instead (once, at start; the server then rewrites its AOF). True if anything changed.
+
+        ``registration=False`` leaves the registration's incoming token as it is (a shared Redis: replicas
+        of the older version still compare it in clear during a rolling upgrade); it is hashed by the
+        next registration, and this version compares either form.
+        """
+        raw = (await self.store.load())[0]
+        reg = registration_codec[1].decode(raw) if raw else None
+        hashed = None
+        if reg is not None and reg.incoming_token and not is_digest(reg.incoming_token):
+            if registration:
+                stored = msgspec.structs.replace(reg, incoming_token=digest(reg.incoming_token))
+                hashed = registration_codec[0].encode(stored)
+            else:
+                log.warning("incoming_token_in_clear", hint="stored by an older version; register again "
+                            "(relay register --from-iop) once every replica runs this version")  # fmt: skip
+        changed = await self.store.hash_clear_tokens(raw if hashed else None, hashed)
+        if changed:
+            log.info("stored_tokens_hashed", hint="tokens kept in clear by an older version are now digests")
+            await self.refresh()
+        return changed
 
     async def unregister(self) -> bool:
         """C2: forget the tokens, keep the record (state unregistered); False if not registered."""
@@ -341,10 +444,14 @@ async def unregister_at_iop(settings: Settings, reg: Registration) -> str | None
     url = next((e.url for e in reg.endpoints if e.identifier == "credentials"), None)
     if url is None:
         return "no credentials endpoint"
+    try:
+        _check(settings, url, "credentials endpoint")
+    except HandshakeError as exc:
+        return str(exc)
     headers = {"Authorization": authorization(reg.outgoing_token)}
     headers["X-Request-ID"] = headers["X-Correlation-ID"] = new_token()[:16]
     try:
-        async with _client(settings) as http, http.delete(url, headers=headers) as resp:
+        async with _client(settings) as http, http.delete(url, headers=headers, allow_redirects=False) as resp:
             return None if resp.status == 200 else f"HTTP {resp.status}"
     except aiohttp.ClientError as exc:
         return f"{exc.__class__.__name__}: {exc}"

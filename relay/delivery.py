@@ -84,9 +84,10 @@ class Delivery:
         """One attempt of an entry through the link; raises Abandon (or GaveUp) once the shard is gone.
 
         Failure policy: the stored state a PUT needs being unavailable is a transient failure;
-        an HTTP client error is classified like an answer (``classify(None, exc=exc)``); a PATCH
-        the IOP does not know is turned into a heal (``policy.heal_wanted``) when the object's
-        state is stored.
+        an HTTP client error is classified like an answer (``classify(None, exc=exc)``), and a
+        request the client refused to send (``unsent``) leaves the link as it is; a PATCH the IOP
+        does not know is turned into a heal (``policy.heal_wanted``) when the object's state is
+        stored.
         """
         ev = entry.event
         try:
@@ -142,7 +143,7 @@ class Delivery:
                 await self.link.auth_failed(outcome.reason)
         elif outcome.link:
             await self.link.failure(outcome.reason, probe=probe)
-        else:
+        elif not outcome.unsent:  # a request the HTTP client refused says nothing about the IOP
             await self.link.success()
         if outcome.kind is not Kind.DELIVERED or self.debug:
             _log_attempt(ev, attempts, outcome, request_id)

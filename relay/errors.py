@@ -7,6 +7,11 @@ the client or function that raises it, and derives from ``Exception``, not ``Rel
 - ``relay.credentials.HandshakeError``: the peer's answer to the OCPI credentials handshake was unusable.
 - ``relay.csms.CsmsUnavailable``: the CSMS webhook did not answer usefully in time.
 - ``relay.ocpi_client.NotConfigured``: no IOP endpoint or token for a module yet; the event waits.
+- ``relay.ocpi_client.OriginRefused``: an event's own URL (a command's response_url) is off the IOP's origins
+  (a ValueError too: a dead letter, never sent).
+- ``relay.urls.UrlRefused``: a URL the outbound policy refuses (not a strict http(s) URL; for the handshake,
+  not https or not public).
+- ``relay.urls.ResponseTooLarge``: an answer over the read cap (an ``aiohttp.ClientPayloadError``).
 - ``relay.link.GaveUp``: a wait for the IOP link's permission ended because the caller gave up (stopping).
 - ``relay.shard.Abandon``: stop working on an entry without acknowledging it (stopping, lease lost).
 - ``relay.ocpi_server.sender.BadRequest``: a query parameter of a Sender interface was unusable (HTTP 400).
@@ -63,3 +68,21 @@ class NoGroup(StoreUnavailable):
 
 class Conflict(StoreError):
     """Another writer changed the object between our read and our write: read and merge again."""
+
+
+class DataDirBusy(RelayError):
+    """Another relay holds the data directory's lock (relay.embedded_redis); nothing was started or signalled."""
+
+    def __init__(self, data_dir: object, pid: int | None) -> None:
+        held = f" (pid {pid})" if pid else ""
+        super().__init__(f"another relay is running on data dir {data_dir}{held}")
+        self.data_dir = data_dir
+        self.pid = pid
+
+
+class EmbeddedRedisFailed(StoreUnavailable):
+    """The embedded server could not be started (or restarted); the message says why, on one line."""
+
+
+class EmbeddedRedisLost(EmbeddedRedisFailed):
+    """The relay stopped because its embedded server kept stopping (``relay serve`` exits 3)."""

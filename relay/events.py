@@ -7,8 +7,10 @@ kept as the exact bytes it sent, after validation, so delivery forwards what the
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Literal
+from urllib.parse import quote
 
 import msgspec
 
@@ -34,8 +36,8 @@ class Event(msgspec.Struct, array_like=True, kw_only=True, frozen=True):
     body: bytes = b""
     url: str | None = None  # an absolute target (a command's response_url) instead of the module endpoint
 
-    def url_path(self) -> str:
-        """Path below the module endpoint of the IOP's Receiver interface."""
+    def _ids(self) -> str:
+        """The ids below the module endpoint, as they are (not encoded), or "" for CDRs and results."""
         if self.module in ("cdrs", "commands"):
             return ""  # CDRs are POSTed to the endpoint itself; results go to their response_url
         parts = [self.country_code, self.party_id, self.object_id]
@@ -43,11 +45,30 @@ class Event(msgspec.Struct, array_like=True, kw_only=True, frozen=True):
             parts.append(self.evse_uid)
             if self.connector_id is not None:
                 parts.append(self.connector_id)
-        return "/" + "/".join(parts)
+        return "/".join(parts)
+
+    def url_path(self) -> str:
+        """Path below the module endpoint of the IOP's Receiver interface, each id one percent-encoded
+        segment (an id may hold "?", "#", "%"…). ValueError for an id that cannot be a segment ("", ".",
+        ".."): it would address another object; the ingress refuses such ids."""
+        ids = self._ids()
+        if not ids:
+            return ""
+        if _ENCODE(ids) is None:  # the common case: nothing to encode
+            return "/" + ids
+        segments = ids.split("/")  # no id holds "/": ids come from path segments or are refused
+        for seg in segments:
+            if seg in _NOT_SEGMENTS:
+                raise ValueError(f"{seg!r} cannot be sent as an id in a URL path")
+        return "/" + "/".join(quote(seg, safe="") for seg in segments)
 
     def object_ref(self) -> str:
         """The object this event updates, finer than its ordering key (an EVSE of a Location…)."""
-        return f"{self.module}{self.url_path() or '/' + self.object_id}"
+        return f"{self.module}/{self._ids() or self.object_id}"
+
+
+_ENCODE = re.compile(r"[^A-Za-z0-9_~*/-]").search  # "." too: "." and ".." segments take the long way
+_NOT_SEGMENTS = frozenset({"", ".", ".."})
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from functools import lru_cache
 from typing import Any
 
 from aiohttp import web
@@ -108,7 +109,8 @@ class HotHistogram(Collector):
 
 BUILD = Info("relay_build", "The running relay's version")
 BUILD.info({"version": __version__})
-ACCEPTED = Counter("relay_events_accepted_total", "Events durably accepted at the ingress", ["module", "operator"])
+# Per accepted event (the ingress's hot path): plain numbers, as the delivery path's counters.
+ACCEPTED = HotCounter("relay_events_accepted_total", "Events durably accepted at the ingress", ["module", "operator"])
 REFUSED = Counter(
     "relay_events_refused_total",
     "Events refused at the ingress, nothing stored (reason: the first broken rule)",
@@ -119,7 +121,7 @@ UNKNOWN_OBJECT = Counter(
     "relay_events_unknown_object_total", "PATCHes (or child PUTs) for objects the relay has never seen", ["module"]
 )
 STATE_CONFLICTS = Counter("relay_state_conflicts_total", "State merges retried because another writer got in first")
-WARNINGS = Counter("relay_events_warnings_total", "GIREVE rule warnings on accepted events", ["module", "rule"])
+WARNINGS = HotCounter("relay_events_warnings_total", "GIREVE rule warnings on accepted events", ["module", "rule"])
 
 DELIVERIES = HotCounter(
     "relay_delivery_attempts_total", "Delivery attempts to the IOP by outcome", ["module", "outcome"]
@@ -166,14 +168,33 @@ REDIS_ROUNDTRIP = Histogram(
 )
 REGISTRATION = Gauge("relay_registration_state", "1 for the current state of the OCPI connection", ["state"])
 SHARDS_OWNED = Gauge("relay_shards_owned", "Shards whose lease this replica holds")
+# Both listeners' connections (relay.listeners): open now, and closed on a limit by reason.
+LISTENERS = ("ingress", "ocpi")
+CONNECTION_CLOSE_REASONS = ("max_connections_per_ip", "header_timeout", "idle_timeout", "accept_error")
+CONNECTIONS_OPEN = Gauge("relay_connections_open", "Connections open on a listener (TLS handshakes included)",
+                         ["listener"])  # fmt: skip
+CONNECTIONS_MAX = Gauge("relay_connections_max", "A listener's cap: at it, new connections wait in the kernel's queue",
+                        ["listener"])  # fmt: skip
+CONNECTIONS_CLOSED = Counter(
+    "relay_connections_closed_total",
+    "Connections a listener refused (per-address cap) or closed (late headers, idle), and failed accepts",
+    ["listener", "reason"],
+)
+for _listener in LISTENERS:
+    CONNECTIONS_OPEN.labels(_listener)
+    CONNECTIONS_MAX.labels(_listener)
+    for _reason in CONNECTION_CLOSE_REASONS:
+        CONNECTIONS_CLOSED.labels(_listener, _reason)
 
 LINK_STATES = ("up", "down", "auth_failed", "paused", "unconfigured")
 # registered / unregistered: the credentials handshake; static: [iop] url + token; none: nothing to deliver to.
 REGISTRATION_STATES = ("registered", "unregistered", "static", "none")
 
 
+@lru_cache(maxsize=256)
 def operator_label(country_code: str, party_id: str) -> str:
-    """``CC/PID``; pass only hosted operators (bounded by the config), else the empty string."""
+    """``CC/PID``; pass only hosted operators (bounded by the config), else the empty string. Cached: one
+    call per event on the ingress."""
     return f"{country_code.upper()}/{party_id.upper()}" if country_code and party_id else ""
 
 

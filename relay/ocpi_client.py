@@ -8,12 +8,13 @@ import os
 import ssl
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin
 
 import aiohttp
 from multidict import CIMultiDictProxy
 
 from relay import constants as K
+from relay import urls
 from relay.config import IopSettings
 from relay.errors import RelayError
 from relay.events import Event
@@ -31,6 +32,9 @@ class IopDirectory(Protocol):
     def token(self) -> str | None:
         """The plain token to present to the IOP, or None when there is none."""
 
+    def origins(self) -> frozenset[str]:
+        """The origins (``urls.origin``) the token may be sent to: the IOP's own, and any configured."""
+
 
 class StaticDirectory:
     """Endpoints ``{[iop] url}/{module}`` and ``[iop] token`` from config."""
@@ -44,6 +48,10 @@ class StaticDirectory:
 
     def token(self) -> str | None:
         return self._token
+
+    def origins(self) -> frozenset[str]:
+        found = urls.origin_or_none(self._url) if self._url else None
+        return frozenset([found] if found else [])
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +88,14 @@ class NotConfigured(RelayError):
     """No endpoint or token for this module yet: the event waits, nothing is attempted."""
 
 
+class OriginRefused(RelayError, ValueError):
+    """An event's own URL (a command's response_url) is not on an origin the IOP's token may go to.
+
+    A ValueError: ``retry.classify`` makes a request the client refuses to send permanent (a dead
+    letter, retrying cannot help) and leaves the link alone.
+    """
+
+
 class OcpiClient:
     """Sends events to the IOP through one pooled ClientSession."""
 
@@ -98,7 +114,9 @@ class OcpiClient:
             sock_read=self.settings.request_timeout_s,
         )
         connector = aiohttp.TCPConnector(limit=self._pool, ssl=ssl_context(self.settings) or True)
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=True)
+        # Answers are read with a cap (urls.read_capped), compressed ones inflated within the same cap.
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
+                                              headers={"Accept-Encoding": urls.ACCEPT_ENCODING})  # fmt: skip
 
     async def close(self) -> None:
         """Close the pool (in-flight requests must be finished or cancelled first)."""
@@ -130,8 +148,15 @@ class OcpiClient:
         return headers
 
     def url(self, event: Event) -> str:
-        """The Receiver URL of the event's object at the IOP (or the absolute URL it carries)."""
+        """The Receiver URL of the event's object at the IOP (or the absolute URL it carries).
+
+        An absolute URL (a command's response_url) must be on an origin the token may go to (checked
+        when the command came in, and again here: the hub's origins may have changed since); else
+        OriginRefused.
+        """
         if event.url is not None:
+            if urls.origin_or_none(event.url) not in self.directory.origins():
+                raise OriginRefused("the event's URL is not on an origin of the IOP")
             return event.url
         endpoint = self.directory.endpoint(event.module)
         if endpoint is None:
@@ -148,7 +173,7 @@ class OcpiClient:
         # The first request without _exchange()'s extra coroutine layer, which every resumption of
         # the request passes through: this is the per-event path. Redirects go on in _exchange().
         async with self._session.request(event.method, url, data=data, headers=headers, allow_redirects=False) as resp:
-            body = await resp.read()
+            body = await urls.read_capped(resp, self.settings.max_response_bytes)
             location = resp.headers.get("Location")
             if not (resp.status in _REDIRECTS and location and _same_origin(url, location)):
                 return Reply(resp.status, resp.headers, body, request_id)
@@ -181,7 +206,7 @@ class OcpiClient:
         # real receivers redirect to the same path with a trailing slash.
         while True:
             async with self._session.request(method, url, data=data, headers=headers, allow_redirects=False) as resp:
-                body = await resp.read()
+                body = await urls.read_capped(resp, self.settings.max_response_bytes)
                 location = resp.headers.get("Location")
                 if (
                     resp.status in _REDIRECTS
@@ -196,7 +221,6 @@ class OcpiClient:
 
 
 def _same_origin(a: str, b: str) -> bool:
-    """Only follow a redirect that stays on the IOP's origin (never leak the token elsewhere)."""
-    sb = urlsplit(urljoin(a, b))
-    sa = urlsplit(a)
-    return (sa.scheme, sa.netloc) == (sb.scheme, sb.netloc)
+    """Only follow a redirect that stays on the origin called (never leak the token elsewhere)."""
+    target = urls.origin_or_none(urljoin(a, b))
+    return target is not None and target == urls.origin_or_none(a)

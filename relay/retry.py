@@ -44,6 +44,9 @@ class Outcome:
     ocpi_message: str | None = None
     retry_after_s: float | None = None
     link: bool = False
+    # The HTTP client refused to build or send the request (a header value or URL it cannot put on
+    # the wire): nothing reached the IOP, so the outcome says nothing about the link either way.
+    unsent: bool = False
     # The IOP does not know the object a PATCH addresses: a later issue heals with a full PUT.
     unknown_object: bool = False
     # A PUT of the whole object follows at once (policy.healing): no wait, not counted as a retry.
@@ -96,7 +99,13 @@ def _snippet(body: bytes | None) -> str:
 
 
 def classify_exception(exc: BaseException) -> Outcome:
-    """Timeouts and connection-level errors are transient and count against the link."""
+    """Timeouts and connection-level errors are transient and count against the link.
+
+    A ValueError that is not one of those (aiohttp refusing a header value with a control character,
+    a value it cannot encode, a URL it cannot parse; ``Event.url_path`` refusing an id) means the
+    request never left: permanent, since the same event would be refused again, and ``unsent``, so
+    the link is neither failed nor credited.
+    """
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return Outcome(Kind.TRANSIENT, "timeout", link=True)
     if isinstance(exc, aiohttp.ClientSSLError):
@@ -106,6 +115,8 @@ def classify_exception(exc: BaseException) -> Outcome:
     if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | OSError):
         # DNS failures are connection errors too: transient (PITFALLS 3).
         return Outcome(Kind.TRANSIENT, f"connection: {exc.__class__.__name__}: {exc}", link=True)
+    if isinstance(exc, ValueError):
+        return Outcome(Kind.PERMANENT, f"refused by the HTTP client: {exc.__class__.__name__}: {exc}", unsent=True)
     return Outcome(Kind.TRANSIENT, f"client error: {exc.__class__.__name__}: {exc}", link=True)
 
 
@@ -155,6 +166,8 @@ def classify(
 
     Failure policy:
     - no answer (timeout, refused, reset, DNS, TLS) → transient, counted against the link;
+    - the HTTP client refusing the request (a ValueError: a header value or URL it cannot send)
+      → permanent, not sent, the link left alone;
     - 401 and 403 → auth: the link pauses; retrying with the same token cannot succeed, and
       receivers answer 403 where 401 is meant, so both are treated alike;
     - 408, 425, 429, 5xx → transient (429 and 5xx also count against the link); Retry-After is

@@ -13,6 +13,7 @@ from msgspec import UNSET
 
 from relay.config import Operator
 from relay.errors import Problem
+from relay.models import Location
 
 
 def _missing(value: Any) -> bool:
@@ -80,14 +81,18 @@ def tariff_mismatch_warnings(evse: Any, path: str) -> list[Problem]:
         return []
     first = connectors[0].tariff_ids
     return [
-        Problem(
-            field=f"{path}.connectors[{i}].tariff_ids",
-            rule="gireve.L2.tariff_ids_per_evse",
-            message="differs from the first connector's; GIREVE applies the first connector's tariff_ids to the EVSE",
-        )
+        _tariff_mismatch(f"{path}.connectors[{i}].tariff_ids")
         for i, conn in enumerate(connectors[1:], start=1)
         if conn.tariff_ids != first
     ]
+
+
+def _tariff_mismatch(field: str) -> Problem:
+    return Problem(
+        field=field,
+        rule="gireve.L2.tariff_ids_per_evse",
+        message="differs from the first connector's; GIREVE applies the first connector's tariff_ids to the EVSE",
+    )
 
 
 def check_location(loc: Any, op: Operator, *, partial: bool = False) -> list[Problem]:
@@ -116,6 +121,32 @@ def location_warnings(obj: Any) -> list[Problem]:
             return []
         return [w for i, e in enumerate(evses) for w in tariff_mismatch_warnings(e, f"$.evses[{i}]")]
     return tariff_mismatch_warnings(obj, "$")
+
+
+def check_whole_location(loc: Location, op: Operator) -> tuple[list[Problem], list[Problem]]:
+    """``(check_location(loc, op), location_warnings(loc))`` of a Location PUT.
+
+    The ingress's hot path: one pass over the EVSEs, building no field path, when the Location conforms
+    (the common case, warnings aside); the two functions themselves as soon as something does not.
+    """
+    if loc.owner is None or loc.operator is None:  # BusinessDetails.name is required: present when decoded
+        return check_location(loc, op), location_warnings(loc)
+    warnings: list[Problem] = []
+    if loc.evses:
+        prefixes = _prefixes(op)
+        for i, evse in enumerate(loc.evses):
+            evse_id = evse.evse_id
+            if evse_id is None or not evse_id.startswith(prefixes) or evse.capabilities is None:
+                return check_location(loc, op), location_warnings(loc)
+            connectors = evse.connectors
+            first = connectors[0].tariff_ids  # at least one connector: the model says so
+            for j, conn in enumerate(connectors):
+                tariff_ids = conn.tariff_ids
+                if tariff_ids is None:
+                    return check_location(loc, op), location_warnings(loc)
+                if tariff_ids != first:
+                    warnings.append(_tariff_mismatch(f"$.evses[{i}].connectors[{j}].tariff_ids"))
+    return [], warnings
 
 
 def check_tariff(tariff: Any) -> list[Problem]:

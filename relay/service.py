@@ -17,12 +17,22 @@ from relay.commands import Commands
 from relay.config import Settings
 from relay.credentials import Registry
 from relay.csms import CsmsClient
-from relay.embedded_redis import EmbeddedRedis
+from relay.embedded_redis import EmbeddedRedis, EmbeddedRedisFailed, EmbeddedRedisLost
 from relay.errors import ConfigError, StoreError, StoreUnavailable
 from relay.forwarder import Forwarder
 from relay.ingress import create_app
 from relay.ingress.roaming import RoamingDeps
 from relay.link import Link
+from relay.listeners import (
+    Guard,
+    GuardedSite,
+    handler_args,
+    ingress_limits,
+    ocpi_connection_budget,
+    ocpi_limits,
+    open_fds,
+    raise_fd_limit,
+)
 from relay.ocpi_client import OcpiClient
 from relay.ocpi_server import create_ocpi_app
 from relay.ocpi_server.app import server_ssl_context
@@ -53,6 +63,13 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 GC_THRESHOLDS = (20_000, 20, 20)
+
+# The embedded server is watched: when it exits the relay restarts it at once (its AOF makes that safe),
+# then with a backoff; one exit more than EMBEDDED_RESTARTS within EMBEDDED_RESTART_WINDOW_S and the
+# relay stops and exits 3, for its supervisor to restart (a relay that cannot store must not look alive).
+EMBEDDED_RESTARTS = 5
+EMBEDDED_RESTART_WINDOW_S = 600.0
+EMBEDDED_POLL_S = 0.25
 
 
 def tune_gc() -> None:
@@ -93,8 +110,11 @@ class Relay:
         self._gauges: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._timeouts: asyncio.Task[None] | None = None
+        self._embedded_watch: asyncio.Task[None] | None = None
+        self.failure: str | None = None  # why the relay stopped by itself (run() raises it)
         self.csms: CsmsClient | None = None
         self.commands: Commands | None = None
+        self.guards: dict[str, Guard] = {}
 
     async def _open_store(self) -> Store:
         url = self.settings.redis.url
@@ -116,20 +136,38 @@ class Relay:
             log.warning("redis_without_aof", hint="accepted events are lost if Redis restarts; enable appendonly")
         return store
 
-    async def _listen(self, app: web.Application, listen: str, timeout_s: float, **kw: object) -> int:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=timeout_s)
+    async def _listen(self, app: web.Application, listen: str, timeout_s: float, guard: Guard) -> int:
+        """Serve ``app`` on ``listen`` through ``guard`` (relay.listeners: timeouts, caps, TLS)."""
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=timeout_s,
+                               **handler_args(guard.limits))  # fmt: skip
         await runner.setup()
         self._runners.append(runner)  # cleaned up by stop() even if the bind below fails
+        self.guards[guard.listener] = guard
         host, port = split_listen(listen)
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, **kw)  # type: ignore[arg-type]
+        site = GuardedSite(runner, host, port, guard, backlog=1024)
         await site.start()
         bound: int = runner.addresses[0][1]
         return bound
 
+    def _ocpi_cap(self, soft_limit: int) -> int:
+        """[ocpi] max_connections, lowered if RLIMIT_NOFILE cannot hold it beside everything else."""
+        s = self.settings
+        cap = ocpi_connection_budget(s, soft_limit, open_fds())
+        if cap < s.ocpi.max_connections:
+            log.warning("ocpi_max_connections_lowered", configured=s.ocpi.max_connections, lowered_to=cap,
+                        fd_limit=soft_limit, hint="raise the open-file limit (ulimit -n, LimitNOFILE=)")  # fmt: skip
+        return cap
+
     async def start(self) -> None:
         """Start Redis (embedded or not), the registration, both listeners, then the forwarder."""
+        soft_limit, _ = raise_fd_limit()
         self.store = await self._open_store()
+        if self.embedded is not None:
+            self._embedded_watch = asyncio.create_task(self._watch_embedded(), name="relay-embedded-redis")
         self.registry = Registry(self.settings, RegistrationStore(self.store))
+        # An older version's clear tokens, once; the registration's only on the embedded server (one relay
+        # per data dir): replicas of an older version sharing a Redis still compare it in clear.
+        await self.registry.hash_stored_tokens(registration=self.embedded is not None)
         await self.registry.refresh()
         s = self.settings
         self.client = OcpiClient(s.iop, self.registry.directory, pool=s.forwarder.concurrency * 2)
@@ -139,12 +177,14 @@ class Relay:
         state, roaming = StateReader(self.store), RoamingStore(self.store)
         self.commands = Commands(s, self.store, roaming, state, self.csms)
         deps = RoamingDeps(Authorizer(s, self.client, state, roaming), self.commands, roaming)
+        ingress = Guard("ingress", ingress_limits(s))
         self.ingress_port = await self._listen(
-            create_app(s, self.store, self.health, deps), s.ingress.listen, s.ingress.shutdown_timeout_s
+            create_app(s, self.store, self.health, deps), s.ingress.listen, s.ingress.shutdown_timeout_s, ingress
         )
         tls = server_ssl_context(s)
         ocpi_app = create_ocpi_app(s, self.registry, state, (self.commands, roaming, self.csms))
-        self.ocpi_port = await self._listen(ocpi_app, s.ocpi.listen, s.ocpi.shutdown_timeout_s, ssl_context=tls)
+        ocpi = Guard("ocpi", ocpi_limits(s, self._ocpi_cap(soft_limit)), tls)
+        self.ocpi_port = await self._listen(ocpi_app, s.ocpi.listen, s.ocpi.shutdown_timeout_s, ocpi)
         if not s.ocpi.public_url:
             # Announce the port actually bound (the config may say :0); production sets public_url.
             host = split_listen(s.ocpi.listen)[0]
@@ -232,6 +272,43 @@ class Relay:
                 log.exception("command_timeouts_failed")
             await asyncio.sleep(interval_s)
 
+    async def _watch_embedded(self) -> None:
+        """Restart the embedded server when it exits; give up (stop, exit 3) when it keeps exiting.
+
+        While it is down /healthz and /readyz answer 503: the relay cannot store, and says so.
+        """
+        assert self.embedded is not None
+        embedded, restarts = self.embedded, list[float]()
+        while True:
+            await asyncio.sleep(EMBEDDED_POLL_S)
+            code = embedded.exited()
+            if code is None:
+                continue
+            reason = f"embedded redis exited with {code}: {embedded.failure_reason()}"
+            self.health.storage_down = reason
+            log.error("embedded_redis_exited", returncode=code, reason=reason)
+            while True:
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < EMBEDDED_RESTART_WINDOW_S]
+                if len(restarts) >= EMBEDDED_RESTARTS:
+                    self.failure = (f"the embedded server kept stopping ({len(restarts)} restarts within "
+                                    f"{EMBEDDED_RESTART_WINDOW_S:.0f} s), giving up: {reason}")  # fmt: skip
+                    log.critical("embedded_redis_given_up", restarts=len(restarts), reason=reason)
+                    self.request_stop()
+                    return
+                if restarts:  # the first restart at once, then 0.5 s, 1 s, 2 s…
+                    await asyncio.sleep(min(0.5 * 2 ** (len(restarts) - 1), 30.0))
+                restarts.append(time.monotonic())
+                try:
+                    await embedded.start()
+                except (EmbeddedRedisFailed, OSError) as exc:  # OSError: the process could not even be spawned
+                    reason = str(exc)
+                    log.error("embedded_redis_restart_failed", reason=reason)
+                    continue
+                break
+            self.health.storage_down = ""
+            log.warning("embedded_redis_restarted", restarts_in_window=len(restarts))
+
     def _registration_state(self) -> str:
         reg = self.registry.registration if self.registry is not None else None
         if reg is not None:
@@ -276,7 +353,7 @@ class Relay:
     async def stop(self) -> None:
         """Stop accepting, finish in-flight work, close Redis, stop the embedded server."""
         self.health.stopping = True
-        for task in (self._gauges, self._watch, self._timeouts):
+        for task in (self._embedded_watch, self._gauges, self._watch, self._timeouts):
             if task is not None:
                 await _cancel(task)
         for runner in reversed(self._runners):
@@ -313,3 +390,5 @@ class Relay:
                 with suppress(Exception):
                     loop.remove_signal_handler(sig)
             await self.stop()
+        if self.failure is not None:
+            raise EmbeddedRedisLost(self.failure)

@@ -17,6 +17,9 @@ class Health:
 
     stopping: bool = False
     listeners_up: bool = False
+    # Why the store cannot store right now, when the relay knows it for sure (its embedded server exited
+    # and is being restarted): /healthz and /readyz answer 503 meanwhile. Empty: nothing known wrong.
+    storage_down: str = ""
     persistence: dict[str, str] = field(default_factory=dict)
     link_state: str = "unconfigured"
     # Reads the live link state when a forwarder runs (link_state is then only a fallback).

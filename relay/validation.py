@@ -13,8 +13,10 @@ import msgspec
 
 from relay import models, ordering, rules
 from relay.config import Module, Operator, Settings
+from relay.constants import MAX_HEADER_VALUE, header_value_ok
 from relay.errors import InvalidEvent, Problem
 from relay.events import Event, Method, new_event_id
+from relay.json_depth import MAX_JSON_DEPTH, too_deep
 
 
 class Target(msgspec.Struct, frozen=True):
@@ -38,7 +40,8 @@ class Accepted(msgspec.Struct, frozen=True):
     updated_ms: int = 0  # the body's last_updated, for the state index
 
 
-_DECODERS: dict[tuple[str, str, int], msgspec.json.Decoder[Any]] = {
+# The typed decoder of each (module, method, level: 0 object, 1 EVSE, 2 Connector); bench/bare.py uses them too.
+DECODERS: dict[tuple[str, str, int], msgspec.json.Decoder[Any]] = {
     ("locations", "PUT", 0): msgspec.json.Decoder(models.Location),
     ("locations", "PUT", 1): msgspec.json.Decoder(models.Evse),
     ("locations", "PUT", 2): msgspec.json.Decoder(models.Connector),
@@ -50,18 +53,22 @@ _DECODERS: dict[tuple[str, str, int], msgspec.json.Decoder[Any]] = {
     ("cdrs", "POST", 0): msgspec.json.Decoder(models.Cdr),
     ("tariffs", "PUT", 0): msgspec.json.Decoder(models.Tariff),
 }
-_ID_RE = re.compile(r"^[\x21-\x7e]{1,36}$")  # CiString(36): printable ASCII, no spaces
+# CiString(36): printable ASCII, no spaces; "." and ".." are no ids (a URL path would drop or climb them).
+_ID_RE = re.compile(r"(?!\.\.?\Z)[\x21-\x7e]{1,36}\Z")  # \Z: "$" would let a trailing newline in
 _AT_RE = re.compile(r"^(.*) - at `(\$[^`]*)`$", re.S)
 _MISSING_RE = re.compile(r"^Object missing required field `([^`]+)`$")
 
 
-def decode_problem(exc: msgspec.DecodeError | UnicodeDecodeError) -> InvalidEvent:
+def decode_problem(exc: msgspec.DecodeError | UnicodeDecodeError | RecursionError) -> InvalidEvent:
     """msgspec's error → 400 for bytes that are not JSON, 422 naming the field for a typed rule.
 
-    msgspec raises UnicodeDecodeError (not a DecodeError) for invalid UTF-8 inside a JSON string.
+    msgspec raises UnicodeDecodeError (not a DecodeError) for invalid UTF-8 inside a JSON string, and
+    RecursionError for nesting deeper than the interpreter's recursion limit.
     """
     if isinstance(exc, UnicodeDecodeError):
         return InvalidEvent([Problem(field="$", rule="json", message=f"not UTF-8: {exc.reason}")], status=400)
+    if isinstance(exc, RecursionError):
+        return too_deep_problem()
     msg = str(exc)
     if not isinstance(exc, msgspec.ValidationError):
         return InvalidEvent([Problem(field="$", rule="json", message=msg)], status=400)
@@ -76,12 +83,28 @@ def decode_problem(exc: msgspec.DecodeError | UnicodeDecodeError) -> InvalidEven
 
 def _ids_problems(target: Target, level: int) -> list[Problem]:
     problems = []
-    names = ["object_id", "evse_uid", "connector_id"][: level + 1]
-    for name in names:
-        value = getattr(target, name)
-        if not _ID_RE.match(value or ""):
-            problems.append(Problem(field=f"url.{name}", rule="ocpi.id", message="1 to 36 printable ASCII characters"))
+    match = _ID_RE.match
+    if not match(target.object_id):
+        problems.append(_id_problem("object_id"))
+    if level >= 1 and not match(target.evse_uid or ""):
+        problems.append(_id_problem("evse_uid"))
+    if level == 2 and not match(target.connector_id or ""):
+        problems.append(_id_problem("connector_id"))
     return problems
+
+
+def _id_problem(name: str) -> Problem:
+    return Problem(field=f"url.{name}", rule="ocpi.id", message="1 to 36 printable ASCII characters, not . or ..")
+
+
+def too_deep_problem() -> InvalidEvent:
+    """400 for a body that nests arrays and objects deeper than MAX_JSON_DEPTH."""
+    return InvalidEvent([Problem(field="$", rule="json", message=f"nested deeper than {MAX_JSON_DEPTH} levels")], 400)
+
+
+# The event's X-Correlation-ID goes in a header of every attempt: a value no header can carry is refused here.
+_PRINTABLE = f"printable ASCII (0x20-0x7E), at most {MAX_HEADER_VALUE} characters"
+CORRELATION_PROBLEM = Problem(field="X-Correlation-ID", rule="header", message=_PRINTABLE)
 
 
 def _same(problems: list[Problem], body: Any, field: str, expected: str | None, *, ci: bool) -> None:
@@ -95,13 +118,17 @@ def _same(problems: list[Problem], body: Any, field: str, expected: str | None, 
         )
 
 
-def _level(target: Target) -> int:
-    return 2 if target.connector_id is not None else 1 if target.evse_uid is not None else 0
-
-
 def _url_problems(target: Target, body: Any, level: int) -> list[Problem]:
     problems: list[Problem] = []
     if level == 0:
+        oid, cc, pid = getattr(body, "id", None), getattr(body, "country_code", None), getattr(body, "party_id", None)
+        unset = msgspec.UNSET
+        if (
+            (oid == target.object_id or oid is None or oid is unset)
+            and (cc == target.country_code or cc is None or cc is unset)
+            and (pid == target.party_id or pid is None or pid is unset)
+        ):
+            return problems  # the common case: the body names exactly what the URL names
         _same(problems, body, "country_code", target.country_code, ci=True)
         _same(problems, body, "party_id", target.party_id, ci=True)
         _same(problems, body, "id", target.object_id, ci=False)
@@ -131,18 +158,23 @@ def _gireve(target: Target, body: Any, level: int, op: Operator, method: str) ->
 
 def validate(target: Target, method: Method, raw: bytes, settings: Settings, *, correlation_id: str = "") -> Accepted:
     """Decode, check ids, operator (T6) and GIREVE rules; build the Event. Raises InvalidEvent."""
-    level = _level(target)
+    level = 2 if target.connector_id is not None else 1 if target.evse_uid is not None else 0
     problems = _ids_problems(target, level) if target.module != "cdrs" else []
+    if correlation_id and not header_value_ok(correlation_id):
+        problems.append(CORRELATION_PROBLEM)
     body: Any = None
     if method != "DELETE":
-        decoder = _DECODERS.get((target.module, method, level))
+        decoder = DECODERS.get((target.module, method, level))
         if decoder is None:
             raise InvalidEvent([Problem(field="method", rule="route", message=f"{method} not allowed here")], 405)
         try:
             body = decoder.decode(raw)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise decode_problem(exc) from None
-    target = _owner_from_body(target, body)
+        if too_deep(raw):  # unknown fields are skipped by the decoder, at any depth
+            raise too_deep_problem()
+    if target.module == "cdrs":
+        target = _owner_from_body(target, body)
     op = settings.operator(target.country_code, target.party_id)
     if op is None:
         where = "$.party_id" if target.module == "cdrs" else "url.party_id"  # a CDR names its owner in the body
@@ -151,7 +183,10 @@ def validate(target: Target, method: Method, raw: bytes, settings: Settings, *, 
     warnings: list[Problem] = []
     if body is not None:
         problems += _url_problems(target, body, level) if target.module != "cdrs" else []
-        gireve, warnings = _gireve(target, body, level, op, method)
+        if level == 0 and method == "PUT" and target.module == "locations":  # the common event: one pass
+            gireve, warnings = rules.check_whole_location(body, op)
+        else:
+            gireve, warnings = _gireve(target, body, level, op, method)
         if target.module == "tariffs":
             problems += rules.check_tariff_target(body)
         if settings.ingress.profile == "strict":
@@ -214,14 +249,19 @@ _ALLOWED: dict[str, tuple[frozenset[str], int, int]] = {
 
 def parse_target(method: str, path: str, query: dict[str, str] | None = None) -> Target:
     """``locations/FR/AB1/LOC1/3256/1`` (decoded, relative to the ingress prefix) → Target, or 404/405."""
-    parts = [p for p in path.strip("/").split("/") if p]
+    parts = path.strip("/").split("/")
+    if "" in parts:
+        parts = [p for p in parts if p]
     module = parts[0] if parts else ""
     spec = _ALLOWED.get(module)
-    if spec is None or not spec[1] <= len(parts) - 1 <= spec[2]:
+    n = len(parts) - 1
+    if spec is None or not spec[1] <= n <= spec[2]:
         raise InvalidEvent([Problem(field="url", rule="route", message=f"no such route: /{path.strip('/')}")], 404)
     if method not in spec[0]:
         allowed = ", ".join(sorted(spec[0]))
         raise InvalidEvent([Problem(field="method", rule="route", message=f"{method} not allowed; use {allowed}")], 405)
+    if n == 3 and not query:  # the common case: an object, no query
+        return Target(module, parts[1], parts[2], parts[3])  # type: ignore[arg-type]  # checked against _ALLOWED
     ids: list[str | None] = [*parts[1:], None, None, None, None, None][:5]
     q = query or {}
     return Target(

@@ -88,6 +88,9 @@ def make_settings(redis_url: str, tmp_path: Path) -> Callable[..., Settings]:
             "RELAY_STORAGE_DIR": str(tmp_path / "data"),
             "RELAY_INGRESS_LISTEN": "127.0.0.1:0",
             "RELAY_OCPI_LISTEN": "127.0.0.1:0",
+            # The peers of the tests (fake IOP, OCPI peer, CSMS) are http on 127.0.0.1: tests of the
+            # outbound policy itself set it back to "false".
+            "RELAY_OCPI_ALLOW_INSECURE_URLS": "true",
         }
         base.update(env)
         return load(REPO / "config" / "relay.toml", env=base)

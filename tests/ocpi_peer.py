@@ -332,6 +332,7 @@ async def cli(settings: Settings, *args: str, **env: str) -> Result:
         "RELAY_OPERATORS_JSON": json.dumps([{"country_code": o.country_code, "party_id": o.party_id,
                                              "emi3_id": o.emi3_id, "name": o.name} for o in settings.operators]),
         "RELAY_OCPI_PUBLIC_URL": settings.ocpi.public_url,
+        "RELAY_OCPI_ALLOW_INSECURE_URLS": str(settings.ocpi.allow_insecure_urls).lower(),
     }  # fmt: skip
     base.update(env)
     return await asyncio.to_thread(CliRunner().invoke, main, list(args), env=base)

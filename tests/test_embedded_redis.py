@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,12 +23,16 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from relay.config import Settings
-from relay.embedded_redis import EmbeddedRedis
+from relay.credentials import Registration, Registry, digest, registration_codec
+from relay.embedded_redis import DataDirBusy, EmbeddedRedis, EmbeddedRedisFailed
 from relay.events import decode
 from relay.ingress import create_app
-from relay.store import Store, connect
+from relay.store import RegistrationStore, Store, connect
+from relay.store import keys as K
 from relay.typedefs import Health
 from tests.conftest import AUTH, example, gireve_location
+from tests.ocpi_peer import cli
+from tests.waiting import wait_until
 
 P = "/ingress/2.2.1"
 STAMP = "2024-06-01T12:00:00Z"
@@ -171,7 +178,7 @@ def _block_aof_dir(data_dir: Path) -> None:
 async def test_start_reports_a_server_that_cannot_start(data_dir: Path) -> None:
     _block_aof_dir(data_dir)
     srv = EmbeddedRedis(data_dir)
-    with pytest.raises(RuntimeError, match=r"(?s)embedded redis exited with 1: .*append-only dir"):
+    with pytest.raises(EmbeddedRedisFailed, match=r"^embedded redis exited with 1: [^\n]*append-only dir[^\n]*$"):
         await srv.start(timeout_s=10)
     await srv.stop()
 
@@ -264,3 +271,151 @@ async def test_restart_after_sigkill_keeps_stream_order(server: EmbeddedRedis, r
     finally:
         await fresh.close()
     assert [ev.correlation_id for ev in evs] == [f"c{i}" for i in range(len(statuses))]
+
+
+# --- the data directory: one relay at a time, nothing readable by others, no token in clear (issue 14) -------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def _tree(top: Path) -> list[Path]:
+    return [top, *top.rglob("*")]
+
+
+def _aof_bytes(srv: EmbeddedRedis) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted((srv.dir / "appendonlydir").iterdir()) if p.is_file())
+
+
+async def test_a_second_server_on_a_data_dir_in_use_is_refused_and_signals_nothing(
+    server: EmbeddedRedis, data_dir: Path
+) -> None:
+    """Finding 8: a second start took the running server for a stale one and killed it."""
+    assert server.proc is not None
+    pid = server.proc.pid
+    other = EmbeddedRedis(data_dir)
+    busy = rf"^another relay is running on data dir {re.escape(str(server.dir))} \(pid {os.getpid()}\)$"
+    with pytest.raises(DataDirBusy, match=busy):
+        await other.start()
+    await other.stop()  # harmless: it holds nothing
+    assert server.proc is not None and server.proc.poll() is None and await server.answers()
+    assert (data_dir / "redis.pid").read_text().strip() == str(pid)
+
+
+async def test_the_lock_goes_with_the_relay_and_a_server_it_left_is_stale(data_dir: Path) -> None:
+    first = EmbeddedRedis(data_dir)
+    await first.start()
+    await first.stop()
+    second = EmbeddedRedis(data_dir)
+    await second.start()  # the lock was let go
+    # The relay holding the lock dies without taking its server along (no PDEATHSIG on that platform):
+    left = second.proc
+    assert left is not None
+    second.unlock()
+    second.proc = None
+    third = EmbeddedRedis(data_dir)
+    try:
+        await third.start()  # the lock is free: the server found there is stale, and stopped
+        assert left.wait(timeout=10) == 0 and third.proc is not None and await third.answers()
+    finally:
+        if left.stderr:
+            left.stderr.close()
+        await third.stop()
+
+
+async def test_the_data_dir_and_everything_in_it_are_private(data_dir: Path) -> None:
+    """Finding 9: the data directory was 755 and the AOF 644; an older version's files are tightened too."""
+    srv = EmbeddedRedis(data_dir)
+    await srv.start()
+    await srv.stop()
+    for path in _tree(data_dir):  # as an older version (umask 022) left them
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    await srv.start()
+    try:
+        client = aioredis.Redis.from_url(srv.url)  # the socket still works for the relay's own user
+        try:
+            assert await client.set("k", "v") and await client.get("k") == b"v"
+        finally:
+            await client.aclose()
+        assert _mode(data_dir) == 0o700
+        found = {p.name for p in _tree(data_dir)}
+        assert {"appendonlydir", "redis.log", "redis.pid", "redis.sock", "relay.lock"} <= found, found
+        assert any(name.endswith(".aof") for name in found), found
+        for path in _tree(data_dir):
+            if path.is_socket():
+                assert _mode(path) & 0o077 == 0, path
+            else:
+                assert _mode(path) == (0o700 if path.is_dir() else 0o600), (path, oct(_mode(path)))
+    finally:
+        await srv.stop()
+
+
+def _registration(incoming: str, outgoing: str) -> Registration:
+    return Registration(state="registered", direction="from_iop", incoming_token=incoming, outgoing_token=outgoing,
+                        versions_url="https://hub.example/ocpi/versions", version_url="https://hub.example/ocpi/2.2.1",
+                        endpoints=[], registered_at=1.0, updated_at=1.0)  # fmt: skip
+
+
+async def test_tokens_the_relay_only_compares_are_never_on_disk_in_clear(
+    server: EmbeddedRedis, make_settings: Callable[..., Settings]
+) -> None:
+    """Finding 9: token A was in clear in the AOF (and the incoming token C with it)."""
+    settings = make_settings(RELAY_REDIS_URL=server.url)
+    store = Store(connect(server.url, settings.redis), settings.redis)
+    try:
+        registry = Registry(settings, RegistrationStore(store))
+        token_a, token_c, hub_token = (f"{n}-{secrets.token_urlsafe(24)}" for n in ("A", "C", "B"))
+        await registry.store.set_token_a(token_a)
+        await registry.refresh()
+        assert registry.role_of(token_a) == "token_a" and registry.role_of(token_c) is None
+        await registry.save(_registration(token_c, hub_token))  # as a Register – FromIOP stores it
+        assert registry.role_of(token_c) == "registered" and registry.role_of(hub_token) is None
+        aof = _aof_bytes(server)  # appendfsync always: on disk once answered
+        assert token_a.encode() not in aof and token_c.encode() not in aof
+        assert digest(token_a).encode() in aof and digest(token_c).encode() in aof
+        assert hub_token.encode() in aof  # the token the relay sends has to stay readable
+    finally:
+        await store.close()
+
+
+async def test_clear_tokens_of_an_older_version_are_hashed_and_leave_the_aof(
+    server: EmbeddedRedis, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(RELAY_REDIS_URL=server.url)
+    store = Store(connect(server.url, settings.redis), settings.redis)
+    try:
+        old_a, old_c, hub_token = (f"{n}-{secrets.token_urlsafe(24)}" for n in ("A", "C", "B"))
+        await store.redis.set(K.TOKEN_A_KEY, old_a)  # as an older version stored them
+        await store.redis.set(K.REGISTRATION_KEY, registration_codec[0].encode(_registration(old_c, hub_token)))
+        registry = Registry(settings, RegistrationStore(store))
+        await registry.refresh()
+        assert registry.role_of(old_c) == "registered" and registry.role_of(old_a) == "token_a"  # before, too
+        assert await registry.hash_stored_tokens() is True
+        assert await store.redis.get(K.TOKEN_A_KEY) == digest(old_a).encode()
+        reg = registry.registration
+        assert reg is not None and (reg.incoming_token, reg.outgoing_token) == (digest(old_c), hub_token)
+        assert registry.role_of(old_c) == "registered" and registry.role_of(old_a) == "token_a"
+        assert await registry.hash_stored_tokens() is False  # once
+
+        def rewritten() -> bool:  # the server rewrote its AOF: the clear values are gone from the disk
+            aof = _aof_bytes(server)
+            return old_a.encode() not in aof and old_c.encode() not in aof
+
+        await wait_until(rewritten, 15, "the AOF rewrite")
+    finally:
+        await store.close()
+
+
+async def test_register_from_iop_shows_token_a_once_and_keeps_only_its_digest(
+    make_settings: Callable[..., Settings], redis_url: str
+) -> None:
+    res = await cli(make_settings(), "register", "--from-iop", RELAY_OCPI_PUBLIC_URL="https://ocpi.cpo.example/ocpi")
+    assert res.exit_code == 0, res.output
+    [token] = [line.split(":", 1)[1].strip() for line in res.stdout.splitlines() if line.startswith("token A:")]
+    assert "cannot be read back" in res.stdout
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await client.get(K.TOKEN_A_KEY) == digest(token).encode()
+    finally:
+        await client.aclose()

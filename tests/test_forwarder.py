@@ -367,6 +367,53 @@ async def test_permanent_failure_dead_letters_and_the_key_continues(make_env: Ca
     assert raw >= 1
 
 
+async def test_an_event_the_http_client_refuses_is_dead_lettered_and_the_link_stays_up(
+    make_env: Callable[..., Any],
+) -> None:
+    # Events no request can carry, as an earlier ingress accepted them (the ingress refuses both now):
+    # an X-Correlation-ID with CR LF (aiohttp: "forbidden control character"), and an id ".." that
+    # would address another object (PUT /locations/FR/). Each is refused before anything is sent:
+    # dead-lettered at once, the link untouched, and the object's later updates go on.
+    env: Env = await make_env(RELAY_FORWARDER_LINK_FAILURE_THRESHOLD="1")
+    body = msgspec.json.encode(gireve_location("B1", name="1"))
+    event = validate(parse_target("PUT", "locations/FR/AB1/B1"), "PUT", body, env.settings).event
+    bad = msgspec.structs.replace(event, correlation_id="corr\r\nX-Injected: 1")
+    await env.store.append(bad)
+    dots = msgspec.structs.replace(bad, id=bad.id[:-1] + "f", object_id="..", key=location_key("FR", "AB1", ".."),
+                                   correlation_id="")  # fmt: skip
+    await env.store.append(dots)
+    await env.put_loc("B1", 2)
+    await env.iop.wait_for(lambda: env.seqs("B1") == [2], timeout=10)
+    await until_async(env.all_streams_empty)
+    assert env.relay.link.state == "up"
+    assert env.iop.paths() == [LOC_PREFIX + "B1"]  # nothing else reached the IOP
+    dead = sorted(await env.dead(), key=lambda d: d.event.object_id)
+    assert [d.event.object_id for d in dead] == ["..", "B1"]
+    for d in dead:
+        assert d.info["kind"] == "permanent" and d.info["attempts"] == 1, d.info
+        assert d.info["http_status"] is None and "refused by the HTTP client" in d.info["reason"], d.info
+    assert "control character" in dead[1].info["reason"]
+
+
+async def test_ids_reach_the_iop_percent_encoded_as_one_path_segment(make_env: Callable[..., Any]) -> None:
+    # "?" and "#" are printable ASCII, so valid in an OCPI CiString id: the IOP must see them in the
+    # id, not as a query or a fragment; "%" must not be taken as an escape.
+    env: Env = await make_env()
+    # The single route: the CSMS escapes them in its URL.
+    await env.send("PUT", "/locations/FR/AB1/LOCX%3Fa%3D1", gireve_location("LOCX?a=1", name="1"))
+    batch = {"operations": [
+        {"method": "PUT", "path": f"/ingress/2.2.1/locations/FR/AB1/{i}", "body": gireve_location(i, name="1")}
+        for i in ("LOCY#frag", "LOC%2F1", "LOC+1")
+    ]}  # fmt: skip
+    async with env.http.post(env.base + "/batch", json=batch, headers=AUTH) as r:
+        answer = await r.json()
+        assert [x["status"] for x in answer["data"]["results"]] == [202] * 3, answer
+    ids = ["LOCX?a=1", "LOCY#frag", "LOC%2F1", "LOC+1"]
+    await env.iop.wait_for(lambda: len(env.iop.delivered()) == 4)
+    assert sorted(env.iop.paths("PUT")) == sorted(LOC_PREFIX + i for i in ids)
+    assert all(r.json()["id"] in ids for r in env.iop.received)
+
+
 @pytest.mark.parametrize(
     "how",
     [{"RELAY_FORWARDER_ON_PERMANENT": "park"}, {"RELAY_FORWARDER_PARK_MODULES": "locations"}],

@@ -17,8 +17,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from relay import constants as H
 from relay.config import MODULES, Settings
+from relay.errors import Problem
 from relay.events import Event, decode
 from relay.ingress import create_app
+from relay.ingress.responses import accepted, accepted_event
 from relay.ordering import cdr_key, location_key, session_key, shard_of, tariff_key
 from relay.store import Store, connect
 from relay.store import keys as K
@@ -1059,3 +1061,19 @@ async def test_envelope_fields(ingress: Client, store: Store) -> None:
     assert ev.url_path() == "/FR/AB1/LOC1/3256"
     assert len(ev.id) == 28 and ev.id == answer["data"]["event_id"]
     assert ev.received_at > 0
+
+
+@pytest.mark.parametrize("unknown_object", [False, True])
+@pytest.mark.parametrize("warnings", [None, [Problem(field="$.a", rule="r", message='say "x"')]])
+def test_the_pre_encoded_answer_is_the_envelope_byte_for_byte(warnings: list[Problem] | None,
+                                                               unknown_object: bool) -> None:  # fmt: skip
+    data: dict[str, Any] = {"event_id": "01a2431c802275736b1bed96628f", "warnings": warnings}
+    if unknown_object:
+        data["unknown_object"] = True
+    fast = accepted_event("01a2431c802275736b1bed96628f", warnings, unknown_object)
+    slow = accepted(data)
+    assert (fast.status, fast.content_type) == (slow.status, slow.content_type) == (202, "application/json")
+    assert isinstance(fast.body, bytes) and isinstance(slow.body, bytes)
+    stamp = b'"timestamp":"'
+    assert fast.body.split(stamp)[0] == slow.body.split(stamp)[0]
+    assert fast.body.split(stamp)[1][21:] == slow.body.split(stamp)[1][21:]  # after the (second-precision) stamp

@@ -1,14 +1,16 @@
-"""The ingress token middleware: which routes need the CSMS's token, and what a refusal looks like."""
+"""The ingress token check: which routes need the CSMS's token, and what a refusal looks like."""
 
 from __future__ import annotations
 
 from typing import Any, cast
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from relay.config import Settings
 from relay.ingress import create_app
+from relay.ingress.auth import TokenCheck, authorised
 from relay.ingress.roaming import RoamingDeps
 from relay.store import Store
 from relay.typedefs import Health
@@ -73,5 +75,43 @@ async def test_only_the_event_route_counts_a_401_as_a_refused_event(client: Test
     for method, path in PROTECTED:
         assert (await client.request(method, path, data=b"{}")).status == 401
     # What the catch-all event route took: both locations requests, GET batch and the bare prefix.
-    # POST batch and the roaming routes are not single events: not counted, as before the middleware.
+    # POST batch and the roaming routes are not single events: not counted.
     assert await refused_auth(client) - before == 4
+
+
+async def test_unrouted_requests_answer_in_the_json_shape_of_refusals(client: TestClient[Any, Any]) -> None:
+    for method, path, status, reason in [("GET", "/nowhere", 404, "Not Found"),
+                                         ("POST", "/healthz", 405, "Method Not Allowed")]:  # fmt: skip
+        resp = await client.request(method, path)
+        assert (resp.status, resp.content_type) == (status, "application/json")
+        answer = await resp.json()
+        assert answer["status_code"] == 2001
+        assert answer["errors"] == [{"field": "url", "rule": "route", "message": reason}]
+
+
+def test_a_route_under_the_prefix_that_skips_the_check_stops_the_app(settings: Settings) -> None:
+    check = TokenCheck(settings.ingress)
+
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response()
+
+    async def unchecked(_: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get(f"{P}/checked", check.checks(handler))
+    app.router.add_get(f"{P}/guarded", check.guard(unchecked))
+    app.router.add_get("/open", unchecked)  # outside the prefix: open by design
+    check.verify(app, P)
+    app.router.add_get(f"{P}/forgotten", unchecked)
+    with pytest.raises(RuntimeError, match="forgotten"):
+        check.verify(app, P)
+
+
+def test_tokens_follow_the_setting(settings: Settings) -> None:
+    check = TokenCheck(settings.ingress)
+    assert check.tokens() == (b"test-ingress-token",)
+    settings.ingress.token = "a, b"
+    assert check.tokens() == (b"a", b"b")
+    assert authorised("Bearer b", check.tokens()) and authorised("token a", check.tokens())
+    assert not authorised("Bearer a, b", check.tokens()) and not authorised("Bearer", check.tokens())

@@ -156,3 +156,23 @@ async def test_not_configured_without_url_or_token() -> None:
                 await c.send(event("locations", "PUT", "LOC1"))
         finally:
             await c.close()
+
+
+ODD_IDS = ["LOCX?a=1", "LOCY#frag", "a b", "100%", "%2F", "L.1", "é", "..x"]
+
+
+@pytest.mark.parametrize("odd", ODD_IDS)
+async def test_each_id_is_one_percent_encoded_segment(iop: FakeIop, client: OcpiClient, odd: str) -> None:
+    ev = event("locations", "PATCH", odd, evse=odd, conn=odd)
+    reply = await client.send(ev)
+    assert reply.status == 200
+    [got] = iop.received
+    assert got.path == f"/ocpi/2.2.1/locations/FR/AB1/{odd}/{odd}/{odd}"  # as the receiver decodes it
+
+
+@pytest.mark.parametrize("dots", [".", ".."])
+async def test_an_id_that_is_a_dot_segment_is_never_sent(iop: FakeIop, client: OcpiClient, dots: str) -> None:
+    for ev in (event("locations", "PUT", dots), event("locations", "PATCH", "LOC1", evse=dots)):
+        with pytest.raises(ValueError, match="cannot be sent"):
+            await client.send(ev)
+    assert iop.received == []

@@ -160,8 +160,27 @@ EXCEPTIONS: list[tuple[str, BaseException]] = [
 def test_exceptions_are_transient_link_failures(exc: BaseException) -> None:
     out = classify(None, exc=exc)
     assert out.kind is Kind.TRANSIENT
-    assert out.link is True
+    assert out.link is True and out.unsent is False
     assert out.http_status is None
+
+
+# The HTTP library refusing to build the request (a header value with a control character, a URL it
+# cannot parse): nothing reached the IOP, and retrying the same event cannot succeed.
+REFUSED: list[tuple[str, BaseException]] = [
+    ("header with a control character", ValueError("Forbidden control character detected in headers.")),
+    ("header not encodable", UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")),
+    ("invalid url", aiohttp.InvalidURL("http://[::1/x")),
+    ("id that cannot be a path segment", ValueError("'..' cannot be a URL path segment")),
+]
+
+
+@pytest.mark.parametrize("exc", [e for _, e in REFUSED], ids=[n for n, _ in REFUSED])
+def test_a_request_the_client_refuses_is_permanent_and_not_a_link_failure(exc: BaseException) -> None:
+    out = classify(None, exc=exc)
+    assert out.kind is Kind.PERMANENT
+    assert out.link is False and out.unsent is True
+    assert out.http_status is None
+    assert "refused by the HTTP client" in out.reason and str(exc) in out.reason
 
 
 async def test_dns_error_from_a_real_lookup_is_transient() -> None:

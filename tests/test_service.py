@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from relay.embedded_redis import EmbeddedRedis
 from tests.conftest import REPO, gireve_location
 from tests.waiting import wait_until
 
@@ -75,7 +76,7 @@ class Served:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, **extra_env: str) -> None:
+    def start(self, config: Path = SHIPPED, **extra_env: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         env.update(
             RELAY_STORAGE_DIR=str(self.data_dir),
@@ -89,7 +90,7 @@ class Served:
         self.env = env
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", "serve", "--config", str(SHIPPED)],
+                [sys.executable, "-m", "relay", "serve", "--config", str(config)],
                 env=env,
                 cwd=self.data_dir.parent,
                 stdin=subprocess.DEVNULL,
@@ -151,16 +152,22 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def peek(srv: Served, module: str) -> str:
-    """``relay peek`` on the data directory (starts the embedded server itself when none runs)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "relay", "peek", module, "--count", "100", "--config", str(SHIPPED)],
-        env={**srv.env, "RELAY_LOG_LEVEL": "warning"},
-        cwd=srv.data_dir.parent,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+async def peek(srv: Served, module: str) -> str:
+    """``relay peek`` on the data directory of a stopped relay: its server started here, as a restart would."""
+    server = EmbeddedRedis(srv.data_dir)
+    await server.start()
+    try:
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "relay", "peek", module, "--count", "100", "--config", str(SHIPPED)],
+            env={**srv.env, "RELAY_LOG_LEVEL": "warning"},
+            cwd=srv.data_dir.parent,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        await server.stop()
     assert out.returncode == 0, out.stderr.decode()
     return out.stdout.decode()
 
@@ -281,7 +288,7 @@ async def test_serve_accepts_then_stops_gracefully_on_sigterm(served: Served, ht
     assert SECRET not in served.log()
 
     # a fresh start on the same directory still has every accepted event
-    listing = peek(served, "locations")
+    listing = await peek(served, "locations")
     assert event_ids_of(listing)[0] == event_ids[0]
     assert sorted(event_ids_of(listing)) == sorted(event_ids)
     assert all("key=loc:FR:AB1:LOC1" in line for line in listing.splitlines() if "event_id=" in line)
@@ -308,7 +315,7 @@ async def test_sigterm_during_a_body_upload_never_acks_without_storing(
         status, payload = 0, None
         await close(writer)
     assert await served.wait_exit(15) == 0, served.log()
-    stored = event_ids_of(peek(served, "locations"))
+    stored = event_ids_of(await peek(served, "locations"))
     if status == 202:
         assert stored == [payload["data"]["event_id"]]
     else:
@@ -338,7 +345,7 @@ async def test_kill_9_of_the_relay_loses_nothing_and_takes_its_server_down(
         assert (await resp.json())["persistence"] == {"appendonly": "yes", "appendfsync": "always"}
     served.proc.send_signal(signal.SIGTERM)
     assert await served.wait_exit(15) == 0, served.log()
-    assert sorted(event_ids_of(peek(served, "locations"))) == sorted(event_ids)
+    assert sorted(event_ids_of(await peek(served, "locations"))) == sorted(event_ids)
     assert len([e for e in served.log_events() if e.get("event") == "relay_started"]) == 2  # one per start
 
 
@@ -387,3 +394,158 @@ def test_serve_tunes_the_cyclic_gc_for_a_large_live_heap(monkeypatch: pytest.Mon
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+# --- one relay per data directory, its server watched, found from anywhere, clear failures (issue 14) ----------
+
+Completed = subprocess.CompletedProcess[str]
+
+
+def relay_cli(args: list[str], env: dict[str, str], cwd: Path, timeout_s: float = 60) -> Completed:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s,
+        check=False,
+    )  # fmt: skip
+
+
+def not_logs(stderr: str) -> list[str]:
+    """The lines of stderr that are not JSON log lines: what the command itself says."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("{")]
+
+
+async def test_a_second_serve_on_the_same_data_dir_refuses_and_signals_nothing(
+    served: Served, http: aiohttp.ClientSession
+) -> None:
+    """Finding 8: the second relay took the first one's server for a stale one and killed it."""
+    served.start()
+    await served.ready(http)
+    assert served.proc is not None
+    redis_pid = int((served.data_dir / "redis.pid").read_text())
+    env = {**served.env, "RELAY_INGRESS_LISTEN": f"127.0.0.1:{free_port()}"}
+    second = await asyncio.to_thread(relay_cli, ["serve", "--config", str(SHIPPED)], env, served.data_dir.parent, 30)
+    assert second.returncode == 1, second.stderr
+    assert not_logs(second.stderr) == [
+        f"cannot start: another relay is running on data dir {served.data_dir.resolve()} (pid {served.proc.pid})"
+    ]
+    assert servers_on(served.data_dir) == [redis_pid]  # the first relay's server, untouched
+    async with http.put(f"{served.base}{LOC_PATH}", data=(REPO / "examples" / "location.json").read_bytes()) as r:
+        assert r.status == 202, await r.text()
+    async with http.get(f"{served.base}/healthz") as r:
+        assert r.status == 200
+
+
+async def test_the_relay_restarts_its_embedded_server_when_it_dies(served: Served, http: aiohttp.ClientSession) -> None:
+    """Finding 8: a relay whose server had gone answered /healthz 200 and never stored anything again."""
+    served.start()
+    await served.ready(http)
+    body = (REPO / "examples" / "location.json").read_bytes()
+    ids = []
+    async with http.put(f"{served.base}{LOC_PATH}", data=body) as r:
+        ids.append((await r.json())["data"]["event_id"])
+    redis_pid = int((served.data_dir / "redis.pid").read_text())
+    os.kill(redis_pid, signal.SIGKILL)
+
+    def restarted() -> bool:
+        with suppress(OSError, ValueError):
+            pid = int((served.data_dir / "redis.pid").read_text())
+            return pid != redis_pid and alive(pid)
+        return False
+
+    await wait_until(restarted, 15, lambda: f"a new embedded server; the log:\n{served.log()}")
+    await served.ready(http)
+    async with http.put(f"{served.base}{LOC_PATH}", data=body) as r:
+        assert r.status == 202, await r.text()
+        ids.append((await r.json())["data"]["event_id"])
+    async with http.get(f"{served.base}/healthz") as r:
+        assert r.status == 200
+    events = [e.get("event") for e in served.log_events()]
+    assert "embedded_redis_exited" in events and "embedded_redis_restarted" in events
+    assert served.proc is not None
+    served.proc.send_signal(signal.SIGTERM)
+    assert await served.wait_exit(15) == 0, served.log()
+    assert sorted(event_ids_of(await peek(served, "locations"))) == sorted(ids)  # the AOF kept the first one
+
+
+async def test_the_relay_exits_3_when_its_embedded_server_cannot_be_restarted(
+    served: Served, http: aiohttp.ClientSession
+) -> None:
+    """Finding 8: never /healthz 200 while it cannot store; a bounded number of restarts, then exit 3."""
+    served.start()
+    await served.ready(http)
+    redis_pid = int((served.data_dir / "redis.pid").read_text())
+    aof = served.data_dir / "appendonlydir"
+    aof.rename(served.data_dir / "appendonlydir.moved")
+    aof.write_text("a file where the server needs its AOF directory")
+    os.kill(redis_pid, signal.SIGKILL)
+
+    async def healthz_down() -> bool:
+        with suppress(aiohttp.ClientError):
+            async with http.get(f"{served.base}/healthz") as r:
+                return r.status == 503 and (await r.json())["status"] == "storage_down"
+        return False
+
+    await wait_until(healthz_down, 10, "/healthz 503 while the embedded server is down")
+    assert await served.wait_exit(60) == 3, served.log()
+    assert not_logs(served.log())[-1].startswith("stopped: the embedded server kept stopping"), served.log()
+    assert "Traceback" not in served.log()
+    assert servers_on(served.data_dir) == []
+
+
+async def test_cli_verbs_find_the_running_relay_from_any_directory(served: Served, http: aiohttp.ClientSession) -> None:
+    """Finding 8: run from another directory, `relay peek` started an empty server there and showed nothing."""
+    config = served.data_dir.parent / "relay.toml"
+    config.write_text(SHIPPED.read_text())
+    served.start(config=config, RELAY_STORAGE_DIR="data")  # relative: to the config file's directory
+    await served.ready(http)
+    async with http.put(f"{served.base}{LOC_PATH}", data=(REPO / "examples" / "location.json").read_bytes()) as r:
+        event_id = (await r.json())["data"]["event_id"]
+    elsewhere = served.data_dir.parent / "elsewhere"
+    elsewhere.mkdir()
+    env = {**served.env, "RELAY_LOG_LEVEL": "warning"}
+    out = await asyncio.to_thread(relay_cli, ["peek", "locations", "--config", str(config)], env, elsewhere)
+    assert out.returncode == 0, out.stderr
+    assert event_ids_of(out.stdout) == [event_id]
+    assert list(elsewhere.iterdir()) == []  # no server, no data directory of its own
+
+
+def test_cli_verbs_without_a_running_relay_say_so_and_start_nothing(tmp_path: Path) -> None:
+    """Finding 8: with no relay running, a CLI verb started an empty server and reported 0 queued."""
+    top = Path(tempfile.mkdtemp(prefix="relay-c-", dir="/tmp"))  # short: unix socket paths are limited
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        env.update(RELAY_STORAGE_DIR=str(top / "data"), RELAY_LOG_LEVEL="warning")
+        for args in (["peek", "locations"], ["status"], ["dlq", "list"]):
+            out = relay_cli([*args, "--config", str(SHIPPED)], env, top)
+            assert out.returncode == 3, (args, out.stdout, out.stderr)
+            [line] = not_logs(out.stderr)
+            assert line.startswith(f"no relay is running on data dir {(top / 'data').resolve()} "), line
+            assert not (top / "data" / "appendonlydir").exists() and servers_on(top / "data") == []
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_serve_and_cli_with_redis_unreachable_say_so_in_one_line_and_exit_3(served: Served) -> None:
+    """Finding 9: `relay serve` with an unreachable Redis printed a traceback (or blamed the listen addresses)."""
+    port = free_port()  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(RELAY_REDIS_URL=f"redis://:pa55-s3cret@127.0.0.1:{port}/0", RELAY_INGRESS_TOKEN=SECRET,
+               RELAY_INGRESS_LISTEN="127.0.0.1:0", RELAY_OCPI_LISTEN="127.0.0.1:0",
+               RELAY_LOG_LEVEL="warning")  # fmt: skip
+    for args in (["serve"], ["status"], ["peek", "locations"]):
+        out = relay_cli([*args, "--config", str(SHIPPED)], env, REPO, 60)
+        assert out.returncode == 3, (args, out.stderr)
+        [line] = not_logs(out.stderr)
+        prefix = "cannot start: Redis unreachable" if args == ["serve"] else "Redis unreachable"
+        assert line.startswith(f"{prefix} (redis.url redis://:[redacted]@127.0.0.1:{port}/0): "), line
+        assert "pa55-s3cret" not in out.stderr + out.stdout
+
+    # The embedded server failing to start (here: a file where its AOF directory goes) is the same failure.
+    served.data_dir.mkdir(parents=True)
+    (served.data_dir / "appendonlydir").write_text("not a directory")
+    env.update(RELAY_REDIS_URL="", RELAY_STORAGE_DIR=str(served.data_dir))
+    out = relay_cli(["serve", "--config", str(SHIPPED)], env, REPO, 60)
+    assert out.returncode == 3, out.stderr
+    [line] = not_logs(out.stderr)
+    where = f"embedded server of data dir {served.data_dir.resolve()}"
+    assert line.startswith(f"cannot start: Redis unreachable ({where}): embedded redis exited with 1: "), line
+    assert "append-only dir" in line and "Traceback" not in out.stderr

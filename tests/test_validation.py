@@ -240,6 +240,44 @@ def test_tariff_mismatch_warnings_name_each_differing_connector() -> None:
     ]
 
 
+def _variant(change: str) -> models.Location:
+    """The example Location broken (or not) in one way, for the whole-Location fast path."""
+    doc = gireve_location()
+    evse, conn = doc["evses"][0], doc["evses"][0]["connectors"][0]
+    if change == "no owner":
+        del doc["owner"]
+    elif change == "no evses":
+        del doc["evses"]
+    elif change == "empty evses":
+        doc["evses"] = []
+    elif change == "foreign evse_id":
+        evse["evse_id"] = "FR*XYZ*E1"
+    elif change == "lower-case evse_id":
+        evse["evse_id"] = evse["evse_id"].lower()  # passes, by the slow path's case-insensitive test
+    elif change == "no evse_id":
+        del evse["evse_id"]
+    elif change == "no capabilities":
+        del evse["capabilities"]
+    elif change == "no tariff_ids":
+        del conn["tariff_ids"]
+    elif change == "same tariff_ids":
+        for c in evse["connectors"]:
+            c["tariff_ids"] = conn["tariff_ids"]
+    elif change == "three differing":
+        evse["connectors"] = [{**conn, "id": str(i), "tariff_ids": [f"T{i}"]} for i in range(3)]
+    return msgspec.json.decode(enc(doc), type=models.Location)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["none", "no owner", "no evses", "empty evses", "foreign evse_id", "lower-case evse_id", "no evse_id",
+     "no capabilities", "no tariff_ids", "same tariff_ids", "three differing"],
+)  # fmt: skip
+def test_check_whole_location_is_check_location_and_location_warnings(change: str) -> None:
+    loc = _variant(change)
+    assert rules.check_whole_location(loc, OP) == (rules.check_location(loc, OP), rules.location_warnings(loc))
+
+
 @pytest.mark.parametrize(
     ("cc", "pid", "problem"),
     [

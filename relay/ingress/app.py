@@ -1,27 +1,32 @@
-"""create_app(): the ingress application (CSMS events, batch, health, metrics)."""
+"""create_app(): the ingress application (CSMS events, batch, health, metrics).
+
+No middleware (see auth.py): the routes under the prefix check the token themselves, through the one
+``TokenCheck``, and what no route takes answers 404/405 in the JSON shape of refusals from a last
+catch-all route. The event and batch handlers are the hot path: what they read on every request is bound
+once (``_Events``), the answer of a single event is pre-encoded around its id and warnings
+(``responses.accepted_event``), and their counters are plain numbers (``metrics.HotCounter``).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from relay import metrics
+from relay import logs, metrics
 from relay.config import Settings
 from relay.constants import H_CORRELATION
 from relay.errors import InvalidEvent, Problem, StoreUnavailable
-from relay.events import Method
 from relay.ingest import Ingest, Ingested
 from relay.ingress import roaming as roaming_routes
-from relay.ingress.auth import token_required
-from relay.ingress.responses import Answer, accepted, json_response, now_iso, refused, unavailable
+from relay.ingress.auth import TokenCheck
+from relay.ingress.responses import Answer, accepted_event, json_response, now_iso, refused, unavailable
 from relay.ingress.roaming import RoamingDeps
 from relay.store import Store
 from relay.typedefs import HEALTH, SETTINGS, STORE, Health
-from relay.validation import Accepted, decode_problem, parse_target, validate
+from relay.validation import Accepted, Target, decode_problem, parse_target, validate
 
 log = structlog.get_logger(__name__)
 PREFIX = "/ingress/2.2.1"
@@ -52,132 +57,184 @@ class ItemResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     errors: list[Problem] | None = None
 
 
-_batch_decoder = msgspec.json.Decoder(Batch)
+batch_decoder = msgspec.json.Decoder(Batch)  # POST /batch's body (bench/bare.py decodes with it too)
 INGEST = web.AppKey("ingest", Ingest)
 
 
+def _too_large(limit: int) -> InvalidEvent:
+    return InvalidEvent([Problem(field="body", rule="size", message=f"larger than {limit} bytes")], 413)
+
+
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise InvalidEvent([Problem(field="body", rule="size", message=f"larger than {limit} bytes")], 413)
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
     try:
-        raw = await request.read()
+        raw = await request.read() if length is not None else await _read_chunked(request, limit)
     except web.HTTPRequestEntityTooLarge:
-        raise InvalidEvent([Problem(field="body", rule="size", message=f"larger than {limit} bytes")], 413) from None
+        raise _too_large(limit) from None
     if len(raw) > limit:
-        raise InvalidEvent([Problem(field="body", rule="size", message=f"larger than {limit} bytes")], 413)
+        raise _too_large(limit)
     return raw
 
 
+async def _read_chunked(request: web.Request, limit: int) -> bytes:
+    """A body without Content-Length (or none), refused as soon as it passes ``limit``: request.read()
+    would read up to the application's client_max_size (the batch's limit) first."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _warnings(acc: Accepted, done: Ingested) -> list[Problem] | None:
-    found = acc.warnings + done.warnings
+    """The warnings of an accepted event (validation's, then the state step's), counted."""
+    found = [*acc.warnings, *done.warnings] if done.warnings else acc.warnings
+    if not found:
+        return None
+    module = acc.event.module
     for w in found:
-        metrics.child(metrics.WARNINGS, acc.event.module, w.rule).inc()
-    return found or None
+        metrics.WARNINGS.inc(module, w.rule)
+    return found
 
 
-def _accepted_data(acc: Accepted, done: Ingested) -> dict[str, Any]:
-    data: dict[str, Any] = {"event_id": acc.event.id, "warnings": _warnings(acc, done)}
-    if done.unknown_object:
-        data["unknown_object"] = True  # forwarded all the same; the relay had no state for it
-    return data
-
-
-def _operator(settings: Settings, country_code: str, party_id: str) -> str:
-    """Metrics label of an event's operator: hosted ones only (a bounded set), else ""."""
-    op = settings.operator(country_code, party_id)
-    return metrics.operator_label(op.country_code, op.party_id) if op is not None else ""
-
-
-async def handle_event(request: web.Request) -> web.Response:
-    """Any Receiver-shaped route: validate, append durably, 202 with the event id (the token checked before)."""
-    settings = request.app[SETTINGS]
-    module, operator = "unknown", ""
-    try:
-        query = dict(request.query) if request.query_string else None
-        target = parse_target(request.method, request.match_info["tail"], query)
-        module, operator = target.module, _operator(settings, target.country_code, target.party_id)
-        raw = await _read_body(request, settings.ingress.max_body_bytes)
-        method: Method = request.method  # type: ignore[assignment]  # parse_target checked it
-        acc = validate(target, method, raw, settings, correlation_id=request.headers.get(H_CORRELATION, ""))
-    except InvalidEvent as exc:
-        metrics.count_refused(module, operator, exc.status, exc.problems)
-        return refused(exc)
-    operator = metrics.operator_label(acc.event.country_code, acc.event.party_id)  # hosted: validate() checked
-    try:
-        done = await request.app[INGEST].one(acc)
-    except StoreUnavailable as exc:
-        metrics.INGRESS_STORE_ERRORS.inc()
-        log.warning("ingress_store_unavailable", error=str(exc), module=module)
-        return unavailable("event not stored: Redis unavailable, send again")
-    except InvalidEvent as exc:  # a rule that needs the stored state (tariff immutability)
-        metrics.count_refused(module, operator, exc.status, exc.problems)
-        return refused(exc)
-    metrics.child(metrics.ACCEPTED, module, operator).inc()
-    log.debug("accepted", event_id=acc.event.id, module=module, key=acc.event.key, stream_id=done.stream_id)
-    return accepted(_accepted_data(acc, done))
+def _labels(settings: Settings, target: Target | None, unknown: str) -> tuple[str, str]:
+    """Metrics labels of a refused event: its module (``unknown`` before the route is known) and its
+    operator when hosted (a bounded set), else ""."""
+    if target is None:
+        return unknown, ""
+    op = settings.operator(target.country_code, target.party_id)
+    return target.module, metrics.operator_label(op.country_code, op.party_id) if op is not None else ""
 
 
 def _batch_item(index: int, op: BatchOperation, settings: Settings) -> Accepted | ItemResult:
-    module, operator = "batch", ""
+    target = None
     try:
         target = parse_target(op.method, op.path.removeprefix(PREFIX), op.query)
-        module, operator = target.module, _operator(settings, target.country_code, target.party_id)
         return validate(target, op.method, bytes(op.body), settings, correlation_id=op.correlation_id)
     except InvalidEvent as exc:
-        metrics.count_refused(module, operator, exc.status, exc.problems)
+        metrics.count_refused(*_labels(settings, target, "batch"), exc.status, exc.problems)
         return ItemResult(index=index, status=exc.status, errors=exc.problems)
 
 
-async def handle_batch(request: web.Request) -> web.Response:
-    """Many operations in one request, each validated and stored on its own; per-item results."""
-    settings = request.app[SETTINGS]
-    try:
-        raw = await _read_body(request, settings.ingress.max_body_bytes * 64)
+class _Events:
+    """The event and batch routes, with what they use on every request bound once."""
+
+    def __init__(self, settings: Settings, ingest: Ingest, check: TokenCheck) -> None:
+        self.settings = settings
+        self.ingest = ingest
+        self.store = ingest.store
+        self.check = check
+        self.max_body = settings.ingress.max_body_bytes
+
+    async def event(self, request: web.Request) -> web.Response:
+        """Any Receiver-shaped route: the token, validate, append durably, 202 with the event id."""
+        denied = self.check.refusal(request)
+        if denied is not None:
+            metrics.count_refused("unknown", "", denied.status, denied.problems)  # a refused event, module unknown
+            return refused(denied)
+        settings = self.settings
+        method = request.method
+        target = None
         try:
-            batch = _batch_decoder.decode(raw)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise decode_problem(exc) from None
-        if len(batch.operations) > settings.ingress.max_batch_items:
-            limit = settings.ingress.max_batch_items
-            raise InvalidEvent([Problem(field="$.operations", rule="size", message=f"more than {limit} items")], 413)
-    except InvalidEvent as exc:
-        return refused(exc)
-    results: list[ItemResult] = []
-    ok: list[tuple[int, Accepted]] = []
-    for i, op in enumerate(batch.operations):
-        item = _batch_item(i, op, settings)
-        if isinstance(item, ItemResult):
-            results.append(item)
-        else:
-            ok.append((i, item))
-    stored = await request.app[INGEST].many([acc for _, acc in ok])
-    for (i, acc), outcome in zip(ok, stored, strict=True):
-        if isinstance(outcome, StoreUnavailable):
+            query = dict(request.query) if request.query_string else None
+            target = parse_target(method, request.match_info["tail"], query)
+            length, limit = request.content_length, self.max_body  # _read_body, inline: no coroutine layer
+            if length is not None and length > limit:
+                raise _too_large(limit)
+            try:  # without Content-Length (chunked), refused at the limit, not at client_max_size (64×)
+                raw = await request.read() if length is not None else await _read_chunked(request, limit)
+            except web.HTTPRequestEntityTooLarge:
+                raise _too_large(limit) from None
+            if len(raw) > limit:
+                raise _too_large(limit)
+            acc = validate(target, method, raw, settings,  # type: ignore[arg-type]  # parse_target checked it
+                           correlation_id=request.headers.get(H_CORRELATION, ""))  # fmt: skip
+        except InvalidEvent as exc:
+            metrics.count_refused(*_labels(settings, target, "unknown"), exc.status, exc.problems)
+            return refused(exc)
+        ev = acc.event
+        operator = metrics.operator_label(ev.country_code, ev.party_id)  # hosted: validate() checked
+        try:
+            write = self.ingest.unconditional(acc)  # the common PUT: committed here, without one()'s layer
+            done = Ingested(await self.store.commit(ev, write)) if write is not None else await self.ingest.one(acc)
+        except StoreUnavailable as exc:
             metrics.INGRESS_STORE_ERRORS.inc()
-            problem = Problem(field="$", rule="store", message=str(outcome))
-            results.append(ItemResult(index=i, status=503, errors=[problem]))
-        elif isinstance(outcome, InvalidEvent):
+            log.warning("ingress_store_unavailable", error=str(exc), module=ev.module)
+            return unavailable("event not stored: Redis unavailable, send again")
+        except InvalidEvent as exc:  # a rule that needs the stored state (tariff immutability)
+            metrics.count_refused(ev.module, operator, exc.status, exc.problems)
+            return refused(exc)
+        metrics.ACCEPTED.inc(ev.module, operator)
+        if logs.debug_enabled():
+            log.debug("accepted", event_id=ev.id, module=ev.module, key=ev.key, stream_id=done.stream_id)
+        return accepted_event(ev.id, _warnings(acc, done), done.unknown_object)
+
+    async def batch(self, request: web.Request) -> web.Response:
+        """Many operations in one request, each validated and stored on its own; per-item results."""
+        denied = self.check.refusal(request)
+        if denied is not None:
+            return refused(denied)  # not a single event: not counted as a refused one
+        settings = self.settings
+        try:
+            raw = await _read_body(request, self.max_body * 64)
+            try:
+                batch = batch_decoder.decode(raw)
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+                raise decode_problem(exc) from None
+            limit = settings.ingress.max_batch_items
+            if len(batch.operations) > limit:
+                problem = Problem(field="$.operations", rule="size", message=f"more than {limit} items")
+                raise InvalidEvent([problem], 413)
+        except InvalidEvent as exc:
+            return refused(exc)
+        results: list[ItemResult | None] = [None] * len(batch.operations)
+        indexes: list[int] = []
+        accs: list[Accepted] = []
+        for i, op in enumerate(batch.operations):
+            item = _batch_item(i, op, settings)
+            if isinstance(item, ItemResult):
+                results[i] = item
+            else:
+                indexes.append(i)
+                accs.append(item)
+        stored = await self.ingest.many(accs)
+        n_ok = 0
+        for i, acc, outcome in zip(indexes, accs, stored, strict=True):
             ev = acc.event
-            metrics.count_refused(ev.module, metrics.operator_label(ev.country_code, ev.party_id), outcome.status,
-                                  outcome.problems)  # fmt: skip
-            results.append(ItemResult(index=i, status=outcome.status, errors=outcome.problems))
-        else:
-            ev = acc.event
-            operator = metrics.operator_label(ev.country_code, ev.party_id)
-            metrics.child(metrics.ACCEPTED, ev.module, operator).inc()
-            results.append(ItemResult(index=i, status=202, event_id=acc.event.id, warnings=_warnings(acc, outcome),
-                                      unknown_object=outcome.unknown_object or None))  # fmt: skip
-    results.sort(key=lambda r: r.index)
-    n_ok = sum(1 for r in results if r.status == 202)
-    data = {"accepted": n_ok, "refused": len(results) - n_ok, "results": results}
-    if ok and n_ok == 0 and all(r.status in (202, 503) for r in results):
-        return unavailable("no event stored: Redis unavailable, send again")
-    answer = Answer(status_code=1000, status_message="Batch processed", timestamp=now_iso(), data=data)
-    return json_response(200, answer)
+            if isinstance(outcome, Ingested):
+                metrics.ACCEPTED.inc(ev.module, metrics.operator_label(ev.country_code, ev.party_id))
+                n_ok += 1
+                results[i] = ItemResult(index=i, status=202, event_id=ev.id, warnings=_warnings(acc, outcome),
+                                        unknown_object=outcome.unknown_object or None)  # fmt: skip
+            elif isinstance(outcome, StoreUnavailable):
+                metrics.INGRESS_STORE_ERRORS.inc()
+                problem = Problem(field="$", rule="store", message=str(outcome))
+                results[i] = ItemResult(index=i, status=503, errors=[problem])
+            else:
+                metrics.count_refused(ev.module, metrics.operator_label(ev.country_code, ev.party_id), outcome.status,
+                                      outcome.problems)  # fmt: skip
+                results[i] = ItemResult(index=i, status=outcome.status, errors=outcome.problems)
+        if accs and n_ok == 0 and all(r is not None and r.status in (202, 503) for r in results):
+            return unavailable("no event stored: Redis unavailable, send again")
+        data = {"accepted": n_ok, "refused": len(results) - n_ok, "results": results}  # every item has its result
+        answer = Answer(status_code=1000, status_message="Batch processed", timestamp=now_iso(), data=data)
+        return json_response(200, answer)
 
 
-async def handle_healthz(_: web.Request) -> web.Response:
-    """Liveness: the process serves HTTP."""
+async def handle_healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP, and its embedded server (if any) runs or is being restarted.
+
+    503 while the relay knows it cannot store (embedded server down): restarting the relay may fix that.
+    An external Redis that does not answer is /readyz's business: restarting the relay fixes nothing there.
+    """
+    down = request.app[HEALTH].storage_down
+    if down:
+        return web.json_response({"status": "storage_down", "reason": down}, status=503)
     return web.json_response({"status": "ok"})
 
 
@@ -185,7 +242,7 @@ async def handle_readyz(request: web.Request) -> web.Response:
     """Readiness: Redis answers, listeners are up, not stopping. The IOP link is reported, not required."""
     health = request.app[HEALTH]
     redis_ok = await request.app[STORE].ping()
-    ready = redis_ok and health.listeners_up and not health.stopping
+    ready = redis_ok and health.listeners_up and not health.stopping and not health.storage_down
     body = {
         "ready": ready,
         "redis": "ok" if redis_ok else "unreachable",
@@ -196,36 +253,37 @@ async def handle_readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Unknown routes and wrong methods answer in the same JSON shape as validation errors."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return refused(InvalidEvent([Problem(field="url", rule="route", message=exc.reason)], exc.status))
+async def handle_unrouted(request: web.Request) -> web.Response:
+    """The last route: what no other route takes, in the JSON shape of refusals (no token needed).
 
-
-def _count_refused_token(request: web.Request, exc: InvalidEvent) -> None:
-    """A 401 of the event route counts as a refused event (module unknown); batch and roaming 401s do not."""
-    if request.match_info.handler is handle_event:
-        metrics.count_refused("unknown", "", exc.status, exc.problems)
+    405 when a route has this path for other methods, else 404, as aiohttp's own answers would be.
+    """
+    own = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not own and (await resource.resolve(request))[1]:
+            exc: web.HTTPException = web.HTTPMethodNotAllowed(request.method, ())
+            break
+    else:
+        exc = web.HTTPNotFound()
+    return refused(InvalidEvent([Problem(field="url", rule="route", message=exc.reason)], exc.status))
 
 
 def create_app(settings: Settings, store: Store, health: Health, roaming: RoamingDeps | None = None) -> web.Application:
     """The ingress application; the caller owns the store and the runner. Routes under PREFIX need the token."""
-    middlewares = [json_errors, token_required(PREFIX, on_refused=_count_refused_token)]
-    app = web.Application(client_max_size=settings.ingress.max_body_bytes * 64, middlewares=middlewares)
+    app = web.Application(client_max_size=settings.ingress.max_body_bytes * 64)
     app[SETTINGS] = settings
     app[STORE] = store
-    app[INGEST] = Ingest(store, settings)
+    app[INGEST] = ingest = Ingest(store, settings)
     app[HEALTH] = health
-    app.router.add_post(f"{PREFIX}/batch", handle_batch)
+    check = TokenCheck(settings.ingress)
+    events = _Events(settings, ingest, check)
+    app.router.add_post(f"{PREFIX}/batch", check.checks(events.batch))
     if roaming is not None:
-        roaming_routes.setup(app, PREFIX, roaming)
-    app.router.add_route("*", PREFIX + "/{tail:.*}", handle_event)
+        roaming_routes.setup(app, PREFIX, roaming, check)
+    app.router.add_route("*", PREFIX + "/{tail:.*}", check.checks(events.event))
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", metrics.handle_metrics)
+    app.router.add_route("*", "/{path:.*}", handle_unrouted)  # last: only what nothing above took
+    check.verify(app, PREFIX)
     return app

@@ -13,8 +13,10 @@ from relay.authorize import Authorizer
 from relay.commands import Commands
 from relay.envelope import OCPI_OK, ocpi
 from relay.errors import InvalidEvent, Problem, StoreError, StoreUnavailable
+from relay.ingress.auth import TokenCheck
 from relay.ingress.responses import accepted, refused, unavailable
 from relay.store import RoamingStore
+from relay.validation import CORRELATION_PROBLEM, too_deep_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,16 +31,26 @@ class RoamingDeps:
 DEPS = web.AppKey("roaming_deps", RoamingDeps)
 
 
-def _guarded(handler: Handler) -> Handler:
-    """Redis unreachable → 503, not a bare 500 (the token is checked before, as on every ingress route)."""
+def _guarded(handler: Handler, check: TokenCheck) -> Handler:
+    """The token first, as on every ingress route; then Redis unreachable → 503, not a bare 500, and an
+    HTTP error aiohttp raises (a body over the size limit) in the JSON shape of refusals."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
+        denied = check.refusal(request)
+        if denied is not None:
+            return refused(denied)
         try:
             return await handler(request)
         except StoreError:
             return unavailable("Redis unavailable, send again")
+        except RecursionError:  # msgspec decoding JSON nested deeper than the interpreter's recursion limit
+            return refused(too_deep_problem())
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return refused(InvalidEvent([Problem(field="url", rule="route", message=exc.reason)], exc.status))
 
-    return guarded
+    return check.checks(guarded)
 
 
 async def authorize(request: web.Request) -> web.Response:
@@ -47,10 +59,12 @@ async def authorize(request: web.Request) -> web.Response:
     cc, pid = request.headers.get(K.H_FROM_CC), request.headers.get(K.H_FROM_PID)
     if cc and pid:
         named = (cc.upper(), pid.upper())
+    correlation_id = request.headers.get(K.H_CORRELATION, "")  # sent on to the IOP
     try:
+        if correlation_id and not K.header_value_ok(correlation_id):
+            raise InvalidEvent([CORRELATION_PROBLEM])
         decision = await request.app[DEPS].authorizer.authorize(
-            request.match_info["uid"], request.query.get("type", "RFID"), await request.read(), named,
-            request.headers.get(K.H_CORRELATION, ""),
+            request.match_info["uid"], request.query.get("type", "RFID"), await request.read(), named, correlation_id,
         )  # fmt: skip
     except InvalidEvent as exc:
         return refused(exc)
@@ -79,9 +93,9 @@ async def get_token(request: web.Request) -> web.Response:
     return ocpi(200, OCPI_OK, msgspec.json.decode(doc))
 
 
-def setup(app: web.Application, prefix: str, deps: RoamingDeps) -> None:
-    """Routes, registered before the catch-all event route."""
+def setup(app: web.Application, prefix: str, deps: RoamingDeps, check: TokenCheck) -> None:
+    """Routes, registered before the catch-all event route, each behind the ingress token."""
     app[DEPS] = deps
-    app.router.add_post(prefix + "/tokens/{uid}/authorize", _guarded(authorize))
-    app.router.add_get(prefix + "/tokens/{cc}/{pid}/{uid}", _guarded(get_token))
-    app.router.add_post(prefix + "/commands/{command_id}/result", _guarded(command_result))
+    app.router.add_post(prefix + "/tokens/{uid}/authorize", _guarded(authorize, check))
+    app.router.add_get(prefix + "/tokens/{cc}/{pid}/{uid}", _guarded(get_token, check))
+    app.router.add_post(prefix + "/commands/{command_id}/result", _guarded(command_result, check))

@@ -19,6 +19,9 @@ STATE = web.AppKey("ocpi_state", StateReader)
 # A context variable, not request storage: aiohttp >= 3.14 warns on plain-string request keys and
 # RequestKey does not exist before 3.14 (each request is handled in its own task, so no leaking).
 ROLE: ContextVar[Literal["registered", "token_a"] | None] = ContextVar("ocpi_token_role", default=None)
+# The request's X-Correlation-ID as answered (its X-Request-ID, or a fresh id, when absent or not a value
+# a header of ours can carry), for handlers that send it on (a command's result, the CSMS webhook).
+CORRELATION: ContextVar[str] = ContextVar("ocpi_correlation_id", default="")
 
 # (method, canonical route) that the one-time token A may call: enough to register, nothing more.
 TOKEN_A_ROUTES = {

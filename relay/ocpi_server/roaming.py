@@ -17,7 +17,7 @@ from relay.config import Settings
 from relay.csms import CsmsClient, CsmsUnavailable
 from relay.envelope import ocpi
 from relay.models.tokens import Token, TokenPatch
-from relay.ocpi_server.keys import SETTINGS
+from relay.ocpi_server.keys import CORRELATION, REGISTRY, SETTINGS
 from relay.ocpi_server.versions import announce
 from relay.store import RoamingStore
 
@@ -45,9 +45,10 @@ async def post_command(request: web.Request) -> web.Response:
     if operator is None:
         return ocpi(404, 4001, message="Unknown receiver: name a hosted operator in OCPI-to-*")
     # The correlation id the answer echoes (the request id when the IOP sent none) also goes with the result.
-    correlation_id = request.headers.get(K.H_CORRELATION) or request.headers.get(K.H_REQUEST) or ""
+    correlation_id = CORRELATION.get()  # as the middleware answers it: a value our headers can carry
+    origins = request.app[REGISTRY].directory.origins()  # where the hub's token may go: the response_url too
     reply = await request.app[COMMANDS].receive(request.match_info["command"], await request.read(), operator,
-                                                correlation_id)  # fmt: skip
+                                                correlation_id, origins=origins)  # fmt: skip
     return ocpi(reply.status, reply.code, reply.data, reply.message)
 
 
@@ -88,7 +89,7 @@ async def put_token(request: web.Request) -> web.Response:
     doc = msgspec.json.encode(token)
     await roaming.put_token(kind, uid, cc, pid, doc)
     metrics.TOKENS_RECEIVED.labels(method=request.method).inc()
-    _notify(request.app[CSMS], token, request.headers.get(K.H_CORRELATION, ""))
+    _notify(request.app[CSMS], token, CORRELATION.get())
     return ocpi(200, 1000)
 
 

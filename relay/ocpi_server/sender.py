@@ -50,11 +50,15 @@ def _ms(value: str | None, name: str) -> int | None:
         raise BadRequest(f"{name}: not an OCPI DateTime") from None
 
 
+MAX_QUERY_INT = 2**31 - 1  # offset and limit: beyond it no page exists, and Redis refuses 2^63 and more
+
+
 def _int(value: str | None, name: str, default: int) -> int:
+    """A non-negative integer in ASCII digits (not "²", "١", "+1", "1_000"), at most MAX_QUERY_INT."""
     if value is None or value == "":
         return default
-    if not value.isdigit():
-        raise BadRequest(f"{name}: not a non-negative integer")
+    if not (value.isascii() and value.isdigit()) or len(value) > 10 or int(value) > MAX_QUERY_INT:
+        raise BadRequest(f"{name}: not an integer from 0 to {MAX_QUERY_INT}")
     return int(value)
 
 

@@ -1,7 +1,14 @@
-"""RegistrationStore: the credentials handshake's durable state (the registration, the pending token A)."""
+"""RegistrationStore: the credentials handshake's durable state (the registration, the pending token A).
+
+Tokens that the relay only compares (a token A, spent or pending) are stored as their SHA-256 digest,
+never in clear: every method here takes the token and stores ``token_digest(token)``.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
+from contextlib import suppress
 from typing import cast
 
 from redis.asyncio.client import Pipeline
@@ -10,18 +17,36 @@ from relay.store import keys as K
 from relay.store import scripts
 from relay.store.connection import Part, pipelined, raises_store_errors, text
 
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def token_digest(token: str) -> str:
+    """How a token the relay only compares is kept (hex SHA-256: tokens are random, no salt needed)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def is_digest(value: str) -> bool:
+    """True for a stored digest; an older version stored tokens in clear (never 64 lowercase hex characters)."""
+    return _DIGEST.match(value) is not None
+
 
 @raises_store_errors
 class RegistrationStore(Part):
     """The credentials handshake's durable state: one JSON document and the pending token A."""
 
     async def load(self) -> tuple[bytes | None, str | None, set[str]]:
-        """(registration JSON or None, pending token A or None, digests of used A tokens)."""
+        """(registration JSON or None, the pending token A's digest or None, digests of used A tokens).
+
+        A pending token A stored in clear by an older version comes back as its digest too.
+        """
         reg, token_a, used = await pipelined(
             self.redis,
             lambda pipe: [pipe.get(K.REGISTRATION_KEY), pipe.get(K.TOKEN_A_KEY), pipe.smembers(K.TOKEN_A_USED_KEY)],
         )
-        return cast(bytes | None, reg), text(token_a) if token_a else None, {text(u) for u in used}
+        pending = text(token_a) if token_a else None
+        if pending is not None and not is_digest(pending):
+            pending = token_digest(pending)
+        return cast(bytes | None, reg), pending, {text(u) for u in used}
 
     async def save(self, registration: bytes, used_token_a_digest: str | None = None) -> None:
         """Replace the registration; a token A that was just used is retired in the same transaction."""
@@ -35,9 +60,50 @@ class RegistrationStore(Part):
         await pipelined(self.redis, queue, transaction=True)
 
     async def set_token_a(self, token: str) -> None:
-        """A new one-time token A for the next Register – FromIOP."""
-        await self.redis.set(K.TOKEN_A_KEY, token)
+        """A new one-time token A for the next Register – FromIOP (its digest: it cannot be read back)."""
+        await self.redis.set(K.TOKEN_A_KEY, token_digest(token))
+
+    async def claim_token_a(self, token: str, *, configured: bool) -> int:
+        """Spend a token A atomically as a registration starts (its digest joins the spent ones; a pending
+        token A is deleted). 0: refused (spent already, or not a token A any more); 1: the configured
+        ``[ocpi] token_a``; 2: the pending one. Concurrent callers with one token: one wins, the rest get 0."""
+        keys, args = [K.TOKEN_A_KEY, K.TOKEN_A_USED_KEY], [token_digest(token), "1" if configured else "0"]
+        return int(await scripts.run(self.redis, scripts.CLAIM_TOKEN_A, keys, args))
+
+    async def release_token_a(self, token: str, *, pending: bool) -> None:
+        """Undo ``claim_token_a`` after a handshake that failed before anything was stored: the token
+        works again (a pending one comes back only if no newer token A was made meanwhile)."""
+
+        digest = token_digest(token)
+
+        def queue(pipe: Pipeline) -> list[object]:
+            queued: list[object] = [pipe.srem(K.TOKEN_A_USED_KEY, digest)]
+            if pending:
+                queued.append(pipe.set(K.TOKEN_A_KEY, digest, nx=True))
+            return queued
+
+        await pipelined(self.redis, queue, transaction=True)
 
     async def withdraw_token_a(self, token: str, restore: str | None = None) -> bool:
-        """Take back a pending token A if it is still this one, putting ``restore`` back in its place."""
-        return bool(await scripts.run(self.redis, scripts.WITHDRAW_TOKEN_A, [K.TOKEN_A_KEY], [token, restore or ""]))
+        """Take back a pending token A if it is still this one, putting ``restore`` (a digest, as ``load()``
+        returned it) back in its place."""
+        args = [token_digest(token), restore or ""]
+        return bool(await scripts.run(self.redis, scripts.WITHDRAW_TOKEN_A, [K.TOKEN_A_KEY], args))
+
+    async def hash_clear_tokens(self, registration: bytes | None, hashed: bytes | None) -> bool:
+        """Replace what an older version stored in clear: the pending token A by its digest, and the
+        registration JSON ``registration`` by ``hashed`` (if it is still that one). True if anything changed;
+        the server is then asked to rewrite its append-only file, so that the clear values leave the disk.
+        """
+        changed = False
+        pending = await self.redis.get(K.TOKEN_A_KEY)
+        if pending and not is_digest(text(pending)):
+            args = [text(pending), token_digest(text(pending))]  # compare-and-set on the stored value
+            changed |= bool(await scripts.run(self.redis, scripts.WITHDRAW_TOKEN_A, [K.TOKEN_A_KEY], args))
+        if registration is not None and hashed is not None:
+            args2 = [registration, hashed]
+            changed |= bool(await scripts.run(self.redis, scripts.WITHDRAW_TOKEN_A, [K.REGISTRATION_KEY], args2))
+        if changed:
+            with suppress(Exception):  # a managed Redis may refuse it: the digests are stored either way
+                await self.redis.bgrewriteaof()
+        return changed

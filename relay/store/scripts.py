@@ -57,10 +57,11 @@ LEASE_RELEASE = _script("lease_release")
 REPLAY = _script("replay")
 # Registration.
 WITHDRAW_TOKEN_A = _script("withdraw_token_a")
+CLAIM_TOKEN_A = _script("claim_token_a")
 
 INGRESS = (APPEND_SESSION, APPEND_CDR, COMMIT)
 DELIVERY = (FINISH, DEAD_LETTER, LEASE_ACQUIRE, LEASE_RENEW, LEASE_RELEASE, REPLAY)
-ALL = (*INGRESS, *DELIVERY, WITHDRAW_TOKEN_A)
+ALL = (*INGRESS, *DELIVERY, WITHDRAW_TOKEN_A, CLAIM_TOKEN_A)
 
 
 async def load(client: aioredis.Redis, which: Iterable[Script]) -> None:
