@@ -98,10 +98,16 @@ class Ingest:
 
     async def _merge(self, acc: Accepted, fld: str, member: str) -> Ingested:
         ev = acc.event
-        body: dict[str, Any] = msgspec.json.decode(ev.body)
+        body: dict[str, Any] = _document(
+            ev.body, "body", "the body holds a value JSON can carry but Python cannot read"
+        )
         for _ in range(_MAX_CAS):
             version, raw = await self.store.read_state(ev.module, ev.key, fld)
-            current = msgspec.json.decode(raw) if raw is not None else None
+            current = (
+                _document(raw, "state", "the stored object cannot be read; send a PUT of the whole object")
+                if raw is not None
+                else None
+            )
             change = state.apply(ev.module, current, body, ev.method, ev.evse_uid, ev.connector_id)
             if change.doc is None:
                 # Nothing to merge into (no object, or no such EVSE/Connector): the state stays as it is,
@@ -206,3 +212,13 @@ class Ingest:
 
         parts = await asyncio.gather(*(run(c) for c in chains))
         return [x for part in parts for x in part]
+
+
+def _document(raw: bytes, where: str, message: str) -> dict[str, Any]:
+    """A JSON object decoded untyped for a merge; a number out of range (e.g. 1e999999, which the typed
+    decode skips in an unknown field) is a refusal (422), not a 500."""
+    try:
+        doc: dict[str, Any] = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise InvalidEvent([Problem(field=where, rule="json", message=f"{message}: {exc}")]) from exc
+    return doc
