@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from relay.buffer import Buffer
+from tests.waiting import wait_until
 
 # (max_buffered, read_batch, low water: max(1, min(read_batch, max // 8)), CDR limit: max(1, max // 2))
 SIZES = [
@@ -52,13 +53,13 @@ async def test_reserve_waits_for_the_low_water_mark() -> None:
 async def test_readers_reserving_together_never_exceed_the_limit() -> None:
     b = Buffer(40, 32)
     readers = [asyncio.create_task(b.reserve(32)) for _ in range(4)]
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: b.held == 40, 1, "the room reserved")
     done = [r for r in readers if r.done()]
     assert sum(r.result() for r in done) == 40 == b.held
     waiting = [r for r in readers if not r.done()]
     assert waiting
     b.free(40)  # a read returns: its reservation goes back
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: b.held == 40, 1, "the waiting readers' reservations")
     assert b.held <= 40
     for r in waiting:
         r.cancel()

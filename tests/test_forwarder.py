@@ -32,6 +32,7 @@ from relay.store import keys as K
 from relay.validation import parse_target, validate
 from tests.conftest import AUTH, example, gireve_location
 from tests.fake_iop import FakeIop, Received, Reply, random_faults
+from tests.waiting import stays_false, wait_until
 
 IOP_TOKEN = "iop-token-42"
 FAST = {
@@ -47,26 +48,9 @@ FAST = {
 LOC_PREFIX = "/ocpi/2.2.1/locations/FR/AB1/"
 
 
-async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        await asyncio.sleep(0.01)
-
-
-async def until_async(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        await asyncio.sleep(0.02)
-
-
-async def stays_false(cond: Callable[[], bool], seconds: float) -> None:
-    """Assert that cond() does not become true for a while ("nothing happens" checks)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert not cond()
-        await asyncio.sleep(0.01)
+# The suite's one polling helper, under the names the forwarder tests (and test_forwarder_workers) use.
+until = wait_until
+until_async = wait_until
 
 
 def seq(r: Received) -> int:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import Callable
 
@@ -10,6 +9,7 @@ from relay.config import Settings
 from relay.service import Relay
 from tests.conftest import AUTH, gireve_location
 from tests.fake_iop import FakeIop, Reply
+from tests.waiting import wait_until
 
 
 async def test_delivers_with_headers(make_settings: Callable[..., Settings]) -> None:
@@ -42,11 +42,12 @@ async def test_delivers_with_headers(make_settings: Callable[..., Settings]) -> 
             assert r.headers["OCPI-from-country-code"] == "FR" and r.headers["OCPI-from-party-id"] == "AB1"
             assert r.headers["OCPI-to-country-code"] == "FR" and r.headers["OCPI-to-party-id"] == "107"
         assert relay.store is not None
-        for _ in range(100):  # the ack follows the IOP's answer
-            if (await relay.store.stream_lengths())["locations"] == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert (await relay.store.stream_lengths())["locations"] == 0
+        store = relay.store
+
+        async def drained() -> bool:  # the ack follows the IOP's answer
+            return (await store.stream_lengths())["locations"] == 0
+
+        await wait_until(drained, 2, "the stream drained")
     finally:
         await relay.stop()
         await iop.close()
