@@ -10,7 +10,6 @@ workers or key queues, only the ``Shard`` it works for (``shard.gone()``: stop, 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -222,9 +221,7 @@ class Delivery:
                 return await write()
             except StoreUnavailable as exc:
                 await self._redis_pause(shard, exc, delay)
-                delay = min(delay * 2, 2.0)
-                with contextlib.suppress(StoreUnavailable):
-                    await self.ds.load_scripts()  # a restarted Redis has lost its scripts (NOSCRIPT)
+                delay = min(delay * 2, 2.0)  # a restarted Redis's lost scripts: the store reloads them on NOSCRIPT
 
     async def _redis_pause(self, shard: Shard, exc: BaseException, delay: float) -> None:
         metrics.REDIS_ERRORS.labels(op="deliver").inc()
