@@ -70,6 +70,7 @@ class FakeIop(LoopbackServer):
         self.inflight = 0
         self.max_inflight = 0
         self.script: Script = lambda _: None
+        self._handling: set[asyncio.Task[Any]] = set()
 
     @property
     def url(self) -> str:
@@ -83,6 +84,9 @@ class FakeIop(LoopbackServer):
         rec.inflight = self.inflight
         self.arrived.append(rec)
         self.changed.set()
+        me = asyncio.current_task()
+        assert me is not None
+        self._handling.add(me)
         try:
             reply = self.script(rec) or ok()
             if reply.delay_s:
@@ -91,6 +95,7 @@ class FakeIop(LoopbackServer):
                 await reply.hold.wait()
         finally:
             self.inflight -= 1
+            self._handling.discard(me)
         rec.reply, rec.answered_at = reply, time.time()
         self.received.append(rec)
         self.changed.set()
@@ -111,6 +116,18 @@ class FakeIop(LoopbackServer):
 
     def paths(self, method: str | None = None) -> list[str]:
         return [r.path for r in self.received if method is None or r.method == method]
+
+    async def down(self) -> None:
+        """Go down as a whole: refuse connections, cut open ones, and drop the requests being worked on.
+
+        aiohttp lets a handler run on after its client left. Left running, a slow answer of a cut
+        request would still count as taken after the retry that replaced it, as if the relay had
+        sent an older update last; an IOP that goes down applies nothing more. (A client that gives
+        up while the IOP is up is another case: that request may still be applied, late.)
+        """
+        for task in list(self._handling):
+            task.cancel()
+        await super().down()
 
     def delivered(self, path: str | None = None) -> list[Received]:
         """Requests answered with a success, in the order answered (optionally of one path)."""
