@@ -1,17 +1,21 @@
-"""Real-time authorisation (K1): the CSMS asks, the relay checks, asks the IOP, or decides offline."""
+"""Real-time authorisation (K1): the CSMS asks, the relay checks, asks the IOP, or decides offline.
+
+A token the IOP pushed with whitelist ALWAYS is decided from the relay's copy without asking: mod_tokens'
+WhitelistType, "ALWAYS: Token always has to be whitelisted, realtime authorization is not
+possible/allowed. CPO shall always allow any use of this Token".
+"""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import structlog
 
-from relay import metrics
+from relay import metrics, rules
 from relay.config import Settings
-from relay.errors import InvalidEvent, Problem
+from relay.errors import InvalidEvent, Problem, StoreError
 from relay.models.tokens import AuthorizationInfo, LocationReferences, Token
 from relay.ocpi_client import NotConfigured, OcpiClient
 from relay.ordering import location_key
@@ -20,7 +24,6 @@ from relay.store import RoamingStore, StateReader
 from relay.store.keys import state_field
 
 log = structlog.get_logger(__name__)
-_RFID = re.compile(r"^(?:[0-9A-Fa-f]{8}|[0-9A-Fa-f]{14})$")
 _TOKEN_TYPES = {"RFID", "APP_USER", "AD_HOC_USER", "OTHER"}
 _OFFLINE_OK = {"ALWAYS", "ALLOWED", "ALLOWED_OFFLINE"}
 
@@ -48,7 +51,7 @@ def check_uid(uid: str, token_type: str) -> str:
         problem = Problem(field="query.type", rule="ocpi.enum", message=f"unknown token type {token_type!r}")
         raise InvalidEvent([problem])
     if token_type == "RFID":
-        if not _RFID.match(uid):
+        if not rules.is_rfid_uid(uid):
             raise InvalidEvent([Problem(field="url.token_uid", rule="gireve.K1.rfid_uid",
                                         message="an RFID UID is 8 or 14 hexadecimal characters")])  # fmt: skip
         return uid.upper()
@@ -57,11 +60,16 @@ def check_uid(uid: str, token_type: str) -> str:
     return uid
 
 
+def newest(tokens: list[Token]) -> Token | None:
+    """The most recently updated of the tokens the IOP pushed with one uid and type (eMSPs may share a uid)."""
+    return max(tokens, key=lambda t: t.last_updated) if tokens else None
+
+
 def offline(tokens: list[Token]) -> Decision:
     """OCPI's whitelist rules when the eMSP cannot be asked: ALWAYS/ALLOWED/ALLOWED_OFFLINE allow, NEVER refuses."""
-    if not tokens:
+    token = newest(tokens)
+    if token is None:
         return Decision("none", "NOT_ALLOWED", extra={"reason": "token unknown to the relay"})
-    token = max(tokens, key=lambda t: t.last_updated)
     allowed = "ALLOWED" if token.valid and token.whitelist in _OFFLINE_OK else "NOT_ALLOWED"
     info = {"allowed": allowed, "token": msgspec.to_builtins(token)}
     return Decision("whitelist", allowed, authorization=info, extra={"whitelist": token.whitelist})
@@ -98,7 +106,10 @@ class Authorizer:
 
     async def authorize(self, uid: str, token_type: str, raw: bytes, named: tuple[str, str] | None,
                         correlation_id: str) -> Decision:  # fmt: skip
-        """Validate (raises InvalidEvent), ask the IOP within the deadline, else decide from known tokens."""
+        """Validate (raises InvalidEvent), ask the IOP within the deadline, else decide from known tokens.
+
+        A known token whose whitelist is ALWAYS is decided from the relay's copy at once, the IOP not asked.
+        """
         uid = check_uid(uid, token_type)
         try:
             refs = msgspec.json.decode(raw, type=LocationReferences)
@@ -107,14 +118,35 @@ class Authorizer:
         if named is not None and self.settings.operator(*named) is None:
             raise InvalidEvent([Problem(field="OCPI-from-party-id", rule="operator", message="not hosted here")], 404)
         owner = await self._owner(refs.location_id, named)
-        decision = await self._ask_iop(uid, token_type, raw, owner, correlation_id)
-        if decision is None or decision.decided_by != "iop":
-            known = [msgspec.json.decode(t, type=Token) for t in await self.roaming.tokens_by_uid(token_type, uid)]
-            fallback = offline(known)
-            fallback.iop_error = decision.iop_error if decision else "IOP not reachable"
-            decision = fallback
+        known = await self._known(token_type, uid)
+        token = newest(known or [])
+        if token is not None and token.whitelist == "ALWAYS":
+            # Real-time authorisation "is not possible/allowed" for this token: the relay's copy decides.
+            decision = offline(known or [])
+            decision.extra["reason"] = "whitelist ALWAYS: decided without real-time authorisation"
+        else:
+            asked = await self._ask_iop(uid, token_type, raw, owner, correlation_id)
+            if asked is not None and asked.decided_by == "iop":
+                decision = asked
+            else:
+                # Redis did not answer before: once more, as before this check existed (a StoreError goes up).
+                decision = offline(known if known is not None else await self._tokens(token_type, uid))
+                decision.iop_error = asked.iop_error if asked else "IOP not reachable"
         metrics.AUTHORIZATIONS.labels(decided_by=decision.decided_by, allowed=decision.allowed).inc()
         return decision
+
+    async def _tokens(self, token_type: str, uid: str) -> list[Token]:
+        """Tokens the IOP pushed with this uid and type (raises StoreError)."""
+        return [msgspec.json.decode(t, type=Token) for t in await self.roaming.tokens_by_uid(token_type, uid)]
+
+    async def _known(self, token_type: str, uid: str) -> list[Token] | None:
+        """``_tokens``, or None when Redis does not answer (the IOP is then asked, whatever the token's
+        whitelist: an answer from it beats none)."""
+        try:
+            return await self._tokens(token_type, uid)
+        except StoreError as exc:
+            log.warning("authorization_tokens_unavailable", error=str(exc))
+            return None
 
     async def _ask_iop(self, uid: str, token_type: str, raw: bytes, owner: tuple[str, str],
                        correlation_id: str) -> Decision | None:  # fmt: skip

@@ -34,7 +34,12 @@ def register(from_iop: bool, versions_url: str | None, token_a: str | None, as_j
     \b
     Re-registration: GIREVE has no credentials update; run either form again (after `relay
     unregister` or a DELETE from GIREVE): tokens and endpoints are replaced.
+    \b
+    Both forms hand the IOP our versions URL, [ocpi] public_url: it must be https on a public host
+    (T4), else nothing is done and the exit code is 2. Test set-ups: [ocpi] allow_insecure_urls = true
+    (RELAY_OCPI_ALLOW_INSECURE_URLS=true), the setting that also lets the handshake call http URLs.
     """
+    from relay.config_checks import announce_refusal
     from relay.credentials import HandshakeError, Registry, new_token, register_to_iop
     from relay.credentials import versions_url as ours
     from relay.store import RegistrationStore
@@ -44,6 +49,10 @@ def register(from_iop: bool, versions_url: str | None, token_a: str | None, as_j
         raise click.UsageError("use either --from-iop, or --versions-url with --token-a")
     if versions_url and not token_a:
         raise click.UsageError("--versions-url needs --token-a (or RELAY_REGISTER_TOKEN_A)")
+    if refused := announce_refusal(settings):
+        # Before any token is made: the IOP would send its token to that URL (in clear, or nowhere).
+        click.echo(f"not registering: {refused}", err=True)
+        sys.exit(2)
     warn_weak(settings, registering=True, iop_versions_url=versions_url or "")  # our public URL goes to the IOP
 
     async def go(store: Any) -> None:
@@ -71,7 +80,7 @@ def register(from_iop: bool, versions_url: str | None, token_a: str | None, as_j
             # and a token A made earlier by `register --from-iop` stays valid.
             await rs.withdraw_token_a(token_b, restore=previous_a)
             if isinstance(exc, HandshakeError):
-                click.echo(f"registration failed: {exc}", err=True)
+                click.echo(f"registration failed ({exc.kind.replace('_', ' ')}, OCPI {exc.ocpi_code}): {exc}", err=True)
                 sys.exit(1)
             raise
         registry = Registry(settings, rs)

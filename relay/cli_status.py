@@ -20,7 +20,8 @@ from relay.store import DeliveryStore
 def status(as_json: bool, config_path: Path | None) -> None:
     """Queue depth and oldest age per module, dead letters, IOP link state per replica.
 
-    Also the OCPI connection (registered, since when, the IOP's endpoints). Works while the relay runs;
+    Also the OCPI connection (registered, since when, the IOP's endpoints, the IOP party that OCPI-to-*
+    names: the handshake's HUB role, flagged when it differs from [iop]). Works while the relay runs;
     the same numbers as the relay_queue_depth, relay_oldest_event_age_seconds and relay_dead_letters metrics.
 
     \b
@@ -54,6 +55,9 @@ def status(as_json: bool, config_path: Path | None) -> None:
         click.echo(f"connection: {conn['state']}" + (f" since {conn['since']}" if conn.get("since") else ""))
         if conn.get("versions_url"):
             click.echo(f"  IOP versions: {conn['versions_url']}")
+        differs = conn["iop_party"] != conn["configured_iop_party"]
+        click.echo(f"  IOP party:    {conn['iop_party']} (OCPI-to-*"
+                   + (f"; differs from [iop] {conn['configured_iop_party']})" if differs else ")"))  # fmt: skip
         for ep in conn.get("endpoints", []):
             click.echo(f"  {ep['identifier']:<12} {ep['role']:<9} {ep['url']}")
         click.echo(f"{'module':<10} {'queued':>8} {'oldest age':>11} {'dead':>6}")
@@ -68,11 +72,16 @@ def status(as_json: bool, config_path: Path | None) -> None:
 def _connection(registry: Any, settings: Settings) -> dict[str, Any]:
     """How the relay is connected to the IOP, for `relay status`."""
     reg = registry.registration
+    # OCPI-to-* of every request: the handshake's HUB role (T3), else [iop]; the two differ when [iop] is
+    # stale (GIREVE: FR/107 in pre-production, FR/007 in production).
+    party = {"iop_party": "/".join(registry.directory.iop_party()),
+             "configured_iop_party": f"{settings.iop.country_code}/{settings.iop.party_id}"}  # fmt: skip
     if reg is None:
         static = bool(settings.iop.url and settings.iop.token)
-        return {"state": "static" if static else "unregistered", "versions_url": settings.iop.url or None}
+        return {"state": "static" if static else "unregistered", "versions_url": settings.iop.url or None, **party}
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(reg.updated_at))
     return {
+        **party,
         "state": reg.state,
         "direction": reg.direction,
         "since": since,
@@ -89,10 +98,11 @@ def link() -> None:
 @link.command("resume")
 @config_option
 def link_resume(config_path: Path | None) -> None:
-    """Resume delivery after an auth failure (401/403) or a pause, once the cause is fixed.
+    """Resume delivery after an auth failure (401/403), an unknown receiver (OCPI 4001) or a pause, once fixed.
 
     Every running replica picks the request up within [forwarder] lease_ttl_s/3 seconds and starts
-    again with one request at a time. If the IOP still refuses the token, the link pauses again.
+    again with one request at a time. If the IOP still refuses the token (or still does not know the
+    OCPI-to-* party: `relay status` shows the one in use), the link stops again.
 
     \b
     Example:

@@ -7,7 +7,11 @@ TIMEOUT when its deadline passes (whichever comes first wins, atomically).
 
 The result is POSTed with the hub's token: a ``response_url`` must be on one of the hub's origins
 (``Directory.origins``: its registered endpoints, ``[iop] url``, ``[ocpi] command_response_origins``),
-else the command is refused at once like any invalid command (400 / OCPI 2001).
+else the command is refused at once like any invalid command (OCPI 2001).
+
+Refusals of a command that is JSON are HTTP 200 with an OCPI 2xxx code: such a request has reached the OCPI
+layer, where "an HTTP error status code MUST NOT be returned" (status_codes.asciidoc); only a body that is
+not JSON at all is HTTP 400.
 """
 
 from __future__ import annotations
@@ -86,29 +90,34 @@ class Commands:
         kind = _REQUESTS.get(command)
         try:
             request: Any = msgspec.json.decode(raw, type=kind) if kind else msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
+        except msgspec.ValidationError as exc:  # JSON, not the command OCPI defines (a subclass of DecodeError)
+            return Reply(200, 2001, message=f"invalid {command} request: {exc}")
+        except msgspec.DecodeError as exc:  # not JSON: the transport layer's 400
             return Reply(400, 2001, message=f"invalid {command} request: {exc}")
         if kind:
             response_url = request.response_url
         else:  # a command only the CSMS knows: any JSON object with a response_url
             response_url = request.get("response_url") if isinstance(request, dict) else None
         if not isinstance(response_url, str) or not response_url.startswith(("http://", "https://")):
-            return Reply(400, 2001, message="response_url: required http(s) URL")
+            return Reply(200, 2001, message="response_url: required http(s) URL")
         if urls.origin_or_none(response_url) not in origins:
             hint = "not on an origin of the IOP; list it in [ocpi] command_response_origins if it is"
             log.warning("command_response_url_refused", command=command, response_url=response_url[:300], hint=hint)
-            return Reply(400, 2001, message="response_url: not on an origin of the IOP")
+            return Reply(200, 2001, message="response_url: not on an origin of the IOP")
         if isinstance(request, StartSession):
-            if request.connector_id is None:
-                return Reply(400, 2001, message="connector_id: required by GIREVE in START_SESSION")
-            if request.evse_uid is None:
-                return Reply(400, 2001, message="evse_uid: required when connector_id is set")
+            # evse_uid and connector_id are both optional (mod_commands, StartSession): an eMSP connected to
+            # GIREVE in OCPI 2.1.1 cannot send connector_id at all (GIREVE's cpo_commands). The command goes to
+            # the CSMS as it came, which picks the EVSE / connector; only connector_id without evse_uid
+            # is refused, as OCPI says evse_uid is "Required when connector_id is set".
+            if request.connector_id is not None and request.evse_uid is None:
+                return Reply(200, 2001, message="evse_uid: required when connector_id is set")
             cc, pid = operator
             key = location_key(cc, pid, request.location_id)
             if self.settings.state.enabled and not await self.state.one(
                 "locations", key, state_field(cc, pid, request.location_id)
             ):
-                return Reply(404, 2003, message=f"unknown location {request.location_id}")
+                # status_codes: "2003 Unknown Location, for example: Command: START_SESSION with unknown location".
+                return Reply(200, 2003, message=f"unknown location {request.location_id}")
         cmd = Command(id=new_event_id(), type=command, response_url=response_url, country_code=operator[0],
                       party_id=operator[1], correlation_id=correlation_id or new_event_id(),
                       received_at=time.time())  # fmt: skip

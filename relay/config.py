@@ -89,7 +89,8 @@ class OcpiSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     idle_timeout_s: PositiveFloat = 60.0
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 512
     max_connections_per_ip: Annotated[int, msgspec.Meta(ge=0)] = 64
-    # Handshake URLs may be http, loopback or private (test set-ups, private networks); else https + public.
+    # Handshake URLs, and the public_url `relay register` hands over, may be http, loopback or private
+    # (test set-ups, private networks); else https + public.
     allow_insecure_urls: bool = False
     # Origins (https://host[:port]) a command's response_url may name besides the hub's own.
     command_response_origins: list[str] = []
@@ -171,7 +172,10 @@ class Operator(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     country_code: CiCountry
     party_id: CiParty
-    emi3_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}\*?[A-Z0-9]{3}$")]
+    # The eMI3 operator id its EVSE ids begin with (L2): 2 letters, optional "*", 3 letters or digits. Empty:
+    # country_code*party_id. It may differ from them (OCPI does not tie the two): an operator whose OCPI party
+    # id is FR/AB1 may own the EVSE ids of FR*XYZ.
+    emi3_id: Annotated[str, msgspec.Meta(pattern=r"^([A-Z]{2}\*?[A-Z0-9]{3})?$")] = ""
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
     # Advenir (S4): send this operator's non-roaming Sessions/CDRs with GIREVE's anonymous CdrToken.
     advenir: bool = False
@@ -182,10 +186,14 @@ class Operator(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def key(self) -> tuple[str, str]:
         return (self.country_code, self.party_id)
 
+    def __post_init__(self) -> None:
+        if not self.emi3_id:
+            self.emi3_id = f"{self.country_code}*{self.party_id}"
+
     def evse_id_prefixes(self) -> tuple[str, str]:
-        """eMI3 EVSE ids start with the operator id, with or without the separator star."""
+        """eMI3 EVSE ids start with the operator id then ``E``, with the separator star throughout or nowhere."""
         compact = self.emi3_id.replace("*", "")
-        return (f"{compact[:2]}*{compact[2:]}*", f"{compact}E")
+        return (f"{compact[:2]}*{compact[2:]}*E", f"{compact}E")
 
 
 class LogSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -304,8 +312,6 @@ def _validate_operators(s: Settings) -> list[str]:
         if op.key in seen:
             errors.append(f"operators[{i}]: duplicate operator {op.country_code}/{op.party_id}")
         seen.add(op.key)
-        if op.emi3_id.replace("*", "") != op.country_code + op.party_id:
-            errors.append(f"operators[{i}].emi3_id: {op.emi3_id!r} does not match {op.country_code}*{op.party_id}")
     return errors
 
 

@@ -2,7 +2,8 @@
 
 Validation (relay.config) refuses what cannot work; these checks name what works but should not
 reach production: a short ingress token, an ingress reachable from the network (it has no TLS), an
-IOP spoken to in clear, a public URL the IOP cannot use safely while a registration is pending.
+IOP spoken to in clear, a public URL the IOP cannot use safely while a registration is pending. One of
+them is a refusal where it matters: ``announce_refusal``, for ``relay register``, which hands that URL over.
 Pure: settings in, warnings out, nothing logged or printed here.
 """
 
@@ -11,9 +12,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from relay import urls
 from relay.config import Settings
 
-__all__ = ["MIN_INGRESS_TOKEN_CHARS", "ConfigWarning", "config_warnings", "is_loopback"]
+__all__ = ["MIN_INGRESS_TOKEN_CHARS", "ConfigWarning", "announce_refusal", "config_warnings", "is_loopback"]
 
 # A bearer token is the ingress's only lock: 16 random characters are 64 bits in hex, 96 in base64;
 # `openssl rand -hex 32` gives 64 characters.
@@ -106,3 +108,26 @@ def config_warnings(
     hub's versions URL of ``relay register --versions-url``.
     """
     return _ingress(settings) + _urls(settings, registering, iop_versions_url)
+
+
+def announce_refusal(settings: Settings) -> str | None:
+    """Why the relay's versions URL must not be handed to the IOP (``relay register``), or None.
+
+    T4: the IOP sends its token to that URL, so it must be ``[ocpi] public_url`` and https on a public
+    host (``urls.check_handshake_url``, the rule the handshake applies to the IOP's URLs); an unset
+    ``public_url`` would announce ``http://<listen>/ocpi``, which the IOP cannot reach and which has no
+    TLS. ``[ocpi] allow_insecure_urls`` (test set-ups, private networks) lifts the rule, as it does for
+    the IOP's URLs; the weak setting is then only warned about (``config_warnings``).
+    """
+    if settings.ocpi.allow_insecure_urls:
+        return None
+    public = settings.ocpi.public_url
+    allow = "or, for a test set-up, [ocpi] allow_insecure_urls = true (RELAY_OCPI_ALLOW_INSECURE_URLS=true)"
+    if not public:
+        return ("ocpi.public_url is unset: the IOP would be handed http://<ocpi.listen>/ocpi, which it cannot "
+                f"reach and which has no TLS; set it to the https:// URL of your TLS front, {allow}")  # fmt: skip
+    try:
+        urls.check_handshake_url(public, allow_insecure=False)
+    except urls.UrlRefused as exc:
+        return f"ocpi.public_url {public} cannot be handed to the IOP ({exc}): announce an https:// public URL, {allow}"
+    return None

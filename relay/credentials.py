@@ -7,6 +7,7 @@ Token names follow the role they play, not the letters of the spec (which swap w
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ from relay.store.registration import is_digest, token_digest
 
 log = structlog.get_logger(__name__)
 VERSION = "2.2.1"
+_COUNTRY, _PARTY = re.compile(r"[A-Z]{2}"), re.compile(r"[A-Z0-9]{3}")
+# The IOP endpoints the relay cannot work without (3003 when one is missing): the Receivers the forwarder
+# pushes to. Without one, that module's first event would pause the whole link (NotConfigured).
+REQUIRED_ENDPOINTS = tuple((m, "RECEIVER") for m in ("locations", "sessions", "cdrs", "tariffs"))
 
 
 class Endpoint(msgspec.Struct, frozen=True):
@@ -76,9 +81,33 @@ class Registration(msgspec.Struct, kw_only=True):
                 return e.url
         return None
 
+    def hub_party(self, configured: tuple[str, str]) -> tuple[str, str] | None:
+        """T3: the IOP operator as the handshake names it (GIREVE: its HUB role, FR/107 in pre-production,
+        FR/007 in production): of its HUB roles the ``configured`` one if listed, else the first; else its
+        only role; None if none fits (or its ids are no CiString(2)/(3): they go into headers)."""
+        ids = [(r.role.upper(), r.country_code.upper(), r.party_id.upper()) for r in self.roles]
+        ok = [(role, (cc, pid)) for role, cc, pid in ids if _COUNTRY.fullmatch(cc) and _PARTY.fullmatch(pid)]
+        hubs = [party for role, party in ok if role == "HUB"] or [party for _, party in ok if len(ids) == 1]
+        return configured if configured in hubs else next(iter(hubs), None)
+
+
+HandshakeKind = Literal["unusable", "unsupported_version", "no_matching_endpoints"]
+_PUBLIC: dict[HandshakeKind, tuple[int, str]] = {"unusable": (3001, "Unable to use the client's API"),
+    "unsupported_version": (3002, f"Unsupported version: the relay speaks OCPI {VERSION} only"),
+    "no_matching_endpoints": (3003, "No matching endpoints")}  # fmt: skip
+_KIND_OF_CODE = {code: kind for kind, (code, _) in _PUBLIC.items()}
+
 
 class HandshakeError(RelayError):
-    """The peer's versions, details or credentials answer was unusable; nothing was stored."""
+    """The peer's versions, details or credentials answer was unusable; nothing was stored. ``kind`` and
+    ``ocpi_code``: 3001 the peer's API unusable, 3002 no version in common, 3003 an endpoint the relay needs
+    is missing. ``public``: what the peer may be told; the message (URLs, errors) is for the log only."""
+
+    def __init__(self, message: str, kind: HandshakeKind = "unusable", public: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.ocpi_code, default = _PUBLIC[kind]
+        self.public = public or default
 
 
 def new_token() -> str:
@@ -88,19 +117,9 @@ def new_token() -> str:
 
 def our_credentials(settings: Settings, token: str) -> Credentials:
     """Our Credentials object: one CPO role per hosted operator, and our versions URL."""
-    return Credentials(
-        token=token,
-        url=versions_url(settings),
-        roles=[
-            CredentialsRole(
-                role="CPO",
-                business_details=BusinessDetails(name=op.name),
-                party_id=op.party_id,
-                country_code=op.country_code,
-            )
-            for op in settings.operators
-        ],
-    )
+    roles = [CredentialsRole(role="CPO", business_details=BusinessDetails(name=op.name), party_id=op.party_id,
+                             country_code=op.country_code) for op in settings.operators]  # fmt: skip
+    return Credentials(token=token, url=versions_url(settings), roles=roles)
 
 
 def public_base(settings: Settings) -> str:
@@ -186,7 +205,8 @@ async def discover(http: aiohttp.ClientSession, settings: Settings, versions: st
         raise HandshakeError(f"versions: {exc}") from exc
     chosen = next((v for v in listed if v.version == VERSION), None)
     if chosen is None:
-        raise HandshakeError(f"versions: the peer offers {[v.version for v in listed]}, not {VERSION}")
+        raise HandshakeError(f"unsupported version (OCPI 3002): the peer offers {[v.version for v in listed]}, "
+                             f"not {VERSION}", "unsupported_version")  # fmt: skip
     _check(settings, chosen.url, "version details URL")
     try:
         details = msgspec.convert(await _get_ocpi(http, settings, chosen.url, token), _Details)
@@ -194,33 +214,43 @@ async def discover(http: aiohttp.ClientSession, settings: Settings, versions: st
         raise HandshakeError(f"version details: {exc}") from exc
     for e in details.endpoints:
         _check(settings, e.url, f"{e.identifier} endpoint")
+    have = {(e.identifier, e.role.upper()) for e in details.endpoints}
+    if missing := [f"{m} {role}" for m, role in REQUIRED_ENDPOINTS if (m, role) not in have]:
+        raise HandshakeError(f"no matching endpoints (OCPI 3003): the peer's {VERSION} details lack "
+                             f"{', '.join(missing)}", "no_matching_endpoints",
+                             f"No matching endpoints: the relay needs {', '.join(missing)}")  # fmt: skip
     return chosen.url, details.endpoints
 
 
-async def accept_from_iop(settings: Settings, offered: Credentials) -> Registration:
-    """Register – FromIOP: check the IOP's versions with its token, and make a fresh token for it."""
-    async with _client(settings) as http:
-        version_url, endpoints = await discover(http, settings, offered.url, offered.token)
+def _registered(direction: Literal["from_iop", "to_iop"], incoming: str, outgoing: str, versions: str,
+                discovered: tuple[str, list[Endpoint]], roles: list[CredentialsRole]) -> Registration:  # fmt: skip
     now = time.time()
-    return Registration(
-        state="registered",
-        direction="from_iop",
-        incoming_token=new_token(),
-        outgoing_token=offered.token,
-        versions_url=offered.url,
-        version_url=version_url,
-        endpoints=endpoints,
-        roles=offered.roles,
-        registered_at=now,
-        updated_at=now,
-    )
+    return Registration(state="registered", direction=direction, incoming_token=incoming, outgoing_token=outgoing,
+                        versions_url=versions, version_url=discovered[0], endpoints=discovered[1], roles=roles,
+                        registered_at=now, updated_at=now)  # fmt: skip
+
+
+async def accept_from_iop(settings: Settings, offered: Credentials) -> Registration:
+    """Register – FromIOP: check the IOP's versions with its token, and make a fresh token for it.
+
+    Raises HandshakeError: 3002 when the IOP offers no 2.2.1, 3003 when it lacks an endpoint the relay
+    needs (``REQUIRED_ENDPOINTS``), 3001 for anything else (credentials.asciidoc, "Errors during
+    registration", "Required endpoints not available").
+    """
+    async with _client(settings) as http:
+        discovered = await discover(http, settings, offered.url, offered.token)
+    return _registered("from_iop", new_token(), offered.token, offered.url, discovered, offered.roles)
 
 
 async def register_to_iop(settings: Settings, versions: str, token_a: str, token_b: str) -> Registration:
-    """Register – ToIOP: discover with A, POST our credentials carrying B, keep the returned token."""
+    """Register – ToIOP: discover with A, POST our credentials carrying B, keep the returned token.
+
+    Raises HandshakeError: without 2.2.1 at the IOP (3002) or an endpoint the relay needs (3003) no
+    credentials are POSTed; the IOP's own refusal keeps its 3002/3003 as the error's kind.
+    """
     async with _client(settings) as http:
-        version_url, endpoints = await discover(http, settings, versions, token_a)
-        cred_url = next((e.url for e in endpoints if e.identifier == "credentials"), None)
+        discovered = await discover(http, settings, versions, token_a)
+        cred_url = next((e.url for e in discovered[1] if e.identifier == "credentials"), None)
         if cred_url is None:
             raise HandshakeError("version details: no credentials endpoint")
         body = msgspec.json.encode(our_credentials(settings, token_b))
@@ -228,29 +258,28 @@ async def register_to_iop(settings: Settings, versions: str, token_a: str, token
         headers["X-Request-ID"] = headers["X-Correlation-ID"] = new_token()[:16]
         try:
             async with http.post(cred_url, data=body, headers=headers, allow_redirects=False) as resp:
-                raw = await urls.read_capped(resp, settings.iop.max_response_bytes)
-                if resp.status not in (200, 201):
-                    raise HandshakeError(f"POST {cred_url}: HTTP {resp.status}: {raw[:200]!r}")
+                raw, status = await urls.read_capped(resp, settings.iop.max_response_bytes), resp.status
         except aiohttp.ClientError as exc:
             raise HandshakeError(f"POST {cred_url}: {exc}") from exc
+    theirs = _posted(cred_url, status, raw)
+    return _registered("to_iop", token_b, theirs.token, versions, discovered, theirs.roles)
+
+
+def _posted(url: str, status: int, raw: bytes) -> Credentials:
+    """The peer's answer to our credentials POST: its credentials, or a HandshakeError saying why not
+    (its OCPI 3002/3003 keep their kind: the operator learns the peer found no version or endpoints)."""
     try:
-        env = msgspec.json.decode(raw, type=_Envelope)
-        theirs = msgspec.convert(env.data, Credentials)
-    except msgspec.DecodeError as exc:
-        raise HandshakeError(f"POST {cred_url}: bad credentials answer: {exc}") from exc
-    now = time.time()
-    return Registration(
-        state="registered",
-        direction="to_iop",
-        incoming_token=token_b,
-        outgoing_token=theirs.token,
-        versions_url=versions,
-        version_url=version_url,
-        endpoints=endpoints,
-        roles=theirs.roles,
-        registered_at=now,
-        updated_at=now,
-    )
+        env: _Envelope | None = msgspec.json.decode(raw, type=_Envelope)
+    except msgspec.DecodeError:
+        env = None
+    if status not in (200, 201) or (env is not None and not 1000 <= env.status_code < 2000):
+        said = f"OCPI {env.status_code} {env.status_message or ''}".strip() if env else repr(raw[:200])
+        raise HandshakeError(f"POST {url}: the peer refused the registration: HTTP {status}, {said}",
+                             _KIND_OF_CODE.get(env.status_code if env else 0, "unusable"))  # fmt: skip
+    try:
+        return msgspec.convert(env.data if env is not None else None, Credentials)
+    except msgspec.ValidationError as exc:
+        raise HandshakeError(f"POST {url}: bad credentials answer: {exc}") from exc
 
 
 class Directory:
@@ -265,7 +294,7 @@ class Directory:
         self.registration: Registration | None = None
         # Configured in [ocpi] command_response_origins (validated by config.load).
         self._configured = frozenset(urls.parse_origin(o) for o in settings.ocpi.command_response_origins)
-        self._origins: tuple[Registration | None, frozenset[str]] | None = None
+        self._derived: tuple[Registration | None, frozenset[str], tuple[str, str]] | None = None
 
     def endpoint(self, module: str, role: str = "RECEIVER") -> str | None:
         reg = self.registration
@@ -285,16 +314,24 @@ class Directory:
         A command's response_url must be on one of these (checked when the command arrives and
         before each attempt): the hub's token never goes to a host the hub merely named.
         """
+        return self._derive()[1]
+
+    def iop_party(self) -> tuple[str, str]:
+        """T3: OCPI-to-* of every request: the registration's HUB role, else ``[iop]`` country/party."""
+        return self._derive()[2]
+
+    def _derive(self) -> tuple[Registration | None, frozenset[str], tuple[str, str]]:
+        """What follows from the registration, read per event: computed once per registration."""
         reg = self.registration
-        if self._origins is None or self._origins[0] is not reg:
+        if self._derived is None or self._derived[0] is not reg:
             found = set(self.static.origins()) | self._configured
             if reg is not None and reg.state == "registered":
                 for url in (reg.versions_url, reg.version_url, *(e.url for e in reg.endpoints)):
-                    o = urls.origin_or_none(url)
-                    if o is not None:
+                    if (o := urls.origin_or_none(url)) is not None:
                         found.add(o)
-            self._origins = (reg, frozenset(found))
-        return self._origins[1]
+            static = self.static.iop_party()
+            self._derived = (reg, frozenset(found), (reg.hub_party(static) if reg is not None else None) or static)
+        return self._derived
 
     def usable(self) -> bool:
         """True when there is somewhere to deliver and a token to do it with."""
@@ -348,6 +385,9 @@ class Registry:
         self._incoming = incoming if not incoming or is_digest(incoming) else digest(incoming)  # an older version's
         if reg is not None and reg.outgoing_token:
             logs.add_secrets([reg.outgoing_token])
+        if (party := self.directory.iop_party()) != (configured := self.directory.static.iop_party()):
+            log.warning("iop_party_differs", handshake="/".join(party), configured="/".join(configured),
+                        hint="OCPI-to-* follows the handshake; make [iop] country_code/party_id match")  # fmt: skip
         self.generation += 1
         self.changed.set()
         return True
@@ -400,7 +440,7 @@ class Registry:
         await self.store.save(raw, digest(used_token_a) if used_token_a else None)
         await self.refresh()
         log.info("registered", direction=reg.direction, versions_url=reg.versions_url,
-                 endpoints=len(reg.endpoints))  # fmt: skip
+                 endpoints=len(reg.endpoints), iop_party="/".join(self.directory.iop_party()))  # fmt: skip
 
     async def hash_stored_tokens(self, *, registration: bool = True) -> bool:
         """An older version stored the pending token A and the incoming token in clear: store their

@@ -86,7 +86,8 @@ class Delivery:
         an HTTP client error is classified like an answer (``classify(None, exc=exc)``), and a
         request the client refused to send (``unsent``) leaves the link as it is; a PATCH the IOP
         does not know is turned into a heal (``policy.heal_wanted``) when the object's state is
-        stored.
+        stored; an IOP refusing the connection (401/403, OCPI 4001) stops the link
+        (``policy.link_stop``) and the entry waits in it, not dead-lettered.
         """
         ev = entry.event
         try:
@@ -138,8 +139,7 @@ class Delivery:
             outcome = policy.healing(outcome)
         attempts.last = outcome
         if outcome.kind is Kind.AUTH:
-            if outcome.http_status is not None:
-                await self.link.auth_failed(outcome.reason)
+            await self._stop_link(outcome)
         elif outcome.link:
             await self.link.failure(outcome.reason, probe=probe)
         elif not outcome.unsent:  # a request the HTTP client refused says nothing about the IOP
@@ -147,6 +147,14 @@ class Delivery:
         if outcome.kind is not Kind.DELIVERED or self.debug:
             _log_attempt(ev, attempts, outcome, request_id)
         return outcome
+
+    async def _stop_link(self, outcome: Outcome) -> None:
+        """The IOP refused the connection (``policy.link_stop``): stop the link in the state that says why."""
+        stop = policy.link_stop(outcome)
+        if stop == "unknown_receiver":
+            await self.link.unknown_receiver(outcome.reason)
+        elif stop == "auth_failed":
+            await self.link.auth_failed(outcome.reason)
 
     async def complete(
         self, shard: Shard, entry: Entry, first: tuple[Outcome, Attempts] | None = None, *, acking: bool = False
@@ -287,8 +295,12 @@ class Delivery:
         target = id_tuple(entry.after)
         delay = 0.05
         while True:
-            done = await self.ds.session_done(shard.index, entry.event.key)
+            done, last = await self.ds.session_marks(shard.index, entry.event.key)
             if done is not None and id_tuple(done) >= target:
+                return
+            if done is None and last is None:
+                # Forgotten when another CDR of the session (a credit CDR's original, say) was
+                # delivered with no update after it: every update this CDR waits for was done.
                 return
             await shard.sleep(delay)
             delay = min(delay * 2, 1.0)

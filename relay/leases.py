@@ -132,7 +132,7 @@ class LeaseLoop:
         """Publish our link state for `relay status`; obey an operator's `relay link resume`."""
         link = self.link
         resume_at = await self.ds.link_sync(self.me, link.state, link.reason, link.since)
-        if resume_at is not None and resume_at > link.since and link.state in ("auth_failed", "paused"):
+        if resume_at is not None and resume_at > link.since and link.awaiting_operator:
             await link.resume("operator resumed the link")
 
     async def release(self, index: int) -> None:

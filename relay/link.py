@@ -1,4 +1,4 @@
-"""The IOP link as a whole: up, down (probing), auth failed, or paused.
+"""The IOP link as a whole: up, down (probing), auth failed, unknown receiver, or paused.
 
 Every attempt passes through ``Link.acquire()``/``release()`` (or ``Link.slot()``). When the IOP
 as a whole fails, sending stops everywhere and one probe goes out on a backoff; after a success the
@@ -26,7 +26,10 @@ from relay import metrics
 from relay.errors import RelayError
 
 log = structlog.get_logger(__name__)
-State = Literal["up", "down", "auth_failed", "paused", "unconfigured"]
+State = Literal["up", "down", "auth_failed", "unknown_receiver", "paused", "unconfigured"]
+# States that only resume() ends (an operator's `relay link resume`, a new registration), with no probe
+# meanwhile: the same token (auth_failed) or the same OCPI-to-* party (unknown_receiver) cannot succeed.
+STOPPED: frozenset[str] = frozenset({"auth_failed", "unknown_receiver", "paused"})
 
 
 class GaveUp(RelayError):
@@ -211,6 +214,16 @@ class Link:
         self._set("auth_failed", reason)
         self._rearm()
 
+    async def unknown_receiver(self, reason: str) -> None:
+        """OCPI 4001: the hub does not know the party our OCPI-to-* headers name; stop sending until resume()."""
+        self._set("unknown_receiver", reason)
+        self._rearm()
+
+    @property
+    def awaiting_operator(self) -> bool:
+        """True in a state that an operator's ``relay link resume`` ends (what the lease loop asks before resuming)."""
+        return self.state in STOPPED
+
     async def pause(self, reason: str) -> None:
         """Stop sending (unregistered, operator) while events keep queueing."""
         self._set("paused", reason)
@@ -218,7 +231,7 @@ class Link:
 
     async def resume(self, reason: str = "resumed") -> None:
         """Back to sending, starting from a ramp of one."""
-        if self.state in ("auth_failed", "paused", "unconfigured"):
+        if self.state in STOPPED or self.state == "unconfigured":
             self._set("up", reason)
             self.limit, self._ramp_ok = 1, 0
             self._failures = 0

@@ -186,7 +186,7 @@ for _listener in LISTENERS:
     for _reason in CONNECTION_CLOSE_REASONS:
         CONNECTIONS_CLOSED.labels(_listener, _reason)
 
-LINK_STATES = ("up", "down", "auth_failed", "paused", "unconfigured")
+LINK_STATES = ("up", "down", "auth_failed", "unknown_receiver", "paused", "unconfigured")
 # registered / unregistered: the credentials handshake; static: [iop] url + token; none: nothing to deliver to.
 REGISTRATION_STATES = ("registered", "unregistered", "static", "none")
 

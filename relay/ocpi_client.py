@@ -35,13 +35,17 @@ class IopDirectory(Protocol):
     def origins(self) -> frozenset[str]:
         """The origins (``urls.origin``) the token may be sent to: the IOP's own, and any configured."""
 
+    def iop_party(self) -> tuple[str, str]:
+        """T3: (country_code, party_id) of the IOP operator, for the OCPI-to-* headers of every request."""
+
 
 class StaticDirectory:
-    """Endpoints ``{[iop] url}/{module}`` and ``[iop] token`` from config."""
+    """Endpoints ``{[iop] url}/{module}``, ``[iop] token`` and the IOP's ``[iop]`` country/party from config."""
 
     def __init__(self, settings: IopSettings) -> None:
         self._url = settings.url.rstrip("/")
         self._token = settings.token or None
+        self._party = (settings.country_code, settings.party_id)
 
     def endpoint(self, module: str, role: str = "RECEIVER") -> str | None:
         return f"{self._url}/{module}" if self._url else None
@@ -52,6 +56,9 @@ class StaticDirectory:
     def origins(self) -> frozenset[str]:
         found = urls.origin_or_none(self._url) if self._url else None
         return frozenset([found] if found else [])
+
+    def iop_party(self) -> tuple[str, str]:
+        return self._party
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,15 +140,17 @@ class OcpiClient:
         return self._auth_cache[1]
 
     def headers(self, event: Event, request_id: str) -> dict[str, str]:
-        """T1 token, T2 request and correlation ids, T3 routing headers."""
+        """T1 token, T2 request and correlation ids, T3 routing headers (OCPI-to-*: the IOP as the
+        handshake names it, ``IopDirectory.iop_party``)."""
+        to_cc, to_pid = self.directory.iop_party()
         headers = {
             "Authorization": self._auth(),
             K.H_REQUEST: request_id,
             K.H_CORRELATION: event.correlation_id or event.id,
             K.H_FROM_CC: event.country_code,
             K.H_FROM_PID: event.party_id,
-            K.H_TO_CC: self.settings.country_code,
-            K.H_TO_PID: self.settings.party_id,
+            K.H_TO_CC: to_cc,
+            K.H_TO_PID: to_pid,
         }
         if event.method != "DELETE":
             headers["Content-Type"] = "application/json"
@@ -186,14 +195,15 @@ class OcpiClient:
         if endpoint is None:
             raise NotConfigured("no IOP endpoint for tokens")
         request_id = new_request_id()
+        to_cc, to_pid = self.directory.iop_party()
         headers = {
             "Authorization": self._auth(),
             K.H_REQUEST: request_id,
             K.H_CORRELATION: correlation_id or request_id,
             K.H_FROM_CC: owner[0],
             K.H_FROM_PID: owner[1],
-            K.H_TO_CC: self.settings.country_code,
-            K.H_TO_PID: self.settings.party_id,
+            K.H_TO_CC: to_cc,
+            K.H_TO_PID: to_pid,
             "Content-Type": "application/json",
         }
         url = f"{endpoint.rstrip('/')}/{quote(uid, safe='')}/authorize?type={quote(token_type)}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from relay.config import ForwarderSettings
 from relay.retry import Kind, Outcome, backoff_s
@@ -38,8 +38,8 @@ def settled(outcome: Outcome) -> bool:
 def retries(outcome: Outcome) -> bool:
     """Whether another attempt follows.
 
-    Failure policy: transient failures retry (until ``expired``); auth failures retry too, their
-    next attempt waiting in the link until an operator resumes it. Nothing else is retried.
+    Failure policy: transient failures retry (until ``expired``); auth failures (401/403, OCPI 4001)
+    retry too, their next attempt waiting in the link until it is resumed. Nothing else is retried.
     """
     return outcome.kind is Kind.TRANSIENT or outcome.kind is Kind.AUTH
 
@@ -57,6 +57,23 @@ def next_wait_s(
     if outcome.kind is Kind.AUTH or outcome.healing:
         return 0.0
     return backoff_s(attempt_number, cfg.backoff_initial_s, cfg.backoff_max_s, outcome.retry_after_s, rng)
+
+
+def link_stop(outcome: Outcome) -> Literal["auth_failed", "unknown_receiver"] | None:
+    """The link state an outcome stops the link in, or None when the link goes on.
+
+    Failure policy: the IOP refusing the connection stops every attempt, not only this one, until
+    an operator's ``relay link resume`` or a new registration: 401/403 (the token) → ``auth_failed``;
+    OCPI 4001 (the hub does not know our OCPI-to-* party, so it knows none of our events' receiver) →
+    ``unknown_receiver``. Nothing is dead-lettered for it: the event is retried once the link is back.
+    An AUTH outcome without an answer (no endpoint or token yet) stops nothing here: the link was
+    paused as the attempt found it.
+    """
+    if outcome.kind is not Kind.AUTH:
+        return None
+    if outcome.unknown_receiver:
+        return "unknown_receiver"
+    return "auth_failed" if outcome.http_status is not None else None
 
 
 def counts_as_retry(outcome: Outcome) -> bool:

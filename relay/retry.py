@@ -21,7 +21,11 @@ import msgspec
 
 
 class Kind(StrEnum):
-    """The four things an attempt can end as."""
+    """The four things an attempt can end as.
+
+    ``AUTH``: the IOP refuses the connection itself, not this event (401/403, OCPI 4001 unknown
+    receiver): the link stops until it is resumed; the event waits, it is never dead-lettered for it.
+    """
 
     DELIVERED = "delivered"
     TRANSIENT = "transient"
@@ -33,7 +37,7 @@ class Kind(StrEnum):
 class Outcome:
     """One attempt's result. ``link`` marks failures that say the IOP as a whole is unwell.
 
-    ``classify`` sets the fields up to ``unknown_object``; the flags after it are set by the
+    ``classify`` sets the fields up to ``unknown_receiver``; the flags after it are set by the
     decisions of ``relay.policy`` (code checks them, never the wording of ``reason``).
     """
 
@@ -49,6 +53,9 @@ class Outcome:
     unsent: bool = False
     # The IOP does not know the object a PATCH addresses: a later issue heals with a full PUT.
     unknown_object: bool = False
+    # OCPI 4001: the hub does not know the party of our OCPI-to-* headers (an AUTH outcome). Every
+    # event goes to that party, so it is the connection that is wrong: the link stops (policy.link_stop).
+    unknown_receiver: bool = False
     # A PUT of the whole object follows at once (policy.healing): no wait, not counted as a retry.
     healing: bool = False
     # Dead-lettered without an attempt, behind its parked key's dead letter (policy.parked_behind).
@@ -63,8 +70,9 @@ class _Envelope(msgspec.Struct):
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
-# OCPI 2xxx codes that mean "the receiver does not know this object" (2003: unknown location; a
-# PATCH for an object never PUT is answered like this by most receivers, 404 by others).
+# OCPI 2xxx codes that mean "the receiver does not know this object" whatever the HTTP status (2003:
+# unknown location; a PATCH for an object never PUT is answered like this by most receivers). With an
+# HTTP 404 any 2xxx means it too (``_unknown_object``).
 _UNKNOWN_OBJECT = {2003}
 _TRANSIENT_HTTP = {408, 425, 429}
 _TRANSIENT_HUB = {4002, 4003}  # hub: unknown/timeout at the receiving party's side
@@ -136,6 +144,17 @@ def _delivered_outcome(status: int, env: _Envelope) -> Outcome:
     return found
 
 
+def _unknown_object(status: int, code: int) -> bool:
+    """Whether a client error (2xxx) says the receiver does not know the object addressed.
+
+    2003 says so in any answer. An HTTP 404 says so itself, and the 2xxx beside it (2000, 2001
+    "invalid or missing parameters", a custom 29xx, …) only says the client is at fault: status_codes
+    has no "unknown object" code for Locations, EVSEs, Sessions or Tariffs, so receivers pick one. The
+    words of ``status_message`` are never read: they differ from one receiver to the next.
+    """
+    return code in _UNKNOWN_OBJECT or status == 404
+
+
 def _by_ocpi_code(status: int, env: _Envelope, hint: float | None) -> Outcome:
     code, msg = env.status_code, env.status_message
     kw: dict[str, Any] = {"http_status": status, "ocpi_code": code, "ocpi_message": msg}
@@ -146,11 +165,12 @@ def _by_ocpi_code(status: int, env: _Envelope, hint: float | None) -> Outcome:
         return Outcome(Kind.TRANSIENT, f"http {status} with OCPI {code}", retry_after_s=hint, **kw)
     if 2000 <= code < 3000:
         reason = f"OCPI {code}: {msg or ''}".strip()
-        return Outcome(Kind.PERMANENT, reason, unknown_object=code in _UNKNOWN_OBJECT, **kw)
+        return Outcome(Kind.PERMANENT, reason, unknown_object=_unknown_object(status, code), **kw)
     if 3000 <= code < 4000:
         return Outcome(Kind.TRANSIENT, f"OCPI {code}: {msg or ''}".strip(), retry_after_s=hint, **kw)
     if code == 4001:
-        return Outcome(Kind.PERMANENT, f"OCPI 4001 unknown receiver: {msg or ''}".strip(), **kw)
+        # The hub cannot route to our OCPI-to-* party: every other event would get the same answer.
+        return Outcome(Kind.AUTH, f"OCPI 4001 unknown receiver: {msg or ''}".strip(), unknown_receiver=True, **kw)
     if 4000 <= code < 5000:
         return Outcome(Kind.TRANSIENT, f"OCPI {code}: {msg or ''}".strip(), retry_after_s=hint, link=code == 4000, **kw)
     return Outcome(Kind.PERMANENT, f"unknown OCPI status_code {code}", **kw)
@@ -173,7 +193,8 @@ def classify(
     - 408, 425, 429, 5xx → transient (429 and 5xx also count against the link); Retry-After is
       the earliest next attempt;
     - otherwise the OCPI ``status_code`` in the body decides: 1xxx delivered (in a 2xx), 2xxx
-      permanent, 3xxx transient, 4001 permanent, other 4xxx transient;
+      permanent (an unknown object with 2003, or with any 2xxx in a 404), 3xxx transient, 4001 auth
+      (unknown receiver: the link stops, the event waits), other 4xxx transient;
     - a 2xx without an OCPI body is **delivered**: GIREVE's rule is "retry until HTTP 2xx", and
       resending an accepted update only risks duplicates;
     - a 4xx without an OCPI body (``{"detail": …}``, HTML) is permanent, with the body kept;

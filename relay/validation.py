@@ -1,6 +1,7 @@
 """From one CSMS operation (route ids, method, raw body) to a validated Event, or InvalidEvent.
 
-Pure: no I/O, so the single routes and the batch endpoint share it and tests need no server.
+Pure but for one log line when it rewrites a body's timestamps: no I/O, so the single routes and the batch
+endpoint share it and tests need no server.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import time
 from typing import Any
 
 import msgspec
+import structlog
 
 from relay import models, ordering, rules
 from relay.config import Module, Operator, Settings
@@ -17,10 +19,15 @@ from relay.constants import MAX_HEADER_VALUE, header_value_ok
 from relay.errors import InvalidEvent, Problem
 from relay.events import Event, Method, new_event_id
 from relay.json_depth import MAX_JSON_DEPTH, too_deep
+from relay.models.common import Plan, decoder, instant_plan, rewrite_instants
+from relay.timestamps import NOT_OCPI_DATETIME
+
+log = structlog.get_logger(__name__)
 
 
 class Target(msgspec.Struct, frozen=True):
-    """What a route names: the module and the ids in the URL (or query, for a tariff DELETE variant)."""
+    """What a route names: the module and the ids in the URL (and the per-eMSP variant a tariff DELETE's query
+    names, which :func:`validate` refuses)."""
 
     module: Module
     country_code: str = ""
@@ -40,19 +47,22 @@ class Accepted(msgspec.Struct, frozen=True):
     updated_ms: int = 0  # the body's last_updated, for the state index
 
 
-# The typed decoder of each (module, method, level: 0 object, 1 EVSE, 2 Connector); bench/bare.py uses them too.
-DECODERS: dict[tuple[str, str, int], msgspec.json.Decoder[Any]] = {
-    ("locations", "PUT", 0): msgspec.json.Decoder(models.Location),
-    ("locations", "PUT", 1): msgspec.json.Decoder(models.Evse),
-    ("locations", "PUT", 2): msgspec.json.Decoder(models.Connector),
-    ("locations", "PATCH", 0): msgspec.json.Decoder(models.LocationPatch),
-    ("locations", "PATCH", 1): msgspec.json.Decoder(models.EvsePatch),
-    ("locations", "PATCH", 2): msgspec.json.Decoder(models.ConnectorPatch),
-    ("sessions", "PUT", 0): msgspec.json.Decoder(models.Session),
-    ("sessions", "PATCH", 0): msgspec.json.Decoder(models.SessionPatch),
-    ("cdrs", "POST", 0): msgspec.json.Decoder(models.Cdr),
-    ("tariffs", "PUT", 0): msgspec.json.Decoder(models.Tariff),
+_MODELS: dict[tuple[str, str, int], type[msgspec.Struct]] = {
+    ("locations", "PUT", 0): models.Location,
+    ("locations", "PUT", 1): models.Evse,
+    ("locations", "PUT", 2): models.Connector,
+    ("locations", "PATCH", 0): models.LocationPatch,
+    ("locations", "PATCH", 1): models.EvsePatch,
+    ("locations", "PATCH", 2): models.ConnectorPatch,
+    ("sessions", "PUT", 0): models.Session,
+    ("sessions", "PATCH", 0): models.SessionPatch,
+    ("cdrs", "POST", 0): models.Cdr,
+    ("tariffs", "PUT", 0): models.Tariff,
 }
+# The typed decoder of each (module, method, level: 0 object, 1 EVSE, 2 Connector); bench/bare.py uses them too.
+DECODERS: dict[tuple[str, str, int], msgspec.json.Decoder[Any]] = {k: decoder(t) for k, t in _MODELS.items()}
+# Where each body's DateTimes are, for the rare body whose timestamps must be rewritten.
+_INSTANTS: dict[tuple[str, str, int], Plan] = {k: instant_plan(t) for k, t in _MODELS.items()}
 # CiString(36): printable ASCII, no spaces; "." and ".." are no ids (a URL path would drop or climb them).
 _ID_RE = re.compile(r"(?!\.\.?\Z)[\x21-\x7e]{1,36}\Z")  # \Z: "$" would let a trailing newline in
 _AT_RE = re.compile(r"^(.*) - at `(\$[^`]*)`$", re.S)
@@ -78,7 +88,55 @@ def decode_problem(exc: msgspec.DecodeError | UnicodeDecodeError | RecursionErro
     if missing:
         # Name the absent field itself, not the object that lacks it.
         return InvalidEvent([Problem(field=f"{field}.{missing.group(1)}", rule="ocpi.required", message=text)])
-    return InvalidEvent([Problem(field=field, rule="ocpi.type", message=text)])
+    return InvalidEvent([Problem(field=field, rule="ocpi.datetime" if text == NOT_OCPI_DATETIME else "ocpi.type",
+                                 message=text)])  # fmt: skip
+
+
+def _decode(route: tuple[str, str, int], raw: bytes) -> tuple[Any, bytes, list[Problem]]:
+    """The typed body, the bytes to store and forward, and the timestamps rewritten in them (as warnings).
+
+    The common body is decoded once and kept as it came. One whose DateTimes are not all written as OCPI
+    writes them (types.asciidoc: UTC, string(25), ``Z`` or no designator) is rewritten before anything is
+    stored, so the state, the stream and the IOP see the same instants in OCPI's form (relay.timestamps.normalise
+    says what is converted and what is refused, with a 422 naming each field).
+    """
+    try:
+        return DECODERS[route].decode(raw), raw, []
+    except msgspec.ValidationError as exc:
+        if NOT_OCPI_DATETIME not in str(exc):
+            raise decode_problem(exc) from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise decode_problem(exc) from None
+    raw, warnings = _rewrite_datetimes(route, raw)
+    try:
+        return DECODERS[route].decode(raw), raw, warnings
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise decode_problem(exc) from None
+
+
+def _rewrite_datetimes(route: tuple[str, str, int], raw: bytes) -> tuple[bytes, list[Problem]]:
+    """The body re-encoded with its DateTimes in OCPI's form (other values as they were), and one warning per
+    change; a 422 naming every DateTime that is no instant."""
+    if too_deep(raw):
+        raise too_deep_problem()
+    try:
+        doc = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise decode_problem(exc) from None
+    except ValueError as exc:  # a number JSON carries but Python cannot read (1e999999)
+        raise InvalidEvent([Problem(field="$", rule="json", message=f"a value Python cannot read: {exc}")]) from None
+    rewritten: list[tuple[str, str, str]] = []
+    unreadable: list[tuple[str, str]] = []
+    doc = rewrite_instants(doc, _INSTANTS[route], "$", rewritten, unreadable)
+    if unreadable:
+        why = "not an instant an OCPI DateTime can carry"
+        raise InvalidEvent([Problem(field=f, rule="ocpi.datetime", message=f"{why}: {r}") for f, r in unreadable])
+    form = "OCPI DateTime: UTC, string(25)"
+    warnings = [
+        Problem(field=f, rule="ocpi.datetime_rewritten", message=f"{sent!r} stored and sent as {kept!r} ({form})")
+        for f, sent, kept in rewritten
+    ]
+    return msgspec.json.encode(doc), warnings
 
 
 def _ids_problems(target: Target, level: int) -> list[Problem]:
@@ -95,6 +153,18 @@ def _ids_problems(target: Target, level: int) -> list[Problem]:
 
 def _id_problem(name: str) -> Problem:
     return Problem(field=f"url.{name}", rule="ocpi.id", message="1 to 36 printable ASCII characters, not . or ..")
+
+
+# F1: OCPI's DELETE /tariffs/{country_code}/{party_id}/{tariff_id} has no way to name one per-eMSP variant, and
+# GIREVE's cpo_tariffs.md ("Differentiate tariff per eMSP") documents none: sent as is, it would read as the
+# deletion of the default tariff. What GIREVE does document for a tariff that ends ("Locations tariff update":
+# "Update the end_date of the ongoing tariff") retires a variant too.
+VARIANT_DELETE_PROBLEM = Problem(
+    field="query.target_operator_country_code",
+    rule="gireve.F1.variant_delete",
+    message="GIREVE has no DELETE of one per-eMSP variant (the IOP would take it for the default tariff): retire "
+    "the variant with a PUT of it (same target_operator_country_code/party_id) whose end_date_time is now or past",
+)
 
 
 def too_deep_problem() -> InvalidEvent:
@@ -139,8 +209,10 @@ def _url_problems(target: Target, body: Any, level: int) -> list[Problem]:
     return problems
 
 
-def _gireve(target: Target, body: Any, level: int, op: Operator, method: str) -> tuple[list[Problem], list[Problem]]:
-    """(rule problems that the profile may soften, warnings that never refuse)."""
+def _rules(target: Target, body: Any, level: int, op: Operator, method: str) -> tuple[list[Problem], list[Problem]]:
+    """GIREVE's rules: (problems that the profile may soften, warnings that never refuse)."""
+    if level == 0 and method == "PUT" and target.module == "locations":  # the common event: one pass
+        return rules.check_whole_location(body, op)
     partial = method == "PATCH"
     if target.module == "locations":
         checks = (
@@ -151,9 +223,18 @@ def _gireve(target: Target, body: Any, level: int, op: Operator, method: str) ->
             else rules.check_connector(body, "$", partial=partial)
         )
         return checks, rules.location_warnings(body) if level < 2 else []
-    if target.module == "tariffs" and method == "PUT":
+    if target.module == "tariffs":
         return rules.check_tariff(body), []
-    return [], []
+    return rules.check_cdr_token(getattr(body, "cdr_token", None), "$.cdr_token", op), []  # sessions, cdrs
+
+
+def _always(module: str, body: Any) -> list[Problem]:
+    """The rules no profile softens: GIREVE's tariff variant pair (it names the object), OCPI's CDR id and credit."""
+    if module == "tariffs":
+        return rules.check_tariff_target(body)
+    if module == "cdrs":
+        return rules.check_cdr(body)
+    return []
 
 
 def validate(target: Target, method: Method, raw: bytes, settings: Settings, *, correlation_id: str = "") -> Accepted:
@@ -163,16 +244,16 @@ def validate(target: Target, method: Method, raw: bytes, settings: Settings, *, 
     if correlation_id and not header_value_ok(correlation_id):
         problems.append(CORRELATION_PROBLEM)
     body: Any = None
+    rewritten: list[Problem] = []
     if method != "DELETE":
-        decoder = DECODERS.get((target.module, method, level))
-        if decoder is None:
+        route = (target.module, method, level)
+        if route not in DECODERS:
             raise InvalidEvent([Problem(field="method", rule="route", message=f"{method} not allowed here")], 405)
-        try:
-            body = decoder.decode(raw)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise decode_problem(exc) from None
+        body, raw, rewritten = _decode(route, raw)
         if too_deep(raw):  # unknown fields are skipped by the decoder, at any depth
             raise too_deep_problem()
+    elif target.target_country is not None or target.target_party is not None:
+        problems.append(VARIANT_DELETE_PROBLEM)
     if target.module == "cdrs":
         target = _owner_from_body(target, body)
     op = settings.operator(target.country_code, target.party_id)
@@ -183,16 +264,12 @@ def validate(target: Target, method: Method, raw: bytes, settings: Settings, *, 
     warnings: list[Problem] = []
     if body is not None:
         problems += _url_problems(target, body, level) if target.module != "cdrs" else []
-        if level == 0 and method == "PUT" and target.module == "locations":  # the common event: one pass
-            gireve, warnings = rules.check_whole_location(body, op)
-        else:
-            gireve, warnings = _gireve(target, body, level, op, method)
-        if target.module == "tariffs":
-            problems += rules.check_tariff_target(body)
+        gireve, warnings = _rules(target, body, level, op, method)
         if settings.ingress.profile == "strict":
             problems += gireve
         else:
             warnings = gireve + warnings
+        problems += _always(target.module, body)
     if problems:
         raise InvalidEvent(problems)
     event = Event(
@@ -211,6 +288,11 @@ def validate(target: Target, method: Method, raw: bytes, settings: Settings, *, 
     )
     stamp = getattr(body, "last_updated", None)
     updated_ms = int(stamp.timestamp() * 1000) if stamp is not None and stamp is not msgspec.UNSET else 0
+    if rewritten:
+        # The CSMS gets them as warnings in its 202; operators get this line (a CSMS sending local time, say).
+        log.warning("datetime_rewritten", event_id=event.id, module=event.module, object=event.object_ref(),
+                    fields={p.field: p.message for p in rewritten})  # fmt: skip
+        warnings = rewritten + warnings
     return Accepted(event, warnings, updated_ms)
 
 

@@ -11,7 +11,10 @@ records every request it gets. It plays both sides of the handshake:
   the relay's versions with that token while the POST is still open (like a hub checking the
   caller), and answers with ``token_c``.
 
-Module receivers answer 200 / OCPI 1000 and record what arrives.
+Module receivers answer 200 / OCPI 1000 and record what arrives. Knobs, all off by default: ``hub`` (the
+party of its HUB role, FR/107 as GIREVE's pre-production), ``routing`` (answer OCPI 4001 to a module request
+whose OCPI-to-* is not ``hub``, as a hub does), ``versions`` (the versions it lists), ``missing`` (endpoint
+identifiers left out of its 2.2.1 details), ``refuse_code`` (the OCPI code of a refused POST).
 """
 
 from __future__ import annotations
@@ -107,6 +110,11 @@ class OcpiPeer:
         self.changed = asyncio.Event()
         self.call_back = call_back
         self.refuse_post = False  # answer the relay's credentials POST with an OCPI error
+        self.refuse_code = 3001  # ... this one
+        self.hub = ("FR", "107")  # the party of its HUB role, in every credentials object it hands over
+        self.routing = False  # answer 4001 to module requests whose OCPI-to-* is not self.hub
+        self.versions = ["2.1.1", VERSION]
+        self.missing: set[str] = set()  # identifiers left out of the 2.2.1 details
         self.offered: dict[str, Any] | None = None  # the relay's credentials from its POST (ToIOP)
         self.callback: tuple[int, Any] | None = None  # (HTTP status, body) of our call back during that POST
         self.relay_token: str | None = None  # the token the relay gave us (FromIOP answer)
@@ -132,7 +140,11 @@ class OcpiPeer:
         eps = [{"identifier": "locations", "role": "SENDER", "url": f"{self.base}/{VERSION}/sender/locations"}]
         eps += [{"identifier": m, "role": "RECEIVER", "url": self.endpoint(m)} for m in MODULES]
         eps.append({"identifier": "credentials", "role": "SENDER", "url": self.endpoint("credentials")})
-        return eps
+        return [e for e in eps if e["identifier"] not in self.missing]
+
+    def offer(self, token: str) -> dict[str, Any]:
+        """Its credentials object, carrying ``token``."""
+        return {"token": token, "url": self.versions_url, "roles": [hub_role(*self.hub)]}
 
     # -- serving -------------------------------------------------------------------------------------
 
@@ -164,10 +176,7 @@ class OcpiPeer:
             return web.json_response(envelope(code=2000, message="unknown token"), status=401)
         path, method = request.path, request.method
         if path == "/ocpi/versions" and method == "GET":
-            listed = [
-                {"version": "2.1.1", "url": f"{self.base}/2.1.1"},
-                {"version": VERSION, "url": f"{self.base}/{VERSION}"},
-            ]
+            listed = [{"version": v, "url": f"{self.base}/{v}"} for v in self.versions]
             return web.json_response(envelope(listed))
         if path == f"/ocpi/{VERSION}" and method == "GET":
             return web.json_response(envelope({"version": VERSION, "endpoints": self.endpoints()}))
@@ -179,6 +188,9 @@ class OcpiPeer:
                 self.accepted.discard(token)
                 return web.json_response(envelope())
         if any(path.startswith(f"/ocpi/{VERSION}/{m}/") for m in MODULES):
+            to = (request.headers.get("OCPI-to-country-code"), request.headers.get("OCPI-to-party-id"))
+            if self.routing and to != self.hub:
+                return web.json_response(envelope(code=4001, message=f"Unknown receiver {to[0]}*{to[1]}"))
             return web.json_response(envelope())
         return web.json_response(envelope(code=2000, message="no such route"), status=404)
 
@@ -188,7 +200,7 @@ class OcpiPeer:
             return web.json_response(envelope(code=2000, message="POST credentials needs token A"), status=405)
         self.offered = seen.json()
         if self.refuse_post:
-            return web.json_response(envelope(code=3001, message="cannot use your API"), status=400)
+            return web.json_response(envelope(code=self.refuse_code, message="cannot use your API"), status=400)
         assert self.offered is not None and self._http is not None
         if self.call_back:
             # Like a hub that checks the caller before answering: GET its versions with the new token.
@@ -197,8 +209,7 @@ class OcpiPeer:
                 self.callback = (resp.status, await resp.json())
         self.accepted.discard(self.token_a)
         self.accepted.add(self.token_c)
-        ours = {"token": self.token_c, "url": self.versions_url, "roles": [hub_role()]}
-        return web.json_response(envelope(ours))
+        return web.json_response(envelope(self.offer(self.token_c)))
 
     # -- what arrived ----------------------------------------------------------------------------------
 
@@ -248,16 +259,15 @@ class OcpiPeer:
         status, answer, _ = await self.call("GET", version_url, token_a)
         assert status == 200 and answer["status_code"] == 1000, answer
         cred_url = next(e["url"] for e in answer["data"]["endpoints"] if e["identifier"] == "credentials")
-        offer = {"token": self.token_b, "url": self.versions_url, "roles": [hub_role()]}
-        status, answer, _ = await self.call("POST", cred_url, token_a, body=offer)
+        status, answer, _ = await self.call("POST", cred_url, token_a, body=self.offer(self.token_b))
         assert status == 200 and answer["status_code"] == 1000, answer
         self.relay_credentials = answer["data"]
         self.relay_token = answer["data"]["token"]
         return dict(answer)
 
 
-def hub_role() -> dict[str, Any]:
-    return {"role": "HUB", "party_id": "107", "country_code": "FR", "business_details": {"name": "GIREVE"}}
+def hub_role(country_code: str = "FR", party_id: str = "107") -> dict[str, Any]:
+    return {"role": "HUB", "party_id": party_id, "country_code": country_code, "business_details": {"name": "GIREVE"}}
 
 
 def hub_ssl(ca: Any, *, require_client_cert: bool = False) -> ssl.SSLContext:

@@ -3,8 +3,9 @@
 The CSMS calls ``POST /ingress/2.2.1/tokens/{uid}/authorize?type=…`` with LocationReferences; the
 relay checks the input, POSTs ``{tokens SENDER}/{UID}/authorize?type=…`` to the IOP (a FakeIop
 announced by a registered peer) and answers with who decided and what. When the IOP cannot answer
-(down, slower than ``iop.authorize_timeout_s``, 5xx, OCPI 3xxx, 401), the whitelist of tokens the
-IOP pushed earlier decides.
+(down, slower than ``iop.authorize_timeout_s``, 5xx, OCPI 3xxx, 401, 4001), the whitelist of tokens the
+IOP pushed earlier decides. A token the IOP pushed with whitelist ALWAYS is decided from that copy without
+asking (mod_tokens: "realtime authorization is not possible/allowed").
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 import msgspec
 import pytest
 
+from relay.authorize import check_uid
 from relay.config import Settings
-from relay.models.tokens import AuthorizationInfo
+from relay.errors import InvalidEvent
+from relay.models.tokens import AuthorizationInfo, AuthorizedToken
 from tests.csms_fake import IOP_TOKENS, Bench, bench, iop_token
 from tests.fake_iop import Received, Reply
 from tests.ocpi_peer import token_header
@@ -103,8 +106,8 @@ async def test_round_trip_through_the_iop(make_settings: Callable[..., Settings]
 async def test_unknown_token_is_the_iops_decision(make_settings: Callable[..., Settings]) -> None:
     async with bench(make_settings) as b:
         await b.put_location()
-        # Known to the relay as ALWAYS, but the IOP is reachable and says 2004: the IOP decides.
-        await b.push_token("0102ABCD", "ALWAYS")
+        # Known to the relay as ALLOWED (real-time allowed too), the IOP is reachable and says 2004: it decides.
+        await b.push_token("0102ABCD", "ALLOWED")
         b.iop.script = answering({})
 
         status, answer = await authorize(b, "0102ABCD")
@@ -149,6 +152,14 @@ async def test_bad_uids_are_refused_before_sending(make_settings: Callable[..., 
         status, answer = await authorize(b, "x" * 37, token_type="APP_USER")
         assert status == 422, answer
         assert asked(b) == []
+
+
+@pytest.mark.parametrize("uid", ["0102ABCD\n", "0102abcdef0123\n", " 0102ABCD"])
+def test_a_uid_with_anything_around_it_is_no_rfid_uid(uid: str) -> None:
+    # One rule with the Session and CDR cdr_token check (rules.is_rfid_uid): a whole-string match.
+    with pytest.raises(InvalidEvent):
+        check_uid(uid, "RFID")
+    assert check_uid("0102abcd", "RFID") == "0102ABCD"
 
 
 async def test_missing_or_unknown_location_is_refused_before_sending(make_settings: Callable[..., Settings]) -> None:
@@ -243,7 +254,10 @@ async def _check_offline(b: Bench, error_has: str) -> None:
         data = answer["data"]
         assert (data["decided_by"], data["allowed"]) == ("whitelist", expected), (uid, data)
         assert data["whitelist"] == whitelist
-        assert error_has in data["iop_error"], data
+        if whitelist == "ALWAYS":  # never asked: no IOP error to report
+            assert data["iop_error"] is None and data["reason"].startswith("whitelist ALWAYS"), data
+        else:
+            assert error_has in data["iop_error"], data
         assert data["authorization"]["token"]["uid"] == uid
     status, answer = await authorize(b, "0F0F0F0F")
     data = answer["data"]
@@ -268,7 +282,7 @@ async def test_iop_slow_whitelist_decides_within_the_deadline(make_settings: Cal
         b.iop.script = lambda r: Reply(hold=release) if r.path.startswith(IOP_TOKENS) else None
         try:
             started = time.monotonic()
-            status, answer = await authorize(b, "0A0A0A0A")
+            status, answer = await authorize(b, "0B0B0B0B")  # ALLOWED: real-time first, the whitelist after
             elapsed = time.monotonic() - started
             assert status == 200 and answer["data"]["decided_by"] == "whitelist", answer
             assert answer["data"]["allowed"] == "ALLOWED" and answer["data"]["iop_error"] == "timeout"
@@ -286,8 +300,10 @@ async def test_iop_slow_whitelist_decides_within_the_deadline(make_settings: Cal
         (Reply(status=200, ocpi=3000), "OCPI 3000"),
         (Reply(status=401, ocpi=2000), "http 401"),
         (Reply(status=200, ocpi=1000), "unusable AuthorizationInfo"),  # success without data
+        # The hub could not route the request (not the eMSP's answer): the whitelist decides, not "iop".
+        (Reply(status=200, ocpi=4001), "OCPI 4001 unknown receiver"),
     ],
-    ids=["5xx", "ocpi-3xxx", "401", "no-data"],
+    ids=["5xx", "ocpi-3xxx", "401", "no-data", "ocpi-4001"],
 )
 async def test_iop_errors_whitelist_decides(make_settings: Callable[..., Settings], reply: Reply,
                                             error_has: str) -> None:  # fmt: skip
@@ -302,3 +318,89 @@ def test_authorization_info_model_takes_the_iops_answer() -> None:
     """The fake's AuthorizationInfo is a valid one (else the round-trip tests would test the fallback)."""
     info = msgspec.convert(authorization_info("0A1B2C3D", "ALLOWED"), AuthorizationInfo)
     assert info.allowed == "ALLOWED" and info.location is not None and info.location.evse_uids == ["3256"]
+
+
+# -- whitelist ALWAYS: no real-time authorisation --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("valid", "expected"), [(True, "ALLOWED"), (False, "NOT_ALLOWED")])
+async def test_a_token_whitelisted_always_is_decided_without_the_iop(make_settings: Callable[..., Settings],
+                                                                     valid: bool, expected: str) -> None:  # fmt: skip
+    async with bench(make_settings) as b:
+        await b.put_location()
+        await b.push_token("0A1B2C3D", "ALWAYS", valid=valid)
+        # Reachable and answering: still not asked (mod_tokens, WhitelistType ALWAYS: "realtime
+        # authorization is not possible/allowed. CPO shall always allow any use of this Token").
+        b.iop.script = answering({"0A1B2C3D": authorization_info("0A1B2C3D", "BLOCKED")})
+
+        status, answer = await authorize(b, "0a1b2c3d")
+
+        assert status == 200, answer
+        data = answer["data"]
+        assert (data["decided_by"], data["allowed"], data["whitelist"]) == ("whitelist", expected, "ALWAYS"), data
+        assert data["iop_error"] is None and data["reason"].startswith("whitelist ALWAYS"), data
+        assert data["authorization"]["token"]["uid"] == "0A1B2C3D"
+        assert asked(b) == []
+
+
+async def test_the_newest_copy_of_a_uid_decides_whether_to_ask(make_settings: Callable[..., Settings]) -> None:
+    """Two eMSPs pushed the same uid: the most recently updated token is the one whose whitelist counts."""
+    async with bench(make_settings) as b:
+        await b.put_location()
+        await b.push_token("0A1B2C3D", "ALWAYS", party_id="OLD", last_updated="2020-01-01T00:00:00Z")
+        await b.push_token("0A1B2C3D", "NEVER", party_id="NEW", last_updated="2025-01-01T00:00:00Z")
+        b.iop.script = answering({"0A1B2C3D": authorization_info("0A1B2C3D", "BLOCKED")})
+        status, answer = await authorize(b, "0A1B2C3D")
+        assert status == 200 and answer["data"]["decided_by"] == "iop", answer
+        assert answer["data"]["allowed"] == "BLOCKED" and len(asked(b)) == 1
+
+
+# -- the IOP's AuthorizationInfo, read leniently about optional Token fields ---------------------------------
+
+# (id, changes to the Token inside the answer)
+LENIENT: list[tuple[str, dict[str, Any]]] = [
+    ("optional fields left out", {"visual_number": None, "group_id": None, "language": None}),
+    ("unknown fields", {"eco_friendly": True, "extensions": {"gireve": {"a": 1}}}),
+    ("a language of three letters", {"language": "fra"}),
+    ("a profile type of a later version", {"default_profile_type": "ECO"}),
+    ("an energy contract without supplier_name", {"energy_contract": {"contract_id": "C1"}}),
+    ("a visual number longer than 64", {"visual_number": "V" * 80}),
+    ("a group id longer than 36", {"group_id": "G" * 40}),
+]
+
+
+@pytest.mark.parametrize("changes", [c for _, c in LENIENT], ids=[i for i, _ in LENIENT])
+async def test_optional_token_fields_never_make_the_answer_unusable(make_settings: Callable[..., Settings],
+                                                                    changes: dict[str, Any]) -> None:  # fmt: skip
+    async with bench(make_settings) as b:
+        await b.put_location()
+        info = authorization_info("0A1B2C3D", "ALLOWED")
+        token = info["token"]
+        for name, value in changes.items():
+            if value is None:
+                token.pop(name, None)
+            else:
+                token[name] = value
+        b.iop.script = answering({"0A1B2C3D": info})
+
+        status, answer = await authorize(b, "0A1B2C3D")
+
+        assert status == 200, answer
+        data = answer["data"]
+        assert (data["decided_by"], data["allowed"], data["iop_error"]) == ("iop", "ALLOWED", None), data
+        sent = data["authorization"]["token"]
+        for name, value in changes.items():
+            if name in AuthorizedToken.__struct_fields__:
+                assert sent.get(name) == value, name  # passed to the CSMS as the eMSP sent it
+            else:
+                assert name not in sent  # unknown fields are dropped, as everywhere
+
+
+@pytest.mark.parametrize("missing", ["country_code", "party_id", "uid", "type", "contract_id", "issuer", "valid",
+                                     "whitelist", "last_updated"])  # fmt: skip
+def test_a_required_token_field_is_still_required(missing: str) -> None:
+    """mod_tokens' required fields (Card. 1): without one the answer is no AuthorizationInfo."""
+    info = authorization_info("0A1B2C3D", "ALLOWED")
+    del info["token"][missing]
+    with pytest.raises(msgspec.ValidationError, match=missing):
+        msgspec.convert(info, AuthorizationInfo)

@@ -101,24 +101,87 @@ async def test_start_session_reaches_the_csms_and_the_result_the_iop(make_settin
 
 
 async def test_start_session_refusals(make_settings: Callable[..., Settings]) -> None:
+    """A command that is JSON reached the OCPI layer: refused in an HTTP 200 with the OCPI code (status_codes:
+    "an HTTP error status code MUST NOT be returned"); only a body that is not JSON is HTTP 400."""
     async with bench(make_settings) as b:
         await b.put_location()
-        cases: list[tuple[Any, int, int]] = [
-            (start_session(b, connector_id=None), 400, 2001),  # GIREVE requires connector_id
-            (start_session(b, location_id="NOWHERE"), 404, 2003),
-            (start_session(b, response_url=None), 400, 2001),
-            (start_session(b, response_url="ftp://iop.example/x"), 400, 2001),
-            (start_session(b, token={"uid": "0102ABCD"}), 400, 2001),
-            ([1, 2], 400, 2001),
+        cases: list[tuple[Any, int]] = [
+            (start_session(b, location_id="NOWHERE"), 2003),  # status_codes' own example of 2003
+            (start_session(b, response_url=None), 2001),
+            (start_session(b, response_url="ftp://iop.example/x"), 2001),
+            (start_session(b, token={"uid": "0102ABCD"}), 2001),
+            ([1, 2], 2001),
         ]
-        for body, http, code in cases:
+        for body, code in cases:
             status, answer, headers = await command(b, "START_SESSION", body)
-            assert (status, answer["status_code"]) == (http, code), (body, answer)
+            assert (status, answer["status_code"]) == (200, code), (body, answer)
+            assert "data" not in answer and answer["status_message"], answer
             assert headers["X-Request-ID"] == "iop-req-1"
-        # A command for an operator this relay does not host.
-        status, answer, _ = await command(b, "START_SESSION", start_session(b), **{"OCPI-to-party-id": "ZZ9"})
-        assert (status, answer["status_code"]) == (404, 4001), answer
+            # Routed like any answer of a Functional Module: to the eMSP that asked, from the operator it addressed.
+            assert (headers["OCPI-to-country-code"], headers["OCPI-to-party-id"]) == ("NL", "TNM")
+            assert (headers["OCPI-from-country-code"], headers["OCPI-from-party-id"]) == ("FR", "AB1")
+        h = {"Authorization": token_header(b.relay_token), "Content-Type": "application/json", **TO_AB1}
+        async with b.http.post(f"{b.ocpi_base}/commands/START_SESSION", data=b'{"response_url": ', headers=h) as r:
+            answer = await r.json()
+            assert (r.status, answer["status_code"]) == (400, 2001), answer  # not JSON: the transport layer
+        # A command for an operator this relay does not host: 2001 (the OCPI-to-* parameter), not the
+        # hub's 4001; answered from the relay's own operator.
+        status, answer, headers = await command(b, "START_SESSION", start_session(b), **{"OCPI-to-party-id": "ZZ9"})
+        assert (status, answer["status_code"]) == (200, 2001), answer
+        assert "OCPI-to" in answer["status_message"]
+        assert (headers["OCPI-from-country-code"], headers["OCPI-from-party-id"]) == ("FR", "AB1")
+        assert (headers["OCPI-to-country-code"], headers["OCPI-to-party-id"]) == ("NL", "TNM")
         assert b.csms.posts == []
+
+
+async def test_start_session_without_connector_or_evse_goes_to_the_csms_as_it_came(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """OCPI 2.2.1: evse_uid and connector_id are optional; an eMSP on GIREVE in OCPI 2.1.1 cannot send connector_id."""
+    async with bench(make_settings) as b:
+        await b.put_location()
+        urls = []
+        for changes in ({"connector_id": None}, {"connector_id": None, "evse_uid": None}):
+            body = start_session(b, **changes)
+            status, answer, _ = await command(b, "START_SESSION", body)
+            assert (status, answer["status_code"]) == (200, 1000), (changes, answer)
+            assert answer["data"] == {"result": "ACCEPTED", "timeout": 120}
+            post = b.csms.posts[-1]
+            assert post.body["request"] == body  # no connector_id / evse_uid made up: the CSMS picks them
+            assert "connector_id" not in post.body["request"]
+            status, _ = await post_result(b, post.body["command_id"], {"result": "ACCEPTED"})
+            assert status == 202
+            urls.append(body["response_url"])
+        await b.iop.wait_for(lambda: all(len(at(b, url)) == 1 for url in urls))  # both results delivered
+        assert len(b.csms.posts) == 2
+        # The unknown location is still refused without them.
+        status, answer, _ = await command(b, "START_SESSION", start_session(b, connector_id=None, evse_uid=None,
+                                                                            location_id="NOWHERE"))  # fmt: skip
+        assert (status, answer["status_code"]) == (200, 2003), answer
+        assert len(b.csms.posts) == 2
+
+
+async def test_command_answers_carry_routing_headers(make_settings: Callable[..., Settings]) -> None:
+    """transport_and_format, "Message Routing": a response goes TO the requesting party, FROM the receiving one."""
+    async with bench(make_settings) as b:
+        url = b.response_url("STOP_SESSION")
+        _, _, headers = await command(b, "STOP_SESSION", {"response_url": url, "session_id": "S1"})
+        assert (headers["OCPI-from-country-code"], headers["OCPI-from-party-id"]) == ("FR", "AB1")
+        assert (headers["OCPI-to-country-code"], headers["OCPI-to-party-id"]) == ("NL", "TNM")
+        # Lower-case ids (CiString) are answered in upper case.
+        lower = {"OCPI-from-country-code": "nl", "OCPI-from-party-id": "tnm",
+                 "OCPI-to-country-code": "fr", "OCPI-to-party-id": "ab1"}  # fmt: skip
+        status, _, headers = await command(b, "STOP_SESSION", {"response_url": url, "session_id": "S2"}, **lower)
+        assert status == 200
+        assert (headers["OCPI-from-country-code"], headers["OCPI-from-party-id"]) == ("FR", "AB1")
+        assert (headers["OCPI-to-country-code"], headers["OCPI-to-party-id"]) == ("NL", "TNM")
+        # No routing headers in the request: from the relay's (only) operator, to the IOP as it registered (HUB role).
+        h = {"Authorization": token_header(b.relay_token), "Content-Type": "application/json"}
+        async with b.http.post(f"{b.ocpi_base}/commands/STOP_SESSION", json={"response_url": url, "session_id": "S3"},
+                               headers=h) as r:  # fmt: skip
+            assert r.status == 200, await r.text()
+            assert (r.headers["OCPI-from-country-code"], r.headers["OCPI-from-party-id"]) == ("FR", "AB1")
+            assert (r.headers["OCPI-to-country-code"], r.headers["OCPI-to-party-id"]) == ("FR", "107")
 
 
 @pytest.mark.parametrize("csms_fault", ["rejects", "down", "slow", "5xx", "garbage"])
@@ -176,7 +239,7 @@ async def test_stop_session(make_settings: Callable[..., Settings]) -> None:
         assert at(b, url)[0].headers["X-Correlation-ID"] == "iop-corr-2"
 
         status, answer, _ = await command(b, "STOP_SESSION", {"response_url": url})  # no session_id
-        assert (status, answer["status_code"]) == (400, 2001), answer
+        assert (status, answer["status_code"]) == (200, 2001), answer
         b.csms.result = "UNKNOWN_SESSION"
         status, answer, _ = await command(b, "STOP_SESSION", {"response_url": url, "session_id": "S404"})
         assert answer["data"]["result"] == "UNKNOWN_SESSION", answer
@@ -218,7 +281,7 @@ async def test_unlock_connector_passes_when_the_csms_handles_it(make_settings: C
         status, answer, _ = await command(b, "RESERVE_NOW", bodies["RESERVE_NOW"])
         assert answer["data"]["result"] == "NOT_SUPPORTED"
         status, answer, _ = await command(b, "UNLOCK_CONNECTOR", {"location_id": "LOC1"})  # no response_url
-        assert (status, answer["status_code"]) == (400, 2001), answer
+        assert (status, answer["status_code"]) == (200, 2001), answer
         assert len(b.csms.posts) == 1  # RESERVE_NOW and the bad UNLOCK_CONNECTOR never reached it
 
 
@@ -381,7 +444,7 @@ async def test_connector_id_needs_evse_uid(make_settings: Callable[..., Settings
     async with bench(make_settings) as b:
         await b.put_location()
         status, answer, _ = await command(b, "START_SESSION", start_session(b, evse_uid=None))
-        assert (status, answer["status_code"]) == (400, 2001), answer
+        assert (status, answer["status_code"]) == (200, 2001), answer
         assert "evse_uid" in answer["status_message"]
         assert b.csms.posts == []
 

@@ -212,7 +212,10 @@ def test_token_list_for_rotation() -> None:
         ({"RELAY_OPERATORS_JSON": json.dumps([{**FR_AB1, "name": ""}])}, "operators[0].name:"),
         ({"RELAY_OPERATORS_JSON": json.dumps([{k: v for k, v in FR_AB1.items() if k != "name"}])}, "operators[0]:"),
         ({"RELAY_OPERATORS_JSON": json.dumps([{**FR_AB1, "emi3": "x"}])}, "operators[0]:"),
-        ({"RELAY_OPERATORS_JSON": json.dumps([{**FR_AB1, "emi3_id": "FR*XY1"}])}, "operators[0].emi3_id:"),
+        ({"RELAY_OPERATORS_JSON": json.dumps([{**FR_AB1, "emi3_id": "FR*XY"}])}, "operators[0].emi3_id:"),
+        ({"RELAY_OPERATORS_JSON": json.dumps([{**FR_AB1, "emi3_id": "FR**XY1"}])}, "operators[0].emi3_id:"),
+        ({"RELAY_OPERATORS_JSON": json.dumps([{**FR_AB1, "emi3_id": "fr*xy1"}])}, "operators[0].emi3_id:"),
+        ({"RELAY_OPERATORS_JSON": json.dumps([{**FR_AB1, "emi3_id": "FR*XY1*E"}])}, "operators[0].emi3_id:"),
         ({"RELAY_OPERATORS_JSON": json.dumps([FR_AB1, {**FR_AB1, "name": "Again"}])}, "operators[1]: duplicate"),
         ({"RELAY_FORWARDER_CLAIM_IDLE_S": "10"}, "forwarder.claim_idle_s:"),
         ({"RELAY_FORWARDER_BACKOFF_MAX_S": "0.5"}, "forwarder.backoff_max_s:"),
@@ -221,6 +224,20 @@ def test_token_list_for_rotation() -> None:
 def test_errors_name_the_key(env: Mapping[str, str], prefix: str) -> None:
     err = one_error(SHIPPED, **env)
     assert err.startswith(prefix), err
+
+
+def test_emi3_id_defaults_to_the_ocpi_ids_and_may_differ_from_them(tmp_path: Path) -> None:
+    """L2: EVSE ids begin with the operator's eMI3 id, which OCPI does not tie to country_code + party_id."""
+    without = write(tmp_path, MINIMAL.replace('emi3_id = "FR*AB1"\n', ""))
+    [op] = load(without, env={}).operators
+    assert (op.emi3_id, op.evse_id_prefixes()) == ("FR*AB1", ("FR*AB1*E", "FRAB1E"))
+    [op] = load(write(tmp_path, MINIMAL.replace('"FR*AB1"', '"FR*XYZ"')), env={}).operators
+    assert (op.country_code, op.party_id, op.evse_id_prefixes()) == ("FR", "AB1", ("FR*XYZ*E", "FRXYZE"))
+    # the env override of operators: RELAY_OPERATORS_JSON, with or without the key
+    env = {"RELAY_OPERATORS_JSON": json.dumps([FR_AB1, {**FR_AB1, "party_id": "AB2", "emi3_id": "DEXYZ"}])}
+    assert [o.emi3_id for o in load(without, env=env).operators] == ["FR*AB1", "DEXYZ"]
+    env = {"RELAY_OPERATORS_JSON": json.dumps([{k: v for k, v in FR_AB1.items() if k != "emi3_id"}])}
+    assert [o.emi3_id for o in load(without, env=env).operators] == ["FR*AB1"]
 
 
 def test_bad_toml_names_the_file_and_line(tmp_path: Path) -> None:

@@ -15,9 +15,10 @@ import relay.logs
 import relay.service
 from relay.cli import main
 from relay.config import Settings, load
-from relay.config_checks import MIN_INGRESS_TOKEN_CHARS, config_warnings, is_loopback
+from relay.config_checks import MIN_INGRESS_TOKEN_CHARS, announce_refusal, config_warnings, is_loopback
+from relay.store import RegistrationStore, Store, connect
 from tests.conftest import REPO
-from tests.ocpi_peer import captured_logs, cli
+from tests.ocpi_peer import OcpiPeer, captured_logs, cli
 
 SHIPPED = REPO / "config" / "relay.toml"
 GOOD = "k" * 32  # a token long enough
@@ -195,3 +196,63 @@ async def test_register_warns_about_an_unset_or_plain_public_url(make_settings: 
     assert "warning: ocpi.public_url — http://ocpi.cpo.example/ocpi is plain http" in res.stderr
     res = await cli(settings, "register", "--from-iop", RELAY_OCPI_PUBLIC_URL="https://ocpi.cpo.example/ocpi")
     assert res.exit_code == 0 and "warning" not in res.stderr, res.stderr
+
+
+# -- T4: relay register hands the IOP an https URL, or nothing ---------------------------------------------
+
+# (id, [ocpi] public_url, [ocpi] allow_insecure_urls, refused because …)
+ANNOUNCED = [
+    ("https on a public name", "https://ocpi.cpo.example/ocpi", "false", None),
+    ("https with a port", "https://ocpi.cpo.example:8443/ocpi", "false", None),
+    ("unset: http://<listen> would be announced", "", "false", "is unset"),
+    ("plain http", "http://ocpi.cpo.example/ocpi", "false", "only https"),
+    ("https on loopback", "https://127.0.0.1:8781/ocpi", "false", "not a public address"),
+    ("https on a private address", "https://10.0.0.7/ocpi", "false", "not a public address"),
+    ("https on localhost", "https://localhost/ocpi", "false", "a local name"),
+    ("test set-up: unset allowed", "", "true", None),
+    ("test set-up: http allowed", "http://127.0.0.1:8781/ocpi", "true", None),
+]
+
+
+@pytest.mark.parametrize(("public", "insecure", "refused"), [a[1:] for a in ANNOUNCED], ids=[a[0] for a in ANNOUNCED])
+def test_announce_refusal(public: str, insecure: str, refused: str | None) -> None:
+    got = announce_refusal(settings_with(RELAY_OCPI_PUBLIC_URL=public, RELAY_OCPI_ALLOW_INSECURE_URLS=insecure))
+    if refused is None:
+        assert got is None
+    else:
+        assert got is not None and refused in got and "allow_insecure_urls" in got, got
+
+
+async def test_register_refuses_to_hand_over_a_url_that_is_not_https(make_settings: Callable[..., Settings]) -> None:
+    """`relay register --from-iop` printed http://127.0.0.1:8781/ocpi/versions for GIREVE when public_url was unset."""
+    settings = make_settings(RELAY_OCPI_ALLOW_INSECURE_URLS="false")
+    strict = {"RELAY_OCPI_ALLOW_INSECURE_URLS": "false"}
+    for public in ("", "http://ocpi.cpo.example/ocpi", "https://127.0.0.1/ocpi"):
+        res = await cli(settings, "register", "--from-iop", RELAY_OCPI_PUBLIC_URL=public, **strict)
+        assert res.exit_code == 2, res.output
+        assert res.stderr.startswith("not registering: ocpi.public_url"), res.stderr
+        assert "token A" not in res.stdout and "versions URL" not in res.stdout
+    store = Store(connect(settings.redis.url, settings.redis), settings.redis)
+    try:
+        assert (await RegistrationStore(store).load())[1] is None  # no token A was made
+    finally:
+        await store.close()
+    res = await cli(settings, "register", "--from-iop", RELAY_OCPI_PUBLIC_URL="https://ocpi.cpo.example/ocpi", **strict)
+    assert res.exit_code == 0, res.output
+    assert "versions URL: https://ocpi.cpo.example/ocpi/versions" in res.stdout and "token A:" in res.stdout
+    # The existing switch for test set-ups lets it through, with the warning.
+    res = await cli(settings, "register", "--from-iop", RELAY_OCPI_PUBLIC_URL="", RELAY_OCPI_ALLOW_INSECURE_URLS="true")
+    assert res.exit_code == 0 and "warning: ocpi.public_url — unset while registering" in res.stderr, res.output
+
+
+async def test_register_to_iop_refuses_it_too_before_calling_the_hub(make_settings: Callable[..., Settings]) -> None:
+    peer = OcpiPeer()
+    await peer.start()
+    try:
+        settings = make_settings()
+        res = await cli(settings, "register", "--versions-url", peer.versions_url, "--token-a", peer.token_a,
+                        RELAY_OCPI_PUBLIC_URL="", RELAY_OCPI_ALLOW_INSECURE_URLS="false")  # fmt: skip
+        assert res.exit_code == 2 and "not registering: ocpi.public_url is unset" in res.stderr, res.output
+        assert peer.seen == []
+    finally:
+        await peer.close()

@@ -12,12 +12,21 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 import pytest
+from prometheus_client import REGISTRY
 
 from relay.config import Settings
-from relay.credentials import Registration, digest, registration_codec
+from relay.credentials import (
+    Credentials,
+    HandshakeError,
+    Registration,
+    accept_from_iop,
+    digest,
+    registration_codec,
+)
 from relay.service import Relay, _cancel
-from relay.store import RegistrationStore
+from relay.store import DeliveryStore, RegistrationStore
 from tests.ocpi_peer import (
     ROUTING_HEADERS,
     OcpiPeer,
@@ -164,13 +173,14 @@ async def test_failed_from_iop_registration_stores_nothing(
         # A token B that the peer does not take: the relay cannot use the peer's API.
         offer = {"token": "not-known-to-the-peer", "url": peer.versions_url, "roles": [hub_role()]}
         status, body, _ = await peer.call("POST", r["credentials"], a, body=offer)
-        assert status == 400 and body["status_code"] == 3001, body
+        # The HTTP status is the OCPI listener's choice (400 before, 200 once "reached the OCPI layer").
+        assert status == 200 and body["status_code"] == 3001, body
         assert [s.authorized for s in peer.seen] == [False]
         assert await stored(relay) is None
         # Unreachable versions URL: the same.
         offer["url"] = "http://127.0.0.1:1/ocpi/versions"
         status, body, _ = await peer.call("POST", r["credentials"], a, body=offer)
-        assert status == 400 and body["status_code"] == 3001, body
+        assert status == 200 and body["status_code"] == 3001, body
         # A is not spent by a failed attempt.
         await peer.register(r["versions"], a)
         assert (await stored(relay)) is not None
@@ -493,3 +503,158 @@ async def test_stop_is_prompt_while_unregistered_with_a_backlog(make_settings: C
 
 async def peer_status(peer: OcpiPeer, url: str, token: str) -> int:
     return (await peer.call("GET", url, token))[0]
+
+
+# -- 7. The IOP's identity (T3): OCPI-to-* from the handshake --------------------------------------------
+
+
+async def test_ocpi_to_is_the_hub_role_of_the_handshake(make_settings: Callable[..., Settings],
+                                                        peer: OcpiPeer) -> None:  # fmt: skip
+    """GIREVE's production presents HUB FR/007 while [iop] says FR/107 (the shipped default): the relay
+    addresses FR/007, says that [iop] differs, and still does after a restart (the roles are stored)."""
+    a = token_a()
+    env = {"RELAY_OCPI_TOKEN_A": a, **FAST}
+    settings = make_settings(**env)
+    assert (settings.iop.country_code, settings.iop.party_id) == ("FR", "107")
+    peer.hub, peer.routing = ("FR", "007"), True  # like a hub: 4001 for any other OCPI-to-*
+    with captured_logs() as logs:
+        async with running(settings) as relay:
+            assert relay.store is not None
+            await peer.register(routes(relay)["versions"], a)
+            await put_location(relay, "v1")
+            await peer.wait_for(lambda: len(peer.module_requests()) == 1)
+            await until_pending(relay.store, 0)
+            assert (await DeliveryStore(relay.store).dlq_lengths())["locations"] == 0
+            conn = (await status_json(settings))["connection"]
+            assert (conn["iop_party"], conn["configured_iop_party"]) == ("FR/007", "FR/107")
+            res = await cli(settings, "status")
+            assert "IOP party:    FR/007 (OCPI-to-*; differs from [iop] FR/107)" in res.stdout, res.stdout
+    assert re.search(r"iop_party_differs\s.*configured=FR/107.*handshake=FR/007", logs.getvalue()), logs.getvalue()
+    async with running(make_settings(**env)) as relay:
+        assert relay.store is not None
+        await put_location(relay, "v2")
+        await peer.wait_for(lambda: len(peer.module_requests()) == 2)
+        await until_pending(relay.store, 0)
+    for s in peer.module_requests():
+        assert (s.headers["OCPI-to-country-code"], s.headers["OCPI-to-party-id"]) == ("FR", "007"), s.path
+    assert peer.location_names() == ["v1", "v2"]
+
+
+def link_gauge(state: str) -> float | None:
+    return REGISTRY.get_sample_value("relay_iop_link_state", {"state": state})
+
+
+def sent_to(peer: OcpiPeer, party_id: str) -> list[str]:
+    """Names of the Locations PUT to the peer with OCPI-to-party-id ``party_id``, in arrival order."""
+    return [s.json()["name"] for s in peer.module_requests("locations") if s.headers["OCPI-to-party-id"] == party_id]
+
+
+async def stop_on_4001(relay: Relay, peer: OcpiPeer, a: str) -> None:
+    """Registered as FR/107, then the IOP routes to FR/007 only: three events, one request answered 4001."""
+    assert relay.store is not None
+    await peer.register(routes(relay)["versions"], a)
+    peer.hub, peer.routing = ("FR", "007"), True
+    for name in ("v1", "v2", "v3"):
+        await put_location(relay, name)
+    await wait_until(lambda: relay.link.state == "unknown_receiver", what="link stopped by OCPI 4001")
+    assert relay.link.reason == "OCPI 4001 unknown receiver: Unknown receiver FR*107"
+    assert link_gauge("unknown_receiver") == 1 and link_gauge("up") == 0
+    await until_pending(relay.store, 3)  # held in order, none dead-lettered
+    await asyncio.sleep(0.3)
+    assert len(peer.module_requests()) == 1  # no retries burned on a party the IOP does not know
+    assert (await DeliveryStore(relay.store).dlq_lengths())["locations"] == 0
+
+
+async def test_ocpi_4001_stops_the_link_until_a_new_registration(make_settings: Callable[..., Settings],
+                                                                 peer: OcpiPeer) -> None:  # fmt: skip
+    a = token_a()
+    settings = make_settings(RELAY_OCPI_TOKEN_A=a, **FAST)
+    async with running(settings) as relay:
+        await stop_on_4001(relay, peer, a)
+        res = await cli(settings, "register", "--from-iop", "--json")
+        peer.new_token_b()
+        await peer.register(routes(relay)["versions"], json.loads(res.stdout)["token_a"])  # now as FR/007
+        await peer.wait_for(lambda: sent_to(peer, "007") == ["v1", "v2", "v3"])
+        assert sent_to(peer, "107") == ["v1"] and relay.link.state == "up" and link_gauge("unknown_receiver") == 0
+
+
+async def test_ocpi_4001_stops_the_link_until_relay_link_resume(make_settings: Callable[..., Settings],
+                                                                peer: OcpiPeer) -> None:  # fmt: skip
+    a = token_a()
+    settings = make_settings(RELAY_OCPI_TOKEN_A=a, RELAY_FORWARDER_LEASE_TTL_S="1.5", **FAST)
+    async with running(settings) as relay:
+        await stop_on_4001(relay, peer, a)
+        peer.routing = False  # the IOP fixed its routing: nothing to change on the relay's side
+        res = await cli(settings, "link", "resume")
+        assert res.exit_code == 0, res.output
+        await peer.wait_for(lambda: sent_to(peer, "107") == ["v1", "v1", "v2", "v3"], timeout=5)
+
+
+# -- 8. 3002 / 3003 in the handshake -----------------------------------------------------------------------
+
+# (id, what the peer does, kind, OCPI code, what the peer may be told)
+HANDSHAKE_ERRORS: list[tuple[str, Callable[[OcpiPeer], None], str, int, str]] = [
+    ("no 2.2.1", lambda p: setattr(p, "versions", ["2.0", "2.1.1"]), "unsupported_version", 3002,
+     "Unsupported version: the relay speaks OCPI 2.2.1 only"),
+    ("no sessions receiver", lambda p: p.missing.add("sessions"), "no_matching_endpoints", 3003,
+     "No matching endpoints: the relay needs sessions RECEIVER"),
+    ("no cdrs nor tariffs receiver", lambda p: p.missing.update({"cdrs", "tariffs"}), "no_matching_endpoints", 3003,
+     "No matching endpoints: the relay needs cdrs RECEIVER, tariffs RECEIVER"),
+    ("its API unusable", lambda p: p.accepted.clear(), "unusable", 3001, "Unable to use the client's API"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "kind", "code", "public"), [e[1:] for e in HANDSHAKE_ERRORS],
+                         ids=[e[0] for e in HANDSHAKE_ERRORS])  # fmt: skip
+async def test_from_iop_handshake_errors_carry_their_ocpi_code(
+    make_settings: Callable[..., Settings], peer: OcpiPeer, change: Callable[[OcpiPeer], None], kind: str,
+    code: int, public: str,
+) -> None:  # fmt: skip
+    change(peer)
+    offered = msgspec.convert(peer.offer(peer.token_b), Credentials)
+    with pytest.raises(HandshakeError) as info:
+        await accept_from_iop(make_settings(**FAST), offered)
+    assert (info.value.kind, info.value.ocpi_code, info.value.public) == (kind, code, public)
+    assert f"OCPI {code}" in str(info.value) or code == 3001
+
+
+@pytest.mark.parametrize(("change", "code"), [(HANDSHAKE_ERRORS[0][1], 3002), (HANDSHAKE_ERRORS[1][1], 3003)],
+                         ids=["3002", "3003"])  # fmt: skip
+async def test_from_iop_post_is_answered_3002_or_3003(
+    make_settings: Callable[..., Settings], peer: OcpiPeer, change: Callable[[OcpiPeer], None], code: int
+) -> None:
+    a = token_a()
+    async with running(make_settings(RELAY_OCPI_TOKEN_A=a, **FAST)) as relay:
+        change(peer)
+        status, body, _ = await peer.call("POST", routes(relay)["credentials"], a, body=peer.offer(peer.token_b))
+        assert body["status_code"] == code, (status, body)
+        assert await stored(relay) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [(HANDSHAKE_ERRORS[0][1], "(unsupported version, OCPI 3002)"),
+     (HANDSHAKE_ERRORS[1][1], "(no matching endpoints, OCPI 3003)")],
+    ids=["3002", "3003"],
+)  # fmt: skip
+async def test_to_iop_does_not_post_without_a_version_or_endpoints(
+    make_settings: Callable[..., Settings], peer: OcpiPeer, change: Callable[[OcpiPeer], None], said: str
+) -> None:
+    """credentials.asciidoc: a Sender that cannot find the endpoints it expects does not POST its credentials."""
+    settings = make_settings(**FAST)
+    change(peer)
+    res = await cli(settings, "register", "--versions-url", peer.versions_url, "--token-a", peer.token_a)
+    assert res.exit_code == 1, res.output
+    assert f"registration failed {said}" in res.stderr, res.stderr
+    assert [s.method for s in peer.seen if s.method == "POST"] == [] and peer.offered is None
+
+
+@pytest.mark.parametrize(("code", "said"), [(3002, "unsupported version"), (3003, "no matching endpoints"),
+                                            (3001, "unusable")])  # fmt: skip
+async def test_to_iop_reports_the_hubs_refusal(make_settings: Callable[..., Settings], peer: OcpiPeer, code: int,
+                                               said: str) -> None:  # fmt: skip
+    peer.refuse_post, peer.refuse_code = True, code
+    res = await cli(make_settings(**FAST), "register", "--versions-url", peer.versions_url, "--token-a", peer.token_a)
+    assert res.exit_code == 1, res.output
+    assert f"registration failed ({said}, OCPI {code})" in res.stderr, res.stderr
+    assert f"the peer refused the registration: HTTP 400, OCPI {code} cannot use your API" in res.stderr

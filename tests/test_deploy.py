@@ -575,9 +575,9 @@ def test_alert_rules_use_exported_metrics_and_each_has_a_runbook() -> None:
     names, docs = exported(), anchors(OPERATIONS)
     rules = alert_rules()
     alerts = {r["alert"] for r in rules}
-    # link down, oldest event age, dead letters growing, auth paused, Redis errors
+    # link down, oldest event age, dead letters growing, auth paused, unknown receiver (OCPI 4001), Redis errors
     assert {"RelayIopLinkDown", "RelayOldestEventAge", "RelayDeadLettersGrowing", "RelayIopAuthFailed",
-            "RelayRedisErrors"} <= alerts  # fmt: skip
+            "RelayIopUnknownReceiver", "RelayRedisErrors"} <= alerts  # fmt: skip
     for r in rules:
         check_expr(r["expr"], r["alert"], names)
         assert r["labels"]["severity"] in {"critical", "warning", "info"}

@@ -353,7 +353,7 @@ STRICT_REFUSALS: list[tuple[str, str, str, Body, int, str, str]] = [
     ),
     ("unknown enum value", "PUT", LOC, loc_with("parking_type", "ROOFTOP"), 422, "$.parking_type", "ocpi.type"),
     ("string too long", "PUT", LOC, loc_with("name", "x" * 256), 422, "$.name", "ocpi.type"),
-    ("bad DateTime", "PUT", LOC, loc_with("last_updated", "yesterday"), 422, "$.last_updated", "ocpi.type"),
+    ("bad DateTime", "PUT", LOC, loc_with("last_updated", "yesterday"), 422, "$.last_updated", "ocpi.datetime"),
     ("null for a required field", "PUT", LOC, loc_with("address", None), 422, "$.address", "ocpi.type"),
     ("missing required field", "PUT", LOC, loc_with("address"), 422, "$.address", "ocpi.required"),
     ("missing nested field", "PUT", LOC, loc_with("evses.0.status"), 422, "$.evses[0].status", "ocpi.required"),
@@ -781,12 +781,26 @@ async def test_tariff_ids_differing_per_evse_is_a_warning(ingress: Client, store
 
 
 async def test_tariff_delete_is_accepted_without_body(ingress: Client, store: Store) -> None:
-    status, answer = await send(
-        ingress, "DELETE", f"{P}/tariffs/FR/AB1/T1?target_operator_country_code=NL&target_operator_party_id=TNM"
-    )
+    status, answer = await send(ingress, "DELETE", f"{P}/tariffs/FR/AB1/T1")
     assert status == 202, answer
     [ev] = await events(store, "tariffs")
-    assert (ev.method, ev.key, ev.body) == ("DELETE", "tar:FR:AB1:T1:NL:TNM", b"")
+    assert (ev.method, ev.key, ev.body) == ("DELETE", "tar:FR:AB1:T1:*", b"")
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["target_operator_country_code=NL&target_operator_party_id=TNM", "target_operator_party_id=TNM",
+     "target_operator_country_code="],
+)  # fmt: skip
+async def test_tariff_delete_of_a_variant_is_refused_with_the_way_to_retire_it(
+    ingress: Client, store: Store, query: str
+) -> None:
+    """F1: on the wire it would be DELETE /tariffs/FR/AB1/T1, which GIREVE takes for the default tariff."""
+    status, answer = await send(ingress, "DELETE", f"{P}/tariffs/FR/AB1/T1?{query}")
+    assert status == 422, answer
+    assert problems(answer) == [("query.target_operator_country_code", "gireve.F1.variant_delete")]
+    assert "PUT" in answer["errors"][0]["message"] and "end_date_time" in answer["errors"][0]["message"]
+    assert await events(store, "tariffs") == []
 
 
 # --- auth and size ------------------------------------------------------------------------------------------

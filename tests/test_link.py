@@ -18,6 +18,11 @@ def state(link: Link) -> str:
     return link.state
 
 
+def awaiting(link: Link) -> bool:
+    """``link.awaiting_operator``, read afresh (as ``state``)."""
+    return link.awaiting_operator
+
+
 def gauge(state: str) -> float | None:
     return REGISTRY.get_sample_value("relay_iop_link_state", {"state": state})
 
@@ -141,12 +146,16 @@ async def test_probe_success_brings_the_link_up_with_a_ramp() -> None:
     await asyncio.wait_for(asyncio.gather(*tasks), 2)
 
 
-@pytest.mark.parametrize("how", ["auth_failed", "pause"])
+@pytest.mark.parametrize("how", ["auth_failed", "unknown_receiver", "pause"])
 async def test_auth_failure_blocks_every_slot_until_resume(how: str) -> None:
     link = Link(concurrency=4, failure_threshold=5, probe_initial_s=0.01, probe_max_s=1.0)
     if how == "auth_failed":
         await link.auth_failed("http 401: token refused")
         assert state(link) == "auth_failed" and gauge("auth_failed") == 1
+    elif how == "unknown_receiver":
+        await link.unknown_receiver("OCPI 4001 unknown receiver: FR*107")
+        assert state(link) == "unknown_receiver" and gauge("unknown_receiver") == 1 and gauge("up") == 0
+        assert link.reason == "OCPI 4001 unknown receiver: FR*107"
     else:
         await link.pause("unregistered")
         assert state(link) == "paused" and gauge("paused") == 1
@@ -167,6 +176,22 @@ async def test_auth_failure_blocks_every_slot_until_resume(how: str) -> None:
     await link.resume("operator")
     await asyncio.wait_for(task, 1)
     assert state(link) == "up" and link.limit == 1 and gauge("up") == 1 and gauge("auth_failed") == 0
+    assert gauge("unknown_receiver") == 0
+
+
+async def test_which_states_an_operator_resume_ends() -> None:
+    """`relay link resume` ends auth_failed, unknown_receiver and paused; a down link probes by itself."""
+    link = Link(concurrency=4, failure_threshold=1, probe_initial_s=0.01, probe_max_s=1.0)
+    assert not awaiting(link)
+    for stop in (link.auth_failed, link.unknown_receiver, link.pause):
+        await stop("x")
+        assert awaiting(link), state(link)
+        await link.resume("operator")
+        assert state(link) == "up" and not awaiting(link)
+    await link.failure("refused")
+    assert state(link) == "down" and not awaiting(link)
+    await link.unknown_receiver("OCPI 4001")  # a probe answered 4001: stopped, no more probes
+    assert state(link) == "unknown_receiver" and awaiting(link)
 
 
 async def test_a_waiting_slot_gives_up_when_woken() -> None:

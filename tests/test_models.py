@@ -27,9 +27,17 @@ from relay.models import (
     SessionPatch,
     Tariff,
 )
-from relay.models.common import DisplayText, EnergyMix, GeoLocation
+from relay.models.common import (
+    INSTANT,
+    DisplayText,
+    EnergyMix,
+    GeoLocation,
+    decoder,
+    instant_plan,
+)
 from relay.models.locations import Hours, RegularHours
 from relay.models.tariffs import TariffRestrictions
+from relay.timestamps import NOT_OCPI_DATETIME
 from tests.conftest import DATA, SPEC_DIR, needs_spec_examples
 
 
@@ -137,14 +145,14 @@ def _json_path(path: list[str | int]) -> str:
 
 
 def _decode(doc: Any, type_: type[msgspec.Struct]) -> msgspec.Struct:
-    return msgspec.json.decode(msgspec.json.encode(doc), type=type_)
+    return decoder(type_).decode(msgspec.json.encode(doc))
 
 
 def _assert_round_trips(raw: bytes, example: Example) -> None:
     raw = _unwrap(raw, example.wrapper)
-    obj = msgspec.json.decode(raw, type=example.type)
+    obj = decoder(example.type).decode(raw)
     encoded = msgspec.json.encode(obj)
-    assert msgspec.json.decode(encoded, type=example.type) == obj
+    assert decoder(example.type).decode(encoded) == obj
     # Unknown fields are ignored, so a misspelt field name would drop data silently: the re-encoded
     # JSON must carry every value of the example (numbers compare equal whether int or float).
     assert msgspec.json.decode(encoded) == msgspec.json.decode(raw)
@@ -182,7 +190,7 @@ def test_example_decodes_and_round_trips(name: str) -> None:
 def test_example_contradicting_its_table_is_refused(name: str) -> None:
     type_, message = INVALID_EXAMPLES[name]
     with pytest.raises(msgspec.ValidationError) as exc:
-        msgspec.json.decode(_read(name), type=type_)
+        decoder(type_).decode(_read(name))
     assert str(exc.value) == message
 
 
@@ -247,7 +255,7 @@ def test_lengths_at_the_limit_are_accepted() -> None:
     loc = _example_json("location_example.json")
     loc["id"] = "L" * 36
     loc["address"] = "a" * 255
-    assert _decode(loc, Location) == msgspec.json.decode(msgspec.json.encode(loc), type=Location)
+    assert _decode(loc, Location) == decoder(Location).decode(msgspec.json.encode(loc))
 
 
 def test_missing_required_field() -> None:
@@ -288,17 +296,48 @@ def test_empty_one_or_more_list(type_: type[msgspec.Struct], name: str, path: li
     assert _refused(doc, type_) == f"Expected `array` of length >= 1 - at `{_json_path(path)}`"
 
 
-@pytest.mark.parametrize("value", ["2015-06-29 20:39", "2015-02-30T10:00:00Z", "yesterday", "", "2015-06-29T25:00:00Z"])
+# Every DateTime field is an Instant: only OCPI's own form decodes. The ingress rewrites the RFC 3339 forms it can
+# convert before decoding (tests/test_validation.py); anything else names the field.
+@pytest.mark.parametrize(
+    "value",
+    ["2015-06-29 20:39", "2015-02-30T10:00:00Z", "yesterday", "", "2015-06-29T25:00:00Z", "2015-06-29T22:39:09+02:00",
+     "2015-06-29T20:39:09+00:00", "2015-06-29 20:39:09Z", "2015-06-29T20:39:09z", "2015-06-29T20:39:09.12345Z",
+     "2015-06-29T20:39:09.Z", "2015-W27-1T20:39:09", "2015-06-29T20:39:9Z", "２015-06-29T20:39:09Z"],
+)  # fmt: skip
 def test_bad_datetime(value: str) -> None:
     loc = _example_json("location_example.json")
     loc["last_updated"] = value
-    assert _refused(loc, Location) == "Invalid RFC3339 encoded datetime - at `$.last_updated`"
+    assert _refused(loc, Location) == f"{NOT_OCPI_DATETIME} - at `$.last_updated`"
 
 
 def test_bad_datetime_nested() -> None:
     session = _example_json("session_example_2_short_finished.json")
     session["charging_periods"][2]["start_date_time"] = "29/06/2015"
-    assert _refused(session, Session) == "Invalid RFC3339 encoded datetime - at `$.charging_periods[2].start_date_time`"
+    assert _refused(session, Session) == f"{NOT_OCPI_DATETIME} - at `$.charging_periods[2].start_date_time`"
+
+
+@pytest.mark.parametrize(("value", "name"), [(None, "null"), (1435610349, "int"), ({}, "object"), ([], "array")])
+def test_datetime_of_another_json_type(value: Any, name: str) -> None:
+    loc = _example_json("location_example.json")
+    loc["evses"][0]["last_updated"] = value
+    assert _refused(loc, Location) == f"Expected `str` (an OCPI DateTime), got `{name}` - at `$.evses[0].last_updated`"
+
+
+def test_the_plan_of_datetimes_names_every_datetime_field() -> None:
+    """The slow path rewrites the fields this plan names: read from the types, it names all of them."""
+    plan = instant_plan(Cdr)
+    assert plan["start_date_time"] == plan["end_date_time"] == plan["last_updated"] == INSTANT
+    assert plan["charging_periods"] == {"start_date_time": INSTANT}
+    assert plan["tariffs"] == {"start_date_time": INSTANT, "end_date_time": INSTANT, "last_updated": INSTANT}
+    assert "cdr_token" not in plan
+    loc = instant_plan(Location)
+    assert loc["evses"]["status_schedule"] == {"period_begin": INSTANT, "period_end": INSTANT}
+    assert loc["evses"]["connectors"] == {"last_updated": INSTANT}
+    assert loc["opening_times"] == {
+        "exceptional_openings": {"period_begin": INSTANT, "period_end": INSTANT},
+        "exceptional_closings": {"period_begin": INSTANT, "period_end": INSTANT},
+    }
+    assert instant_plan(SessionPatch)["charging_periods"] == {"start_date_time": INSTANT}
 
 
 @pytest.mark.parametrize("type_", PATCH_TYPES)
@@ -392,7 +431,7 @@ def test_wrong_json_type() -> None:
 
 
 def test_patch_keeps_absent_fields_unset_and_does_not_send_them() -> None:
-    patch = msgspec.json.decode((DATA / "location_patch_example_location.json").read_bytes(), type=LocationPatch)
+    patch = decoder(LocationPatch).decode((DATA / "location_patch_example_location.json").read_bytes())
     assert patch.name == "Parking Part-Dieu Villette (P2)"
     assert patch.address is msgspec.UNSET
     assert patch.evses is msgspec.UNSET
@@ -433,7 +472,7 @@ def test_patch_refuses_null() -> None:
 
 
 def test_session_patch_charging_periods() -> None:
-    patch = msgspec.json.decode((DATA / "session_patch_example_charging_period.json").read_bytes(), type=SessionPatch)
+    patch = decoder(SessionPatch).decode((DATA / "session_patch_example_charging_period.json").read_bytes())
     assert isinstance(patch.charging_periods, list)
     assert patch.charging_periods[0].dimensions[0].volume == 6.8
     assert patch.status is msgspec.UNSET
@@ -480,7 +519,8 @@ def test_gireve_tariff_target_fields() -> None:
         ("2015-06-29T20:39:09", datetime.datetime(2015, 6, 29, 20, 39, 9, tzinfo=datetime.UTC)),  # no zone: UTC
         ("2016-12-29T17:45:09.2", datetime.datetime(2016, 12, 29, 17, 45, 9, 200000, tzinfo=datetime.UTC)),
         ("2018-01-01T01:08:01.123Z", datetime.datetime(2018, 1, 1, 1, 8, 1, 123000, tzinfo=datetime.UTC)),
-        ("2015-06-29T22:39:09+02:00", datetime.datetime(2015, 6, 29, 20, 39, 9, tzinfo=datetime.UTC)),
+        ("2018-01-01T01:08:01.1234Z", datetime.datetime(2018, 1, 1, 1, 8, 1, 123400, tzinfo=datetime.UTC)),  # 25
+        ("2018-01-01T01:08:01.12345", datetime.datetime(2018, 1, 1, 1, 8, 1, 123450, tzinfo=datetime.UTC)),  # 25
     ],
 )
 def test_datetimes_become_aware_utc(value: str, expected: datetime.datetime) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from relay.config import IopSettings
+from relay.config import IopSettings, Settings
+from relay.credentials import BusinessDetails, CredentialsRole, Directory, Endpoint, Registration
 from relay.events import Event, Method, new_event_id
 from relay.ocpi_client import NotConfigured, OcpiClient, StaticDirectory, authorization
 from relay.retry import Kind, classify
@@ -176,3 +177,70 @@ async def test_an_id_that_is_a_dot_segment_is_never_sent(iop: FakeIop, client: O
         with pytest.raises(ValueError, match="cannot be sent"):
             await client.send(ev)
     assert iop.received == []
+
+
+# -- T3: OCPI-to-* is the IOP as the handshake names it --------------------------------------------
+
+
+def registered(iop: FakeIop, roles: list[CredentialsRole]) -> Registration:
+    eps = [Endpoint(identifier=m, role="RECEIVER", url=f"{iop.url}/{m}") for m in ("locations", "sessions")]
+    eps.append(Endpoint(identifier="tokens", role="SENDER", url=f"{iop.url}/tokens"))
+    return Registration(state="registered", direction="from_iop", incoming_token="0" * 64, outgoing_token=TOKEN,
+                        versions_url=f"{iop.url}/versions", version_url=iop.url, endpoints=eps, roles=roles,
+                        registered_at=0.0, updated_at=0.0)  # fmt: skip
+
+
+def role(kind: str, country_code: str, party_id: str) -> CredentialsRole:
+    return CredentialsRole(role=kind, business_details=BusinessDetails(name="GIREVE"), party_id=party_id,
+                           country_code=country_code)  # fmt: skip
+
+
+# (id, the IOP's roles, OCPI-to-* sent) with [iop] FR/107, as the shipped config (GIREVE's pre-production)
+PARTIES = [
+    ("HUB role of production", [role("HUB", "FR", "007")], ("FR", "007")),
+    ("lower case ids", [role("HUB", "fr", "007")], ("FR", "007")),
+    ("several HUB roles: the configured one", [role("HUB", "FR", "007"), role("HUB", "FR", "107")], ("FR", "107")),
+    ("several HUB roles, none configured: the first", [role("HUB", "FR", "007"), role("HUB", "DE", "HUB")],
+     ("FR", "007")),
+    ("a HUB role among others", [role("EMSP", "NL", "TNM"), role("HUB", "FR", "007")], ("FR", "007")),
+    ("its only role, not HUB", [role("EMSP", "NL", "TNM")], ("NL", "TNM")),
+    ("several roles, no HUB: [iop]", [role("EMSP", "NL", "TNM"), role("CPO", "NL", "TNM")], ("FR", "107")),
+    ("no role: [iop]", [], ("FR", "107")),
+    ("ids that are no CiStrings never reach a header", [role("HUB", "FR", "0\r\nX")], ("FR", "107")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("roles", "want"), [p[1:] for p in PARTIES], ids=[p[0] for p in PARTIES])
+async def test_ocpi_to_follows_the_registration(iop: FakeIop, roles: list[CredentialsRole],
+                                                want: tuple[str, str]) -> None:  # fmt: skip
+    settings = Settings(iop=IopSettings(country_code="FR", party_id="107", connect_timeout_s=1, request_timeout_s=2))
+    directory = Directory(settings)
+    directory.registration = registered(iop, roles)
+    c = OcpiClient(settings.iop, directory)
+    await c.start()
+    try:
+        assert (await c.send(event("locations", "PUT", "LOC1"))).status == 200
+        reply = await c.authorize("0102ABCD", "RFID", b'{"location_id": "LOC1"}', ("FR", "AB1"), "", 2.0)
+        assert reply.status == 200
+    finally:
+        await c.close()
+    for got in iop.received:
+        assert (got.headers["OCPI-to-country-code"], got.headers["OCPI-to-party-id"]) == want, got.path
+        assert (got.headers["OCPI-from-country-code"], got.headers["OCPI-from-party-id"]) == ("FR", "AB1")
+    assert [r.path for r in iop.received] == ["/ocpi/2.2.1/locations/FR/AB1/LOC1",
+                                               "/ocpi/2.2.1/tokens/0102ABCD/authorize"]  # fmt: skip
+
+
+async def test_ocpi_to_changes_with_the_registration(iop: FakeIop) -> None:
+    settings = Settings(iop=IopSettings(url=iop.url, token=TOKEN, connect_timeout_s=1, request_timeout_s=2))
+    directory = Directory(settings)
+    c = OcpiClient(settings.iop, directory)
+    await c.start()
+    try:
+        for reg in (None, registered(iop, [role("HUB", "FR", "007")]), registered(iop, [role("HUB", "FR", "107")])):
+            directory.registration = reg
+            await c.send(event("locations", "PUT", "LOC1"))
+    finally:
+        await c.close()
+    sent = [(r.headers["OCPI-to-country-code"], r.headers["OCPI-to-party-id"]) for r in iop.received]
+    assert sent == [("FR", "107"), ("FR", "007"), ("FR", "107")]  # static [iop] first, then each handshake's

@@ -62,10 +62,10 @@ def assert_envelope(status: int, answer: dict[str, Any], headers: dict[str, str]
     assert headers.get("Content-Type", "").startswith("application/json"), headers
     assert isinstance(answer.get("status_code"), int), answer
     assert isinstance(answer.get("timestamp"), str) and TIMESTAMP.match(answer["timestamp"]), answer
-    if status == 200:
-        assert 1000 <= answer["status_code"] < 2000
-    else:
-        assert answer["status_code"] >= 2000 and isinstance(answer.get("status_message"), str), answer
+    if status >= 300:  # an HTTP error always carries an OCPI error code
+        assert answer["status_code"] >= 2000, answer
+    if answer["status_code"] >= 2000:  # in an HTTP error, or in a 200 (an error of the OCPI layer)
+        assert status in (200, 400, 401, 404, 405) and isinstance(answer.get("status_message"), str), answer
 
 
 def every_route(r: dict[str, str], offer: bytes) -> list[tuple[str, str, bytes | None]]:
@@ -201,3 +201,54 @@ async def test_every_answer_echoes_ids_and_carries_an_envelope(registered: Regis
     # The registration survived all that.
     status, answer, _ = await request("GET", r["credentials"], c)
     assert status == 200 and answer["data"]["token"] == registered.c
+
+
+ROUTING = {"ocpi-from-country-code", "ocpi-from-party-id", "ocpi-to-country-code", "ocpi-to-party-id"}
+
+
+async def test_routing_headers_on_module_answers_only(registered: Registered) -> None:
+    """Answers of Functional Modules carry OCPI-from/OCPI-to (TO = the requester, FROM = the party it
+    addressed), errors after authentication included; versions and credentials never do (OCPI: "routing
+    headers SHALL NOT be used with these modules"; GIREVE: mandatory except for credentials)."""
+    r, c = registered.r, "Token " + b64(registered.c)
+    routed = {"OCPI-from-country-code": "FR", "OCPI-from-party-id": "107",
+              "OCPI-to-country-code": "FR", "OCPI-to-party-id": "AB1"}  # fmt: skip
+    for method, url, body in (("GET", r["versions"], None), ("GET", r["details"], None),
+                              ("GET", r["credentials"], None), ("POST", r["credentials"], b"{}"),
+                              ("PUT", r["credentials"], b"{oops")):  # fmt: skip
+        status, answer, headers = await request(method, url, c, body, routed)
+        assert not {k.lower() for k in headers} & ROUTING, (method, url, status, headers)
+    for url, expected in ((f"{r['details']}/locations", 200), (f"{r['details']}/locations/NOPE", 404),
+                          (f"{r['details']}/sessions?offset=x", 200)):  # fmt: skip
+        status, answer, headers = await request("GET", url, c, None, routed)
+        assert status == expected, (url, answer)
+        assert_envelope(status, answer, headers)
+        assert (headers["OCPI-from-country-code"], headers["OCPI-from-party-id"]) == ("FR", "AB1"), headers
+        assert (headers["OCPI-to-country-code"], headers["OCPI-to-party-id"]) == ("FR", "107"), headers
+    # Refused before authentication, or no module at all: nobody to route to.
+    for url, auth in ((f"{r['details']}/locations", None), (f"{r['details']}/nosuchmodule", c)):
+        status, _, headers = await request("GET", url, auth, None, routed)
+        assert status in (401, 404) and not {k.lower() for k in headers} & ROUTING, headers
+
+
+async def test_registration_refusals_in_the_ocpi_layer_are_http_200(make_settings: Callable[..., Settings]) -> None:
+    """A registration whose body is JSON and whose token A is good reached the OCPI layer: no HTTP error
+    (status_codes), 2001 for a body that is no credentials object, 3001 for a handshake that failed
+    (credentials.asciidoc, "Errors during registration"); not JSON at all is the transport's 400."""
+    a = "token-a-" + secrets.token_hex(8)
+    async with running(make_settings(RELAY_OCPI_TOKEN_A=a)) as relay:
+        r, auth = routes(relay), "Token " + b64(a)
+        for body in (b"{}", b"[]", b'{"token": "t", "url": 5, "roles": []}'):
+            status, answer, headers = await request("POST", r["credentials"], auth, body)
+            assert (status, answer["status_code"]) == (200, 2001), (body, answer)
+            assert_envelope(status, answer, headers)
+        status, answer, _ = await request("POST", r["credentials"], auth, b"{not json")
+        assert (status, answer["status_code"]) == (400, 2001), answer
+        offer = json.dumps({"token": "t", "url": "http://127.0.0.1:1/ocpi/versions", "roles": [hub_role()]}).encode()
+        status, answer, headers = await request("POST", r["credentials"], auth, offer)
+        assert (status, answer["status_code"]) == (200, 3001), answer
+        assert_envelope(status, answer, headers)
+        assert relay.registry is not None and relay.registry.registration is None
+        # None of those spent the token A.
+        status, _, _ = await request("GET", r["versions"], auth)
+        assert status == 200

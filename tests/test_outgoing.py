@@ -262,11 +262,13 @@ async def test_two_variants_of_one_tariff_id_are_both_delivered(make_env: Callab
     assert sorted((r.json() for r in env.iop.received), key=lambda d: "target_operator_party_id" in d) == [
         default, targeted
     ]  # fmt: skip
-    await env.send("DELETE", "/tariffs/FR/AB1/T1",
-                   query={"target_operator_country_code": "DE", "target_operator_party_id": "MP1"})  # fmt: skip
+    # A variant is retired with a PUT that ends it (its DELETE is refused at the ingress, F1): the
+    # variant's PUT reaches the IOP with its target, and the default tariff is untouched.
+    retired = {**targeted, "end_date_time": "2024-06-01T00:00:00Z", "last_updated": "2024-01-01T00:00:02Z"}
+    await env.send("PUT", "/tariffs/FR/AB1/T1", retired)
     await env.iop.wait_for(lambda: len(env.iop.delivered()) == 3)
-    assert env.iop.received[-1].method == "DELETE"
-    assert await env.state("tariffs", tariff_key("FR", "AB1", "T1", "DE", "MP1"), "FR:AB1:T1:DE:MP1") is None
+    assert env.iop.received[-1].method == "PUT" and env.iop.received[-1].json() == retired
+    assert await env.state("tariffs", tariff_key("FR", "AB1", "T1", "DE", "MP1"), "FR:AB1:T1:DE:MP1") == retired
     assert await env.state("tariffs", tariff_key("FR", "AB1", "T1", None, None), "FR:AB1:T1:*") == default
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -22,6 +23,8 @@ PERMANENT = Outcome(Kind.PERMANENT, "OCPI 2001: invalid", http_status=200, ocpi_
 UNKNOWN = Outcome(Kind.PERMANENT, "OCPI 2003: unknown location", http_status=404, ocpi_code=2003,
                   ocpi_message="unknown location", unknown_object=True)  # fmt: skip
 AUTH = Outcome(Kind.AUTH, "http 401: token refused", http_status=401)
+UNKNOWN_RECEIVER = classify(200, {}, b'{"status_code": 4001, "status_message": "Unknown receiver FR*107"}')
+NOT_CONFIGURED = Outcome(Kind.AUTH, "no IOP endpoint for locations")  # delivery's, before anything is sent
 HEALING = policy.healing(UNKNOWN)
 PARKED = policy.parked_behind("1700000000000-0")
 EXPIRED = policy.expired_outcome(TRANSIENT, 0.5)
@@ -36,6 +39,7 @@ KINDS = [
     ("transient link failure", TIMEOUT, False, True, True),
     ("permanent", PERMANENT, True, False, False),
     ("auth: waits for the operator, burns no retry", AUTH, False, True, False),
+    ("unknown receiver: waits like auth", UNKNOWN_RECEIVER, False, True, False),
     ("healing: a PUT follows, not a retry", HEALING, False, True, False),
     ("parked behind a dead letter", PARKED, True, False, False),
     ("expired", EXPIRED, True, False, False),
@@ -52,6 +56,7 @@ def test_what_follows_an_outcome(outcome: Outcome, settled: bool, retries: bool,
 # (id, outcome, attempt number, lowest wait, highest wait): backoff 1 s doubling up to 8 s
 WAITS = [
     ("auth: no wait, the link holds the next attempt", AUTH, 3, 0.0, 0.0),
+    ("unknown receiver: no wait either", UNKNOWN_RECEIVER, 2, 0.0, 0.0),
     ("healing: the PUT goes at once", HEALING, 1, 0.0, 0.0),
     ("first retry: up to initial", TRANSIENT, 1, 0.0, 1.0),
     ("third: up to 4x initial", TIMEOUT, 3, 0.0, 4.0),
@@ -113,6 +118,7 @@ PARKS = [
     ("delivered", DELIVERED, "locations", PARK, False),
     ("transient", TRANSIENT, "locations", PARK, False),
     ("auth", AUTH, "locations", PARK, False),
+    ("unknown receiver: no dead letter, nothing parks", UNKNOWN_RECEIVER, "locations", PARK, False),
 ]
 
 
@@ -125,7 +131,33 @@ def test_parked_behind() -> None:
     assert PARKED == Outcome(Kind.PERMANENT, "parked behind dead letter 1700000000000-0", parked=True)
 
 
+# -- the link --------------------------------------------------------------------------------------
+
+# (id, outcome, the state the link stops in)
+LINK_STOPS = [
+    ("401: the token", AUTH, "auth_failed"),
+    ("403: the token", classify(403, {}, b"Forbidden"), "auth_failed"),
+    ("OCPI 4001: the OCPI-to-* party", UNKNOWN_RECEIVER, "unknown_receiver"),
+    ("OCPI 4001 in a 404", classify(404, {}, b'{"status_code": 4001}'), "unknown_receiver"),
+    ("no endpoint or token: already paused", NOT_CONFIGURED, None),
+    ("delivered", DELIVERED, None),
+    ("transient link failure", TIMEOUT, None),
+    ("permanent", PERMANENT, None),
+    ("hub timeout 4002: one event's receiver", classify(200, {}, b'{"status_code": 4002}'), None),
+]
+
+
+@pytest.mark.parametrize(("outcome", "want"), [r[1:] for r in LINK_STOPS], ids=[r[0] for r in LINK_STOPS])
+def test_link_stop(outcome: Outcome, want: str | None) -> None:
+    assert policy.link_stop(outcome) == want
+
+
 # -- healing ----------------------------------------------------------------------------------------
+
+
+def answer(status: int, code: int) -> Outcome:
+    return classify(status, {}, json.dumps({"status_code": code, "status_message": "Unknown EVSE 3256"}).encode())
+
 
 # (id, outcome, method, already healed, heal_patches, heal wanted)
 HEALS = [
@@ -137,6 +169,15 @@ HEALS = [
     ("another permanent failure", PERMANENT, "PATCH", False, True, False),
     ("delivered", DELIVERED, "PATCH", False, True, False),
     ("404 without OCPI body", classify(404, {}, b"not found"), "PATCH", False, True, True),
+    # L5, decided: a 404 with any client error (2xxx) is "the object is not there" (retry._unknown_object).
+    ("404 + 2001", answer(404, 2001), "PATCH", False, True, True),
+    ("404 + 2000", answer(404, 2000), "PATCH", False, True, True),
+    ("404 + custom 2901", answer(404, 2901), "PATCH", False, True, True),
+    ("400 + 2003 unknown location", answer(400, 2003), "PATCH", False, True, True),
+    ("200 + 2001: a fault in the data, whatever the message", answer(200, 2001), "PATCH", False, True, False),
+    ("404 + 2001 to a PUT", answer(404, 2001), "PUT", False, True, False),
+    ("404 + 3000: transient, retried", answer(404, 3000), "PATCH", False, True, False),
+    ("404 + 4001: the link, not the object", answer(404, 4001), "PATCH", False, True, False),
 ]
 
 

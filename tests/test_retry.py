@@ -28,15 +28,30 @@ ROWS: list[tuple[str, int, bytes | None, Kind, bool, int | None, bool]] = [
     ("200 ocpi 2000", 200, ocpi(2000), Kind.PERMANENT, False, 2000, False),
     ("200 ocpi 2001", 200, ocpi(2001), Kind.PERMANENT, False, 2001, False),
     ("400 ocpi 2001", 400, ocpi(2001), Kind.PERMANENT, False, 2001, False),
-    ("404 ocpi 2002", 404, ocpi(2002), Kind.PERMANENT, False, 2002, False),
+    # L5, decided: an HTTP 404 says the object addressed is not there; any 2xxx beside it only says the
+    # client is at fault (receivers pick 2000, 2001 or a 29xx): an unknown object, healed for a PATCH.
+    ("404 ocpi 2000 unknown object", 404, ocpi(2000), Kind.PERMANENT, False, 2000, True),
+    ("404 ocpi 2001 unknown object", 404, ocpi(2001), Kind.PERMANENT, False, 2001, True),
+    ("404 ocpi 2002", 404, ocpi(2002), Kind.PERMANENT, False, 2002, True),
+    ("404 ocpi 2901 custom client error", 404, ocpi(2901), Kind.PERMANENT, False, 2901, True),
     ("200 ocpi 2003 unknown location", 200, ocpi(2003), Kind.PERMANENT, False, 2003, True),
+    ("400 ocpi 2003 unknown location", 400, ocpi(2003), Kind.PERMANENT, False, 2003, True),
     ("404 ocpi 2003 unknown location", 404, ocpi(2003), Kind.PERMANENT, False, 2003, True),
+    # Without a 404, 2001 and others name a fault in the data: not healed (a message is never read).
+    ("400 ocpi 2000", 400, ocpi(2000), Kind.PERMANENT, False, 2000, False),
+    ("422 ocpi 2001", 422, ocpi(2001), Kind.PERMANENT, False, 2001, False),
+    # A 404 with a non-2xxx code is that code's row: server and hub errors are no unknown object.
+    ("404 ocpi 3000", 404, ocpi(3000), Kind.TRANSIENT, False, 3000, False),
+    ("404 ocpi 4002", 404, ocpi(4002), Kind.TRANSIENT, False, 4002, False),
+    ("404 ocpi 1000", 404, ocpi(1000), Kind.TRANSIENT, False, 1000, False),
     ("200 ocpi 3000", 200, ocpi(3000), Kind.TRANSIENT, False, 3000, False),
     ("200 ocpi 3001", 200, ocpi(3001), Kind.TRANSIENT, False, 3001, False),
     ("500 ocpi 3000", 500, ocpi(3000), Kind.TRANSIENT, True, 3000, False),
     ("503 ocpi 3002", 503, ocpi(3002), Kind.TRANSIENT, True, 3002, False),
-    ("200 ocpi 4001 unknown receiver", 200, ocpi(4001), Kind.PERMANENT, False, 4001, False),
-    ("400 ocpi 4001 unknown receiver", 400, ocpi(4001), Kind.PERMANENT, False, 4001, False),
+    # OCPI 4001: the connection is wrong (our OCPI-to-* party), not the event: auth, the link stops.
+    ("200 ocpi 4001 unknown receiver", 200, ocpi(4001), Kind.AUTH, False, 4001, False),
+    ("400 ocpi 4001 unknown receiver", 400, ocpi(4001), Kind.AUTH, False, 4001, False),
+    ("404 ocpi 4001 unknown receiver", 404, ocpi(4001), Kind.AUTH, False, 4001, False),
     ("200 ocpi 4000 hub error", 200, ocpi(4000), Kind.TRANSIENT, True, 4000, False),
     ("200 ocpi 4002", 200, ocpi(4002), Kind.TRANSIENT, False, 4002, False),
     ("200 ocpi 4003", 200, ocpi(4003), Kind.TRANSIENT, False, 4003, False),
@@ -84,7 +99,16 @@ def test_classify_rows(
     assert out.http_status == status
     assert out.ocpi_code == code
     assert out.unknown_object is unknown
+    assert out.unknown_receiver is (code == 4001)
     assert out.reason
+
+
+def test_4001_keeps_the_hubs_message_and_is_no_link_failure() -> None:
+    out = classify(200, {}, ocpi(4001, "Unknown receiver FR*107"))
+    assert out.kind is Kind.AUTH and out.unknown_receiver
+    assert (out.http_status, out.ocpi_code, out.ocpi_message) == (200, 4001, "Unknown receiver FR*107")
+    assert out.reason == "OCPI 4001 unknown receiver: Unknown receiver FR*107"
+    assert not out.link and not out.unknown_object  # stops the link by itself (policy.link_stop), no dead letter
 
 
 @pytest.mark.parametrize("status", [200, 400])

@@ -45,6 +45,9 @@ async def iop_command(b: Bench, name: str, body: dict[str, Any], n: int) -> str:
     status, answer, headers = await b.ocpi("POST", f"/commands/{name}", body, headers={**TO_AB1, **ids})
     assert (status, answer["data"]) == (200, {"result": "ACCEPTED", "timeout": 120}), answer
     assert (headers["X-Request-ID"], headers["X-Correlation-ID"]) == (ids["X-Request-ID"], ids["X-Correlation-ID"])
+    # The answer is routed back: to the eMSP that asked, from the operator it addressed.
+    assert (headers["OCPI-to-country-code"], headers["OCPI-to-party-id"]) == ("NL", "TNM")
+    assert (headers["OCPI-from-country-code"], headers["OCPI-from-party-id"]) == ("FR", "AB1")
     post = b.csms.of_kind("command")[-1]
     assert post.body["command"] == name and post.body["request"] == body
     command_id: str = post.body["command_id"]
@@ -76,9 +79,11 @@ async def test_a_roaming_charge_end_to_end(make_settings: Callable[..., Settings
         await b.put_location("LOC1")
 
         # 1. The driver's app (eMSP, through the IOP) starts a charge: START_SESSION → CSMS → ACCEPTED.
+        # It names neither EVSE nor connector (both optional in OCPI 2.2.1, and an eMSP on GIREVE in
+        # OCPI 2.1.1 cannot send connector_id): the CSMS gets it as it came and picks them itself.
         start_url = b.response_url("START_SESSION")
-        start = {"response_url": start_url, "token": TOKEN, "location_id": "LOC1", "evse_uid": "3256",
-                 "connector_id": "1", "authorization_reference": "AUTH-REF-9"}  # fmt: skip
+        start = {"response_url": start_url, "token": TOKEN, "location_id": "LOC1",
+                 "authorization_reference": "AUTH-REF-9"}  # fmt: skip
         start_id = await iop_command(b, "START_SESSION", start, 1)
 
         # 2. The charge point started: the CSMS reports the result, then the Session and its progress.

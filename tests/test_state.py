@@ -262,11 +262,8 @@ def test_state_field_names_the_whole_object_and_each_tariff_variant(settings: Se
         _event(settings, "PUT", "tariffs/FR/AB1/T1",
                {**tariff, "target_operator_country_code": "DE", "target_operator_party_id": "MP1"})
     )  # fmt: skip
-    deleted = state_field(
-        _event(settings, "DELETE", "tariffs/FR/AB1/T1",
-               query={"target_operator_country_code": "DE", "target_operator_party_id": "MP1"})
-    )  # fmt: skip
-    assert default == ("FR:AB1:T1:*", "T1:*")
-    assert targeted == deleted == ("FR:AB1:T1:DE:MP1", "T1:DE:MP1")
+    deleted = state_field(_event(settings, "DELETE", "tariffs/FR/AB1/T1"))  # a DELETE names the default (F1)
+    assert default == deleted == ("FR:AB1:T1:*", "T1:*")
+    assert targeted == ("FR:AB1:T1:DE:MP1", "T1:DE:MP1")
     cdr = example("cdr_example.json", country_code="FR", party_id="AB1", id="C1")
     assert state_field(_event(settings, "POST", "cdrs", cdr)) == ("FR:AB1:C1", "C1")

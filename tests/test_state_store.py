@@ -336,7 +336,7 @@ async def tariff_ingress(make_settings: Callable[..., Settings], store: Store) -
         await c.close()
 
 
-async def test_tariff_variants_are_distinct_and_delete_removes_one(ingress: Client, store: Store) -> None:
+async def test_tariff_variants_are_distinct_and_a_variant_is_retired_not_deleted(ingress: Client, store: Store) -> None:
     default_key = tariff_key("FR", "AB1", "T1", None, None)
     target_key = tariff_key("FR", "AB1", "T1", "DE", "MP1")
     await send(ingress, "PUT", "/tariffs/FR/AB1/T1", tariff())
@@ -345,14 +345,26 @@ async def test_tariff_variants_are_distinct_and_delete_removes_one(ingress: Clie
     assert "gireve.F3.tariff_immutable" not in tariff_rules(answer)
     assert await stored(store, "tariffs", default_key, "FR:AB1:T1:*") == tariff()
     assert await stored(store, "tariffs", target_key, "FR:AB1:T1:DE:MP1") == tariff(("DE", "MP1"), price=1.0)
-    await send(ingress, "DELETE", "/tariffs/FR/AB1/T1",
-               query={"target_operator_country_code": "DE", "target_operator_party_id": "MP1"})  # fmt: skip
-    assert await stored(store, "tariffs", target_key, "FR:AB1:T1:DE:MP1") is None
-    assert await score(store, "tariffs", target_key, "T1:DE:MP1") is None
-    assert await stored(store, "tariffs", default_key, "FR:AB1:T1:*") == tariff()
-    assert await score(store, "tariffs", default_key, "T1:*") is not None
-    [deleted] = [e for e in await entries(store, "tariffs", target_key) if e.method == "DELETE"]
-    assert deleted.key == target_key
+    # F1: GIREVE cannot tell a DELETE of the variant from one of the default tariff: refused, nothing changes.
+    answer = await send(ingress, "DELETE", "/tariffs/FR/AB1/T1", status=422,
+                        query={"target_operator_country_code": "DE", "target_operator_party_id": "MP1"})  # fmt: skip
+    assert [(e["field"], e["rule"]) for e in answer["errors"]] == [
+        ("query.target_operator_country_code", "gireve.F1.variant_delete")
+    ]
+    assert "end_date_time" in answer["errors"][0]["message"]
+    assert await stored(store, "tariffs", target_key, "FR:AB1:T1:DE:MP1") == tariff(("DE", "MP1"), price=1.0)
+    assert [e.method for e in await entries(store, "tariffs", target_key)] == ["PUT"]
+    # The way to retire it: a PUT of the variant ending now (end_date_time may change without a warning, F3).
+    retired = tariff(("DE", "MP1"), price=1.0, end_date_time="2024-06-01T00:00:00Z")
+    answer = await send(ingress, "PUT", "/tariffs/FR/AB1/T1", retired)
+    assert tariff_rules(answer) == []
+    assert await stored(store, "tariffs", target_key, "FR:AB1:T1:DE:MP1") == retired
+    # A DELETE without a variant deletes the default tariff, and only it.
+    await send(ingress, "DELETE", "/tariffs/FR/AB1/T1")
+    assert await stored(store, "tariffs", default_key, "FR:AB1:T1:*") is None
+    assert await score(store, "tariffs", default_key, "T1:*") is None
+    assert await stored(store, "tariffs", target_key, "FR:AB1:T1:DE:MP1") == retired
+    assert await score(store, "tariffs", target_key, "T1:DE:MP1") is not None
 
 
 async def test_tariff_price_change_refused_under_reject(tariff_ingress: Callable[..., Any], store: Store) -> None:

@@ -28,7 +28,7 @@ async def test_put_is_stored_served_and_handed_to_the_csms(make_settings: Callab
         ids = {"X-Request-ID": "iop-req-7", "X-Correlation-ID": "iop-corr-7",
                "OCPI-from-country-code": "NL", "OCPI-from-party-id": "TNM"}  # fmt: skip
         status, answer, headers = await b.ocpi("PUT", PATH + "?type=RFID", token, headers=ids)
-        assert (status, answer["status_code"]) == (200, 1000), answer
+        assert (status, answer["status_code"]) == (201, 1000), answer  # a new token: 201 Created
         assert (headers["X-Request-ID"], headers["X-Correlation-ID"]) == ("iop-req-7", "iop-corr-7")
 
         expected = {**token, "last_updated": "2026-03-01T08:00:00Z"}  # kept in UTC
@@ -57,9 +57,9 @@ async def test_patch_merges_and_needs_a_prior_put(make_settings: Callable[..., S
         await b.put_location()
         patch = {"valid": False, "last_updated": "2026-03-02T00:00:00Z"}
         status, answer, _ = await b.ocpi("PATCH", PATH + "?type=RFID", patch)
-        assert (status, answer["status_code"]) == (404, 2004), answer
+        assert (status, answer["status_code"]) == (200, 2004), answer  # in the OCPI layer: no HTTP error
         status, _, _ = await b.ocpi("GET", PATH)
-        assert status == 404
+        assert status == 404  # a GET of an unknown object may be a 404 (status_codes)
 
         token = await b.push_token("0102ABCD", "ALWAYS")
         await b.iop.down()
@@ -99,9 +99,15 @@ async def test_bad_tokens_are_refused_and_not_stored(make_settings: Callable[...
             ("PUT", PATH + "?type=APP_USER", good),
             ("PUT", PATH, {**good, "contract_id": "x" * 37}),
         ]
-        for method, path, body in cases:
+        for method, path, body in cases:  # JSON, authenticated, on a route that exists: HTTP 200, OCPI 2001
             status, answer, _ = await b.ocpi(method, path, body)
-            assert (status, answer["status_code"]) == (400, 2001), (path, body, answer)
+            assert (status, answer["status_code"]) == (200, 2001), (path, body, answer)
+        for raw in (b'{"uid": ', b"not json"):  # not JSON: the transport layer's 400
+            h = {"Authorization": token_header(b.relay_token), "Content-Type": "application/json"}
+            for method in ("PUT", "PATCH"):
+                async with b.http.request(method, b.ocpi_base + PATH, data=raw, headers=h) as r:
+                    answer = await r.json()
+                    assert (r.status, answer["status_code"]) == (400, 2001), (method, raw, answer)
         status, answer, _ = await b.ocpi("GET", PATH)
         assert (status, answer["status_code"]) == (404, 2004), answer
 
@@ -109,7 +115,7 @@ async def test_bad_tokens_are_refused_and_not_stored(make_settings: Callable[...
         for patch in ({"valid": False}, {"valid": "no", "last_updated": "2026-03-02T00:00:00Z"},
                       {"uid": "FFFFFFFF", "last_updated": "2026-03-02T00:00:00Z"}):  # fmt: skip
             status, answer, _ = await b.ocpi("PATCH", PATH, patch)
-            assert (status, answer["status_code"]) == (400, 2001), (patch, answer)
+            assert (status, answer["status_code"]) == (200, 2001), (patch, answer)
         status, answer, _ = await b.ocpi("GET", PATH)
         assert answer["data"] == good  # unchanged
 
@@ -149,3 +155,47 @@ async def test_tokens_without_a_webhook_are_only_stored(make_settings: Callable[
         token = await b.push_token("0102ABCD", "ALWAYS")
         status, answer = await b.ingress("GET", "/tokens/NL/TNM/0102ABCD")
         assert (status, answer["data"]) == (200, token)
+
+
+async def test_put_answers_201_when_it_creates_and_200_when_it_replaces(make_settings: Callable[..., Settings]) -> None:
+    """status_codes: HTTP 200 "when the object already existed and has successfully been updated", 201 "when
+    the object has been newly created"."""
+    async with bench(make_settings) as b:
+        token = iop_token("0102ABCD", "ALWAYS")
+        status, answer, _ = await b.ocpi("PUT", PATH, token)
+        assert (status, answer["status_code"]) == (201, 1000), answer
+        status, answer, _ = await b.ocpi("PUT", PATH, {**token, "valid": False, "last_updated": "2026-03-02T00:00:00Z"})
+        assert (status, answer["status_code"]) == (200, 1000), answer
+        status, answer, _ = await b.ocpi("PATCH", PATH, {"valid": True, "last_updated": "2026-03-03T00:00:00Z"})
+        assert (status, answer["status_code"]) == (200, 1000), answer
+        # Another type, or another issuer, of the same uid is another token: created.
+        status, _, _ = await b.ocpi("PUT", PATH + "?type=APP_USER", {**token, "type": "APP_USER"})
+        assert status == 201
+        other_issuer = {**token, "country_code": "DE", "party_id": "ABC"}
+        status, _, _ = await b.ocpi("PUT", "/tokens/DE/ABC/0102ABCD", other_issuer)
+        assert status == 201
+
+
+async def test_token_answers_carry_routing_headers(make_settings: Callable[..., Settings]) -> None:
+    """TO = the requesting party (the request's OCPI-from), FROM = the party it addressed; on errors too."""
+    async with bench(make_settings) as b:
+        routed = {"OCPI-from-country-code": "NL", "OCPI-from-party-id": "TNM",
+                  "OCPI-to-country-code": "FR", "OCPI-to-party-id": "AB1"}  # fmt: skip
+        answers = [
+            await b.ocpi("PUT", PATH, iop_token("0102ABCD"), headers=routed),
+            await b.ocpi("GET", PATH, headers=routed),
+            await b.ocpi("GET", "/tokens/NL/TNM/FFFFFFFF", headers=routed),  # 404
+            await b.ocpi("PATCH", PATH, {"valid": "no"}, headers=routed),  # 2001
+        ]
+        assert [status for status, _, _ in answers] == [201, 200, 404, 200]
+        for _, _, headers in answers:
+            assert (headers["OCPI-to-country-code"], headers["OCPI-to-party-id"]) == ("NL", "TNM"), headers
+            assert (headers["OCPI-from-country-code"], headers["OCPI-from-party-id"]) == ("FR", "AB1"), headers
+        # Without routing headers: to the IOP as it registered (its HUB role), from the relay's operator.
+        _, _, headers = await b.ocpi("GET", PATH)
+        assert (headers["OCPI-to-country-code"], headers["OCPI-to-party-id"]) == ("FR", "107")
+        assert (headers["OCPI-from-country-code"], headers["OCPI-from-party-id"]) == ("FR", "AB1")
+        # Routing headers that are no CiString(2)/(3) are not echoed: the IOP stands in.
+        odd = {"OCPI-from-country-code": "NLD", "OCPI-from-party-id": "T\tN"}
+        _, _, headers = await b.ocpi("GET", PATH, headers=odd)
+        assert (headers["OCPI-to-country-code"], headers["OCPI-to-party-id"]) == ("FR", "107")

@@ -12,7 +12,7 @@ import pytest
 from relay import models, rules
 from relay.config import Operator, Settings
 from relay.errors import InvalidEvent
-from relay.models.common import BusinessDetails
+from relay.models.common import BusinessDetails, decoder
 from relay.validation import Target, decode_problem, parse_target, validate
 from tests.conftest import example, gireve_location
 
@@ -168,13 +168,15 @@ def test_validate_session_patch_without_ids_in_body(settings: Settings) -> None:
 
 
 def _location(**changes: Any) -> models.Location:
-    return msgspec.json.decode(enc(gireve_location(**changes)), type=models.Location)
+    return decoder(models.Location).decode(enc(gireve_location(**changes)))
 
 
 def test_evse_id_prefixes() -> None:
-    assert OP.evse_id_prefixes() == ("FR*AB1*", "FRAB1E")
+    assert OP.evse_id_prefixes() == ("FR*AB1*E", "FRAB1E")
     compact = Operator(country_code="FR", party_id="AB1", emi3_id="FRAB1", name="x")
-    assert compact.evse_id_prefixes() == ("FR*AB1*", "FRAB1E")
+    assert compact.evse_id_prefixes() == ("FR*AB1*E", "FRAB1E")
+    default = Operator(country_code="FR", party_id="AB1", name="x")  # emi3_id left out: country_code*party_id
+    assert (default.emi3_id, default.evse_id_prefixes()) == ("FR*AB1", ("FR*AB1*E", "FRAB1E"))
 
 
 @pytest.mark.parametrize(
@@ -188,10 +190,13 @@ def test_evse_id_prefixes() -> None:
         ("FRAB1*E1", False),
         ("BE*AB1*E1", False),
         ("FR*AB", False),
+        ("FR*AB1*X1", False),  # eMI3: the E of an EVSE id
+        ("FR*AB1*E", False),  # and at least one character after it
+        ("FRAB1E", False),
     ],
 )
 def test_evse_id_prefix_rule(evse_id: str, ok: bool) -> None:
-    evse = msgspec.json.decode(enc({**gireve_location()["evses"][0], "evse_id": evse_id}), type=models.Evse)
+    evse = decoder(models.Evse).decode(enc({**gireve_location()["evses"][0], "evse_id": evse_id}))
     problems = rules.check_evse(evse, "$", OP)
     assert (problems == []) is ok, problems
     if not ok:
@@ -209,21 +214,21 @@ def test_location_without_evses_has_no_evse_rules() -> None:
 
 
 def test_partial_location_checks_only_what_is_sent() -> None:
-    patch = msgspec.json.decode(enc({"name": "x", "last_updated": STAMP}), type=models.LocationPatch)
+    patch = decoder(models.LocationPatch).decode(enc({"name": "x", "last_updated": STAMP}))
     assert rules.check_location(patch, OP, partial=True) == []
-    patch = msgspec.json.decode(enc({"operator": {"name": "Op"}, "last_updated": STAMP}), type=models.LocationPatch)
+    patch = decoder(models.LocationPatch).decode(enc({"operator": {"name": "Op"}, "last_updated": STAMP}))
     assert rules.check_location(patch, OP, partial=True) == []
     # a PATCH that carries whole EVSEs has them checked as whole objects
     evse = {**gireve_location()["evses"][0]}
     del evse["capabilities"]
-    patch = msgspec.json.decode(enc({"evses": [evse], "last_updated": STAMP}), type=models.LocationPatch)
+    patch = decoder(models.LocationPatch).decode(enc({"evses": [evse], "last_updated": STAMP}))
     assert [(p.field, p.rule) for p in rules.check_location(patch, OP, partial=True)] == [
         ("$.evses[0].capabilities", "gireve.L2.capabilities")
     ]
 
 
 def test_partial_evse_does_not_need_evse_id() -> None:
-    patch = msgspec.json.decode(enc({"status": "CHARGING", "last_updated": STAMP}), type=models.EvsePatch)
+    patch = decoder(models.EvsePatch).decode(enc({"status": "CHARGING", "last_updated": STAMP}))
     assert rules.check_evse(patch, "$", OP, partial=True) == []
     assert rules.location_warnings(patch) == []
 
@@ -233,11 +238,24 @@ def test_tariff_mismatch_warnings_name_each_differing_connector() -> None:
     doc["connectors"] = [
         {**doc["connectors"][0], "id": str(i), "tariff_ids": t} for i, t in enumerate([["A"], ["A"], ["B"], None])
     ]
-    evse = msgspec.json.decode(enc(doc), type=models.Evse)
+    evse = decoder(models.Evse).decode(enc(doc))
     assert [w.field for w in rules.tariff_mismatch_warnings(evse, "$.evses[0]")] == [
         "$.evses[0].connectors[2].tariff_ids",
         "$.evses[0].connectors[3].tariff_ids",
     ]
+
+
+# Variants of the rules added with GIREVE qualification (empty lists, the E of an EVSE id): (evse, its first connector).
+_NEWER_VARIANTS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
+    "empty capabilities": lambda evse, conn: evse.update(capabilities=[]),
+    "empty tariff_ids": lambda evse, conn: conn.update(tariff_ids=[]),
+    "removed, empty lists": lambda evse, conn: evse.update(status="REMOVED", capabilities=[],
+                                                           connectors=[{**conn, "tariff_ids": []}]),
+    "evse_id without E": lambda evse, conn: evse.update(evse_id="FR*AB1*041503001"),
+    "evse_id of the prefix alone": lambda evse, conn: evse.update(evse_id="FR*AB1*E"),
+    # passes, by the slow path (shorter than the starred prefix, which the fast path asks for)
+    "short compact evse_id": lambda evse, conn: evse.update(evse_id="FRAB1E1"),
+}  # fmt: skip
 
 
 def _variant(change: str) -> models.Location:
@@ -265,13 +283,17 @@ def _variant(change: str) -> models.Location:
             c["tariff_ids"] = conn["tariff_ids"]
     elif change == "three differing":
         evse["connectors"] = [{**conn, "id": str(i), "tariff_ids": [f"T{i}"]} for i in range(3)]
-    return msgspec.json.decode(enc(doc), type=models.Location)
+    elif change in _NEWER_VARIANTS:
+        _NEWER_VARIANTS[change](evse, conn)
+    return decoder(models.Location).decode(enc(doc))
 
 
 @pytest.mark.parametrize(
     "change",
     ["none", "no owner", "no evses", "empty evses", "foreign evse_id", "lower-case evse_id", "no evse_id",
-     "no capabilities", "no tariff_ids", "same tariff_ids", "three differing"],
+     "no capabilities", "no tariff_ids", "same tariff_ids", "three differing", "empty capabilities",
+     "empty tariff_ids", "removed, empty lists", "evse_id without E", "evse_id of the prefix alone",
+     "short compact evse_id"],
 )  # fmt: skip
 def test_check_whole_location_is_check_location_and_location_warnings(change: str) -> None:
     loc = _variant(change)
@@ -289,14 +311,14 @@ def test_check_whole_location_is_check_location_and_location_warnings(change: st
 )
 def test_tariff_target_pair(cc: str | None, pid: str | None, problem: str | None) -> None:
     doc = example("tariff_1_simple_2hour.json", target_operator_country_code=cc, target_operator_party_id=pid)
-    tariff = msgspec.json.decode(enc(doc), type=models.Tariff)
+    tariff = decoder(models.Tariff).decode(enc(doc))
     assert [p.field for p in rules.check_tariff_target(tariff)] == ([problem] if problem else [])
 
 
 def test_tariff_start_date_time() -> None:
     doc = example("tariff_1_simple_2hour.json")
-    assert [p.rule for p in rules.check_tariff(msgspec.json.decode(enc(doc), type=models.Tariff))] == [
+    assert [p.rule for p in rules.check_tariff(decoder(models.Tariff).decode(enc(doc)))] == [
         "gireve.F2.start_date_time"
     ]
     doc["start_date_time"] = STAMP
-    assert rules.check_tariff(msgspec.json.decode(enc(doc), type=models.Tariff)) == []
+    assert rules.check_tariff(decoder(models.Tariff).decode(enc(doc))) == []

@@ -1,7 +1,8 @@
 """msgspec models of the OCPI 2.2.1 objects a CPO pushes, with GIREVE's Tariff extension.
 
-Decode with ``msgspec.json.decode(body, type=Location)``; a ``msgspec.ValidationError`` names the
-offending field path (``$.evses[0].status``). Nested and enum types live in the submodules.
+Decode with ``relay.models.common.decoder(Location).decode(body)`` (its hook reads every DateTime the
+OCPI way); a ``msgspec.ValidationError`` names the offending field path (``$.evses[0].status``).
+Nested and enum types live in the submodules.
 """
 
 from relay.models.cdrs import Cdr

@@ -20,7 +20,6 @@ from relay.models.common import (
     CiString36,
     CiString39,
     CiString48,
-    DateTime,
     GeoLocation,
     OcpiStruct,
     Price,
@@ -31,10 +30,10 @@ from relay.models.common import (
     String255,
     String512,
     String5000,
-    as_utc,
 )
 from relay.models.locations import ConnectorFormat, ConnectorType, PowerType
 from relay.models.tariffs import Tariff
+from relay.timestamps import Instant
 
 
 class CdrLocation(OcpiStruct, kw_only=True):
@@ -80,9 +79,9 @@ class Cdr(OcpiStruct, kw_only=True):
 
     country_code: CiString2
     party_id: CiString3
-    id: CiString39  # 39, not 36, so that a Credit CDR can append a suffix to the original id
-    start_date_time: DateTime
-    end_date_time: DateTime
+    id: CiString39  # 39 for a Credit CDR only (a suffix to the original id); 36 otherwise: rules.check_cdr
+    start_date_time: Instant
+    end_date_time: Instant
     session_id: CiString36 | None = None
     cdr_token: CdrToken
     auth_method: AuthMethod
@@ -107,9 +106,4 @@ class Cdr(OcpiStruct, kw_only=True):
     credit: bool | None = None
     credit_reference_id: CiString39 | None = None
     home_charging_compensation: bool | None = None
-    last_updated: DateTime
-
-    def __post_init__(self) -> None:
-        self.start_date_time = as_utc(self.start_date_time)
-        self.end_date_time = as_utc(self.end_date_time)
-        self.last_updated = as_utc(self.last_updated)
+    last_updated: Instant

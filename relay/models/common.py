@@ -8,9 +8,14 @@ Sources: ``types.asciidoc`` (DisplayText, Price, DateTime, CiString, string, URL
 from __future__ import annotations
 
 import datetime
-from typing import Annotated, Literal, overload
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+import msgspec.inspect
+
+from relay.timestamps import Instant, instant_hook, normalise, ocpi_instant
+
+T = TypeVar("T")
 
 # --- strings -------------------------------------------------------------------------------------------------------
 # OCPI's CiString(n) and string(n) only differ in case sensitivity, which matters when comparing ids,
@@ -53,7 +58,9 @@ LocalDate = Annotated[str, msgspec.Meta(pattern=r"^([12][0-9]{3})-(0[1-9]|1[0-2]
 """string(10) "YYYY-MM-DD" in local time, as in TariffRestrictions (the pattern bounds the length)."""
 
 DateTime = datetime.datetime
-"""RFC 3339 timestamp; see :func:`as_utc` for how the models normalise it."""
+"""RFC 3339 timestamp as msgspec reads it (offsets kept): the Tokens module's, which the relay receives."""
+# The DateTimes of what the CSMS sends (Locations, Sessions, CDRs, Tariffs) are `Instant`s: OCPI's form only,
+# decoded with `decoder()` (see relay.timestamps for what is read, rewritten or refused).
 
 # --- enums ---------------------------------------------------------------------------------------------------------
 
@@ -82,24 +89,61 @@ EnvironmentalImpactCategory = Literal["NUCLEAR_WASTE", "CARBON_DIOXIDE"]
 # --- timestamps ----------------------------------------------------------------------------------------------------
 
 
-@overload
-def as_utc(value: datetime.datetime) -> datetime.datetime: ...
-@overload
-def as_utc(value: None) -> None: ...
-@overload
-def as_utc(value: msgspec.UnsetType) -> msgspec.UnsetType: ...
-def as_utc(value: datetime.datetime | None | msgspec.UnsetType) -> datetime.datetime | None | msgspec.UnsetType:
-    """A decoded DateTime as an aware UTC datetime; None and UNSET pass through.
+def decoder(type_: type[T]) -> msgspec.json.Decoder[T]:
+    """A JSON decoder of ``type_`` (a model of the CSMS's objects): its DateTimes decoded by the OCPI rule."""
+    return msgspec.json.Decoder(type_, dec_hook=instant_hook)
 
-    OCPI says a timestamp without designator is UTC, but msgspec decodes it as a naive datetime, and
-    naive and aware datetimes cannot be compared: ordering by ``last_updated`` would raise. Offsets
-    other than UTC are not OCPI but are unambiguous, so they are converted rather than refused.
+
+Plan = dict[str, Any]
+"""Where a model's DateTimes are: JSON field name → a nested Plan, or ``INSTANT`` for a DateTime (a list
+field applies its plan to each item)."""
+INSTANT = "DateTime"
+
+
+def instant_plan(type_: type[msgspec.Struct]) -> Plan:
+    """The Plan of a model, read from its types (msgspec.inspect), so that it cannot drift from them."""
+    found = _plan_of(msgspec.inspect.type_info(type_))
+    return found if isinstance(found, dict) else {}
+
+
+def _plan_of(t: msgspec.inspect.Type) -> Plan | str | None:
+    if isinstance(t, msgspec.inspect.CustomType):
+        return INSTANT if t.cls is Instant else None
+    if isinstance(t, msgspec.inspect.UnionType):
+        return next((p for u in t.types if (p := _plan_of(u)) is not None), None)
+    if isinstance(t, msgspec.inspect.ListType):
+        return _plan_of(t.item_type)
+    if isinstance(t, msgspec.inspect.StructType):
+        fields = {f.encode_name: p for f in t.fields if (p := _plan_of(f.type)) is not None}
+        return fields or None
+    return None
+
+
+def rewrite_instants(
+    doc: Any, plan: Plan | str, path: str, rewritten: list[tuple[str, str, str]], unreadable: list[tuple[str, str]]
+) -> Any:
+    """``doc`` (plain JSON) with each DateTime the plan names written as OCPI writes it (timestamps.normalise).
+
+    Appends ``(path, sent, stored)`` to ``rewritten`` for each change and ``(path, reason)`` to ``unreadable``
+    for each string that is no instant; values of other JSON types are left for the typed decoder to refuse.
     """
-    if not isinstance(value, datetime.datetime) or value.tzinfo is datetime.UTC:
-        return value
-    if value.tzinfo is None:
-        return value.replace(tzinfo=datetime.UTC)
-    return value.astimezone(datetime.UTC)
+    if isinstance(doc, list):
+        return [rewrite_instants(x, plan, f"{path}[{i}]", rewritten, unreadable) for i, x in enumerate(doc)]
+    if plan == INSTANT:
+        if isinstance(doc, str) and ocpi_instant(doc) is None:
+            try:
+                stored = normalise(doc)
+            except ValueError as exc:
+                unreadable.append((path, str(exc)))
+                return doc
+            rewritten.append((path, doc, stored))
+            return stored
+        return doc
+    if isinstance(doc, dict) and isinstance(plan, dict):
+        for name, sub in plan.items():
+            if name in doc:
+                doc[name] = rewrite_instants(doc[name], sub, f"{path}.{name}", rewritten, unreadable)
+    return doc
 
 
 # --- classes -------------------------------------------------------------------------------------------------------
@@ -198,9 +242,6 @@ class CdrDimension(OcpiStruct, kw_only=True):
 class ChargingPeriod(OcpiStruct, kw_only=True):
     """A period of a Session or CDR with its measured dimensions; it ends where the next starts."""
 
-    start_date_time: DateTime
+    start_date_time: Instant
     dimensions: Annotated[list[CdrDimension], msgspec.Meta(min_length=1)]
     tariff_id: CiString36 | None = None
-
-    def __post_init__(self) -> None:
-        self.start_date_time = as_utc(self.start_date_time)

@@ -18,7 +18,6 @@ from relay.models.common import (
     CiString3,
     CiString36,
     CiString48,
-    DateTime,
     DisplayText,
     EnergyMix,
     GeoLocation,
@@ -35,8 +34,8 @@ from relay.models.common import (
     String255,
     TimeOfDay,
     TokenType,
-    as_utc,
 )
+from relay.timestamps import Instant
 
 Capability = Literal[
     "CHARGING_PROFILE_CAPABLE",
@@ -158,12 +157,8 @@ class RegularHours(OcpiStruct, kw_only=True):
 class ExceptionalPeriod(OcpiStruct, kw_only=True):
     """An exceptional opening or closing, in UTC."""
 
-    period_begin: DateTime
-    period_end: DateTime
-
-    def __post_init__(self) -> None:
-        self.period_begin = as_utc(self.period_begin)
-        self.period_end = as_utc(self.period_end)
+    period_begin: Instant
+    period_end: Instant
 
 
 class Hours(OcpiStruct, kw_only=True):
@@ -178,13 +173,9 @@ class Hours(OcpiStruct, kw_only=True):
 class StatusSchedule(OcpiStruct, kw_only=True):
     """A planned status of an EVSE; the period may have no end."""
 
-    period_begin: DateTime
-    period_end: DateTime | None = None
+    period_begin: Instant
+    period_end: Instant | None = None
     status: Status
-
-    def __post_init__(self) -> None:
-        self.period_begin = as_utc(self.period_begin)
-        self.period_end = as_utc(self.period_end)
 
 
 class Connector(OcpiStruct, kw_only=True):
@@ -199,10 +190,7 @@ class Connector(OcpiStruct, kw_only=True):
     max_electric_power: int | None = None
     tariff_ids: list[CiString36] | None = None
     terms_and_conditions: URL | None = None
-    last_updated: DateTime
-
-    def __post_init__(self) -> None:
-        self.last_updated = as_utc(self.last_updated)
+    last_updated: Instant
 
 
 class Evse(OcpiStruct, kw_only=True):
@@ -220,10 +208,7 @@ class Evse(OcpiStruct, kw_only=True):
     directions: list[DisplayText] | None = None
     parking_restrictions: list[ParkingRestriction] | None = None
     images: list[Image] | None = None
-    last_updated: DateTime
-
-    def __post_init__(self) -> None:
-        self.last_updated = as_utc(self.last_updated)
+    last_updated: Instant
 
 
 class Location(OcpiStruct, kw_only=True):
@@ -254,10 +239,7 @@ class Location(OcpiStruct, kw_only=True):
     charging_when_closed: bool | None = None
     images: list[Image] | None = None
     energy_mix: EnergyMix | None = None
-    last_updated: DateTime
-
-    def __post_init__(self) -> None:
-        self.last_updated = as_utc(self.last_updated)
+    last_updated: Instant
 
 
 # --- PATCH bodies --------------------------------------------------------------------------------------------------
@@ -277,10 +259,7 @@ class ConnectorPatch(OcpiStruct, kw_only=True):
     max_electric_power: int | UnsetType = UNSET
     tariff_ids: list[CiString36] | UnsetType = UNSET
     terms_and_conditions: URL | UnsetType = UNSET
-    last_updated: DateTime
-
-    def __post_init__(self) -> None:
-        self.last_updated = as_utc(self.last_updated)
+    last_updated: Instant
 
 
 class EvsePatch(OcpiStruct, kw_only=True):
@@ -298,10 +277,7 @@ class EvsePatch(OcpiStruct, kw_only=True):
     directions: list[DisplayText] | UnsetType = UNSET
     parking_restrictions: list[ParkingRestriction] | UnsetType = UNSET
     images: list[Image] | UnsetType = UNSET
-    last_updated: DateTime
-
-    def __post_init__(self) -> None:
-        self.last_updated = as_utc(self.last_updated)
+    last_updated: Instant
 
 
 class LocationPatch(OcpiStruct, kw_only=True):
@@ -332,7 +308,4 @@ class LocationPatch(OcpiStruct, kw_only=True):
     charging_when_closed: bool | UnsetType = UNSET
     images: list[Image] | UnsetType = UNSET
     energy_mix: EnergyMix | UnsetType = UNSET
-    last_updated: DateTime
-
-    def __post_init__(self) -> None:
-        self.last_updated = as_utc(self.last_updated)
+    last_updated: Instant

@@ -17,13 +17,12 @@ from relay.models.common import (
     CiString2,
     CiString3,
     CiString36,
-    DateTime,
     OcpiStruct,
     Price,
     String3,
     String255,
-    as_utc,
 )
+from relay.timestamps import Instant
 
 SessionStatus = Literal["ACTIVE", "COMPLETED", "INVALID", "PENDING", "RESERVATION"]
 
@@ -34,8 +33,8 @@ class Session(OcpiStruct, kw_only=True):
     country_code: CiString2
     party_id: CiString3
     id: CiString36
-    start_date_time: DateTime
-    end_date_time: DateTime | None = None
+    start_date_time: Instant
+    end_date_time: Instant | None = None
     kwh: float
     cdr_token: CdrToken
     auth_method: AuthMethod
@@ -48,12 +47,7 @@ class Session(OcpiStruct, kw_only=True):
     charging_periods: list[ChargingPeriod] | None = None
     total_cost: Price | None = None
     status: SessionStatus
-    last_updated: DateTime
-
-    def __post_init__(self) -> None:
-        self.start_date_time = as_utc(self.start_date_time)
-        self.end_date_time = as_utc(self.end_date_time)
-        self.last_updated = as_utc(self.last_updated)
+    last_updated: Instant
 
 
 class SessionPatch(OcpiStruct, kw_only=True):
@@ -67,8 +61,8 @@ class SessionPatch(OcpiStruct, kw_only=True):
     country_code: CiString2 | UnsetType = UNSET
     party_id: CiString3 | UnsetType = UNSET
     id: CiString36 | UnsetType = UNSET
-    start_date_time: DateTime | UnsetType = UNSET
-    end_date_time: DateTime | UnsetType = UNSET
+    start_date_time: Instant | UnsetType = UNSET
+    end_date_time: Instant | UnsetType = UNSET
     kwh: float | UnsetType = UNSET
     cdr_token: CdrToken | UnsetType = UNSET
     auth_method: AuthMethod | UnsetType = UNSET
@@ -81,9 +75,4 @@ class SessionPatch(OcpiStruct, kw_only=True):
     charging_periods: list[ChargingPeriod] | UnsetType = UNSET
     total_cost: Price | UnsetType = UNSET
     status: SessionStatus | UnsetType = UNSET
-    last_updated: DateTime
-
-    def __post_init__(self) -> None:
-        self.start_date_time = as_utc(self.start_date_time)
-        self.end_date_time = as_utc(self.end_date_time)
-        self.last_updated = as_utc(self.last_updated)
+    last_updated: Instant

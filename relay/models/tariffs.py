@@ -15,7 +15,6 @@ from relay.models.common import (
     CiString2,
     CiString3,
     CiString36,
-    DateTime,
     DisplayText,
     EnergyMix,
     LocalDate,
@@ -23,8 +22,8 @@ from relay.models.common import (
     Price,
     String3,
     TimeOfDay,
-    as_utc,
 )
+from relay.timestamps import Instant
 
 DayOfWeek = Literal["MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY"]
 ReservationRestrictionType = Literal["RESERVATION", "RESERVATION_EXPIRES"]
@@ -80,16 +79,11 @@ class Tariff(OcpiStruct, kw_only=True):
     min_price: Price | None = None
     max_price: Price | None = None
     elements: Annotated[list[TariffElement], msgspec.Meta(min_length=1)]
-    start_date_time: DateTime | None = None
-    end_date_time: DateTime | None = None
+    start_date_time: Instant | None = None
+    end_date_time: Instant | None = None
     energy_mix: EnergyMix | None = None
     # GIREVE extension: the eMSP this variant of the tariff is for; absent on the default variant.
     # Both-or-neither is a GIREVE rule, checked outside the models.
     target_operator_country_code: CiString2 | None = None
     target_operator_party_id: CiString3 | None = None
-    last_updated: DateTime
-
-    def __post_init__(self) -> None:
-        self.start_date_time = as_utc(self.start_date_time)
-        self.end_date_time = as_utc(self.end_date_time)
-        self.last_updated = as_utc(self.last_updated)
+    last_updated: Instant

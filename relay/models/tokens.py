@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -81,18 +81,45 @@ class LocationReferences(OcpiStruct, kw_only=True):
     evse_uids: list[CiString36] | None = None
 
 
+class AuthorizedToken(OcpiStruct, kw_only=True):
+    """The Token inside an AuthorizationInfo: mod_tokens' required fields checked, the optional ones kept as sent.
+
+    The answer decides whether a driver may charge now: an optional field the eMSP (or the hub) filled
+    oddly (a ``language`` of three letters, a ``default_profile_type`` of a later version, an
+    ``energy_contract`` without ``supplier_name``) must not turn an ALLOWED into "unusable answer".
+    The relay does not store this token (pushed tokens are ``Token``, checked in full); the CSMS
+    gets the optional fields as they came. Unknown fields are dropped, as everywhere.
+    """
+
+    country_code: CiString2
+    party_id: CiString3
+    uid: CiString36
+    type: TokenType
+    contract_id: CiString36
+    visual_number: Any = None
+    issuer: String64
+    group_id: Any = None
+    valid: bool
+    whitelist: WhitelistType
+    language: Any = None
+    default_profile_type: Any = None
+    energy_contract: Any = None
+    last_updated: DateTime
+
+
 class AuthorizationInfo(OcpiStruct, kw_only=True):
     """The eMSP's answer to a real-time authorisation."""
 
     allowed: AllowedType
-    token: Token
+    token: AuthorizedToken
     location: LocationReferences | None = None
     authorization_reference: CiString36 | None = None
     info: DisplayText | None = None
 
 
 class StartSession(OcpiStruct, kw_only=True):
-    """START_SESSION; GIREVE requires ``connector_id``."""
+    """START_SESSION. ``evse_uid`` and ``connector_id`` are optional (eMSPs on OCPI 2.1.1 behind GIREVE
+    cannot send ``connector_id``); ``connector_id`` needs ``evse_uid``."""
 
     response_url: URL
     token: Token
@@ -123,6 +150,6 @@ class CommandResponse(OcpiStruct, kw_only=True):
 
 
 __all__ = [
-    "AuthorizationInfo", "CommandResponse", "CommandResult", "CommandType", "LocationReferences", "StartSession",
-    "StopSession", "Token", "TokenPatch",
+    "AuthorizationInfo", "AuthorizedToken", "CommandResponse", "CommandResult", "CommandType", "LocationReferences",
+    "StartSession", "StopSession", "Token", "TokenPatch",
 ]  # fmt: skip

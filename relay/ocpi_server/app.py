@@ -19,7 +19,8 @@ from relay.envelope import ocpi
 from relay.errors import StoreError
 from relay.ocpi_server import credentials, roaming, sender, versions
 from relay.ocpi_server.auth import UnknownTokens, authenticate, presented_token
-from relay.ocpi_server.keys import CORRELATION, REGISTRY, ROLE, SETTINGS, STATE, TOKEN_A_ROUTES
+from relay.ocpi_server.keys import CONFIG_ROUTES, CORRELATION, REGISTRY, ROLE, SETTINGS, STATE, TOKEN_A_ROUTES
+from relay.ocpi_server.routing import answer_headers
 from relay.store import RoamingStore, StateReader
 
 log = structlog.get_logger(__name__)
@@ -75,18 +76,32 @@ async def _dispatch(request: web.Request, handler: Handler) -> web.StreamRespons
         return ocpi(401, 2000, message="Unauthorized: unknown or missing token")
     reset = ROLE.set(role)
     try:
+        resp = await _handle(request, handler)
+    finally:
+        ROLE.reset(reset)
+    if route and route not in CONFIG_ROUTES:  # a Functional Module's answer, errors included: routed (T3)
+        resp.headers.update(answer_headers(request, request.app[SETTINGS], registry.registration))
+    return resp
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return ocpi(exc.status, 2000 if exc.status < 500 else 3000, message=exc.reason)
     except RecursionError:  # msgspec decoding JSON nested deeper than the interpreter's recursion limit
+        # Not JSON the relay can parse: still the transport layer (status_codes: 400 for invalid JSON).
         return ocpi(400, 2001, message="Invalid JSON: nested too deep")
+    except StoreError as exc:
+        # Redis unreachable: the IOP's request is fine and may be sent again shortly (not a 500: the
+        # relay is not broken, only waiting for its store).
+        log.warning("ocpi_store_unavailable", path=request.path, error=str(exc))
+        return ocpi(503, 3000, message="Temporarily unavailable, try again", headers={"Retry-After": "1"})
     except Exception:
         log.exception("ocpi_handler_failed", path=request.path)
         return ocpi(500, 3000, message="Internal error")
-    finally:
-        ROLE.reset(reset)
 
 
 def create_ocpi_app(

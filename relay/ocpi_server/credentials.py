@@ -8,6 +8,13 @@ token A is given back: the hub may retry with it, as GIREVE does. Once the hands
 the token A stays spent, even if storing the registration fails (Redis down: make a new token A).
 A failed handshake is answered with a generic 3001; the reason goes to the log only (it would
 otherwise tell whoever holds a token A what the relay can reach).
+
+HTTP statuses: a registration whose body is JSON and whose token is good has reached the OCPI layer,
+where "an HTTP error status code MUST NOT be returned" (status_codes.asciidoc): a credentials object
+that is not one is 200 / 2001, a failed handshake 200 / 3001 (credentials.asciidoc, "Errors during
+registration": the server "should add the status code 3001 in the response to the POST"). HTTP errors
+stay for what credentials.asciidoc asks (405 for a POST of a registered peer), a body that is not JSON
+(400) and an unknown or spent token (401). No OCPI-from/OCPI-to on these answers (a configuration module).
 """
 
 from __future__ import annotations
@@ -49,7 +56,9 @@ async def get_credentials(request: web.Request) -> web.Response:
 async def _register(request: web.Request) -> web.Response:
     try:
         offered = _decode(await request.read())
-    except msgspec.DecodeError as exc:
+    except msgspec.ValidationError as exc:  # JSON, but no Credentials object (a subclass of DecodeError)
+        return ocpi(200, 2001, message=f"Invalid credentials object: {exc}")
+    except msgspec.DecodeError as exc:  # not JSON: the transport layer's 400
         return ocpi(400, 2001, message=f"Invalid credentials object: {exc}")
     registry = request.app[REGISTRY]
     claim: TokenAClaim | None = None
@@ -64,7 +73,7 @@ async def _register(request: web.Request) -> web.Response:
     except HandshakeError as exc:
         log.warning("registration_failed", error=str(exc), versions_url=offered.url)
         await _give_back(registry, claim)
-        return ocpi(400, 3001, message="Unable to use the client's API")
+        return ocpi(200, exc.ocpi_code, message=exc.public)  # 3001, 3002 or 3003; the details stay in the log
     except BaseException:
         await _give_back(registry, claim)
         raise

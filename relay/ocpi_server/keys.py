@@ -29,3 +29,6 @@ TOKEN_A_ROUTES = {
     ("GET", "/ocpi/2.2.1"),
     ("POST", "/ocpi/2.2.1/credentials"),
 }
+# Canonical routes of the configuration modules (versions, version details, credentials): their answers
+# carry no OCPI-from/OCPI-to (transport_and_format: "routing headers SHALL NOT be used with these modules").
+CONFIG_ROUTES = frozenset({"/ocpi/versions", "/ocpi/2.2.1", "/ocpi/2.2.1/credentials"})

@@ -3,6 +3,11 @@
 Answered from the state the CSMS sent, filtered by the operator(s) named in the routing headers,
 paginated as OCPI says (``date_from``, ``date_to``, ``offset``, ``limit``, ``Link``,
 ``X-Total-Count``, ``X-Limit``), ordered by ``last_updated`` then id so that pages are stable.
+
+A request the relay cannot serve (a query parameter it cannot read, an OCPI-to-* naming no hosted
+operator) is answered HTTP 200 with OCPI 2001: it has reached the OCPI layer, where "an HTTP error
+status code MUST NOT be returned" (status_codes.asciidoc). Only the GET of one object that does not
+exist is a 404 (2003), as status_codes allows for a GET ("the server SHOULD return a HTTP 404").
 """
 
 from __future__ import annotations
@@ -75,7 +80,10 @@ def _masked(settings: Settings, module: str, fld: str, doc: bytes) -> bytes:
 
 
 def _unknown_receiver() -> web.Response:
-    return ocpi(404, 4001, message="Unknown receiver: the OCPI-to operator is not hosted here")
+    # Not 4001 ("Unknown receiver"): 4xxx are a hub's codes for its own routing errors (status_codes,
+    # "4xxx: Hub errors"), and the relay is a platform. The OCPI-to-* headers are a parameter of the
+    # request, and they name no operator hosted here: 2001 "Invalid or missing parameters".
+    return ocpi(200, 2001, message="OCPI-to-*: not an operator hosted here")
 
 
 async def list_objects(request: web.Request) -> web.Response:
@@ -89,15 +97,17 @@ async def list_objects(request: web.Request) -> web.Response:
     try:
         date_from, date_to = _ms(q.get("date_from"), "date_from"), _ms(q.get("date_to"), "date_to")
         offset = _int(q.get("offset"), "offset", 0)
-        limit = min(_int(q.get("limit"), "limit", settings.state.max_page_limit), settings.state.max_page_limit)
+        # limit=0 is the default page, like an absent limit: a page of nothing would lead nowhere (no Link to
+        # follow), and OCPI lets the server return fewer objects than asked, never asks for none.
+        limit = min(_int(q.get("limit"), "limit", 0) or settings.state.max_page_limit, settings.state.max_page_limit)
     except BadRequest as exc:
-        return ocpi(400, 2001, message=str(exc))
+        return ocpi(200, 2001, message=str(exc))
     page = await request.app[STATE].page(module, operators, date_from, date_to, offset, limit)
     docs = [_masked(settings, module, fld, doc) for fld, doc in page.docs]
     # The documents are stored as JSON: splice them in rather than decode and encode each.
     body = b'{"data":[' + b",".join(docs) + b'],"status_code":1000,"timestamp":"' + now_iso().encode() + b'"}'
     headers = {"X-Total-Count": str(page.total), "X-Limit": str(limit)}
-    if 0 < limit and offset + limit < page.total:  # limit=0 only counts: a Link back to it would never end
+    if offset + limit < page.total:
         params = {k: v for k, v in q.items() if k in ("date_from", "date_to")}
         params.update(offset=str(offset + limit), limit=str(limit))
         url = f"{public_base(settings)}/{VERSION}/{module}?{urlencode(params)}"
@@ -109,8 +119,8 @@ async def get_location(request: web.Request) -> web.Response:
     """GET locations/{location_id}[/{evse_uid}[/{connector_id}]] of the operator(s) addressed."""
     settings = request.app[SETTINGS]
     operators = _operators(request, settings)
-    if operators is None:
-        return _unknown_receiver()
+    if operators is None:  # no such Location for the party addressed: a GET of an object that does not exist
+        return ocpi(404, 2003, message="Unknown location: the OCPI-to operator is not hosted here")
     loc_id = request.match_info["location_id"]
     evse_uid, connector_id = request.match_info.get("evse_uid"), request.match_info.get("connector_id")
     for cc, pid in operators:

@@ -32,7 +32,7 @@ class DeadLetters(Part):
             [
                 K.GROUP, entry.id, encode(ev), info,
                 ev.key if ev.module == "sessions" else "", entry.after or "",
-                K.key_field(ev.module, ev.key) if park else "",
+                K.key_field(ev.module, ev.key) if park else "", entry.origin or entry.id,
             ],
         )  # fmt: skip
         return optional_text(r)

@@ -75,6 +75,7 @@ class DeliveryStore(Leases, DeadLetters):
             ev.key if ev.module == "sessions" else "",
             ev.key if ev.module == "cdrs" else "",
             entry.after or "",
+            entry.origin or entry.id,
         )  # fmt: skip
 
     # -- what a key waits on ------------------------------------------------------------------
@@ -90,6 +91,18 @@ class DeliveryStore(Leases, DeadLetters):
     async def session_done(self, shard: int, key: str) -> str | None:
         """Stream id of the last delivered or dead-lettered update of a session."""
         return optional_text(await self.store.call("HGET", K.session_done_key(shard), key))
+
+    async def session_marks(self, shard: int, key: str) -> tuple[str | None, str | None]:
+        """A session's done-watermark and its last accepted update, read in that order (coalesced).
+
+        Both are gone once a CDR of the session was delivered with no update after it (finish.lua);
+        read in this order, (None, None) can only mean that: every update of the session is done.
+        """
+        done, last = await asyncio.gather(
+            self.store.call("HGET", K.session_done_key(shard), key),
+            self.store.call("HGET", K.session_last_key(shard), key),
+        )
+        return optional_text(done), optional_text(last)
 
     async def last_delivered(self, shard: int, module: str, key: str) -> str | None:
         """Stream id of the newest delivered event of an ordering key (the replay guard)."""

@@ -2,6 +2,10 @@
 
 Tokens that the relay only compares (a token A, spent or pending) are stored as their SHA-256 digest,
 never in clear: every method here takes the token and stores ``token_digest(token)``.
+
+The registration is one JSON document (``credentials.Registration``), the IOP's credentials roles with the
+rest: its HUB role is the OCPI-to-* party of every request (``Registration.hub_party``, T3), so the IOP's
+identity from the handshake survives restarts and is the same on every replica.
 """
 
 from __future__ import annotations

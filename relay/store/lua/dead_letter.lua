@@ -1,12 +1,13 @@
 -- Move an entry to its dead-letter stream with the reason, ack it, maybe park its key.
 -- KEYS: stream, dlq, session-done, parked
--- ARGV: group, id, envelope, info, session key or '', after or '', park field or ''
+-- ARGV: group, id, envelope, info, session key or '', after or '', park field or '', source id (the entry's
+--       original id if it was replayed, else its id: the replay guard compares original ids)
 -- Returns the dead letter's id, or false if another finisher got there first.
 -- include: gt.lua
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 -- Only the first to finish the entry writes the dead letter (see finish.lua).
 if redis.call('XDEL', KEYS[1], ARGV[2]) == 0 then return false end
-local fields = {'e', ARGV[3], 'i', ARGV[4], 's', ARGV[2]}
+local fields = {'e', ARGV[3], 'i', ARGV[4], 's', ARGV[8]}
 if ARGV[6] ~= '' then table.insert(fields, 'a'); table.insert(fields, ARGV[6]) end
 local dead = redis.call('XADD', KEYS[2], '*', unpack(fields))
 if ARGV[5] ~= '' and gt(ARGV[2], redis.call('HGET', KEYS[3], ARGV[5])) then

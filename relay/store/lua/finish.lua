@@ -1,6 +1,8 @@
 -- Ack + delete a delivered entry and advance its watermarks.
 -- KEYS: stream, delivered, session-done, session-last
--- ARGV: group, id, module|key, session key ('' unless a session), cdr key ('' unless a CDR), cdr's after id
+-- ARGV: group, id, module|key, session key ('' unless a session), cdr key ('' unless a CDR), cdr's after id,
+--       the id the delivered marker records (a replayed entry's original id, else its id: the replay guard
+--       compares original ids, or a replayed update would make the key's other dead letters look older)
 -- Returns what XACK counted.
 -- include: gt.lua
 local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -8,7 +10,7 @@ local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 -- when the group was recreated after NOGROUP, and a delivered session update must still count.)
 local d = redis.call('XDEL', KEYS[1], ARGV[2])
 if d == 1 then
-  if gt(ARGV[2], redis.call('HGET', KEYS[2], ARGV[3])) then redis.call('HSET', KEYS[2], ARGV[3], ARGV[2]) end
+  if gt(ARGV[7], redis.call('HGET', KEYS[2], ARGV[3])) then redis.call('HSET', KEYS[2], ARGV[3], ARGV[7]) end
   if ARGV[4] ~= '' and gt(ARGV[2], redis.call('HGET', KEYS[3], ARGV[4])) then
     redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
   end
