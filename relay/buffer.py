@@ -5,12 +5,16 @@ it reads (a reader that counted after reading let every shard reader fill the sa
 gives the reservation back when the read returns and counts what it actually got with ``add``;
 an entry leaves with ``free`` when it is delivered, dead-lettered or dropped. CDRs, which may
 wait for session updates still unread, never take more than half of it, counting the room
-reserved for them by reads in flight. No I/O: tested alone in ``tests/test_buffer.py``.
+reserved for them by reads in flight. Entries folded into compacted units (``relay.compaction``) leave
+``held`` for ``folded`` (an id each, not an entry), bounded by the forwarder; while the buffer is full a
+reader first asks ``squeeze`` (the forwarder's folding of idle queues) for room. No I/O: tested alone
+in ``tests/test_buffer.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 
 class Buffer:
@@ -26,6 +30,10 @@ class Buffer:
         # would cost a Redis call per event.
         self.low_water = max(1, min(read_batch, limit // 8))
         self._room = asyncio.Event()
+        self.units = 0  # compacted units in the queues (relay.compaction): not counted in held
+        self.folded = 0  # entries the units stand for (an id each)
+        # Called while a reader waits for room; returns how many entries it folded (0: nothing to do).
+        self.squeeze: Callable[[], int] | None = None
 
     async def reserve(self, want: int) -> int:
         """Wait until at least ``low_water`` is free, then reserve up to ``want`` of it (returned).
@@ -34,6 +42,8 @@ class Buffer:
         reading a full batch into the same free room: the buffer never exceeds ``limit``.
         """
         while self.limit - self.held < self.low_water:
+            if self.squeeze is not None and self.squeeze():
+                continue
             self._room.clear()
             await self._room.wait()
         n = min(want, self.limit - self.held)
@@ -52,6 +62,18 @@ class Buffer:
         self.cdrs -= cdrs
         if self.limit - self.held >= self.low_water:
             self._room.set()
+
+    def fold(self, n: int, units: int) -> None:
+        """``n`` entries held were taken into compacted units (``units`` more of them, or fewer when units
+        merged): they leave ``held`` for ``folded``."""
+        self.folded += n
+        self.units += units
+        self.free(n)
+
+    def unfold(self, n: int, units: int = 1) -> None:
+        """Compacted units (``units``) standing for ``n`` entries were finished or dropped."""
+        self.folded -= n
+        self.units -= units
 
     def reserve_cdrs(self, per: int) -> int:
         """Room to read ``per`` CDRs now (returned, give it back with ``release_cdrs``), or 0.

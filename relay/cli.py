@@ -173,7 +173,10 @@ def check_config(strict: bool, config_path: Path | None) -> None:
 def peek(module: str, count: int, config_path: Path | None) -> None:
     """Print the first queued entries of MODULE's streams (delivered ones are trimmed away).
 
-    One line per entry: stream id, method, object, ordering key and event id, oldest first per shard.
+    One line per entry: stream id, method, object, ordering key and event id, oldest first per shard;
+    ``compact=dynamic|state|last`` when its module's backlogs are compacted ([forwarder] compact): with
+    its key's neighbours it may go as one request (docs/delivery.md, "Compaction"). A last line counts
+    them; relay_compacted_total counts the entries compacted so far.
 
     \b
     Examples:
@@ -184,10 +187,21 @@ def peek(module: str, count: int, config_path: Path | None) -> None:
 
     settings = load_settings(config_path)
 
+    from relay.compaction import describe, modules
+
+    compacted = modules(settings.forwarder.compact)
+
     async def show(store: Any) -> None:
+        shown = compactable = 0
         for stream_id, raw in await store.peek(module, count):
             ev = decode(raw)
-            click.echo(f"{stream_id} {ev.method} {ev.object_ref()} key={ev.key} event_id={ev.id}")
+            word = describe(ev, compacted, settings.state.enabled)
+            shown, compactable = shown + 1, compactable + bool(word)
+            tag = f" compact={word}" if word else ""
+            click.echo(f"{stream_id} {ev.method} {ev.object_ref()} key={ev.key}{tag} event_id={ev.id}")
+        if shown:
+            state = "compaction on" if module in compacted else "compaction off"
+            click.echo(f"# {compactable} of {shown} shown may be compacted with their key's others ({state})")
 
     with_store(settings, show)
 

@@ -13,7 +13,7 @@ import msgspec
 
 from relay.cli_common import config_option, load_settings, with_store
 from relay.config import MODULES
-from relay.dlq import Filter, ReplayResult, describe, find, purge_many, replay_many, select
+from relay.dlq import Filter, Purge, Replay, describe, find, purge_many, replay_many, select
 from relay.store import DeadLetter, DeliveryStore
 from relay.timestamps import parse_datetime
 
@@ -124,21 +124,38 @@ def _confirm_bulk(ids: tuple[str, ...], all_: bool, flt: Filter, yes: bool, verb
         click.confirm(f"{verb} every matching dead letter?", abort=True)
 
 
+def _json_line(dead: DeadLetter, **fields: Any) -> str:
+    """One dead letter's outcome as a JSON line (``--json`` of replay and purge)."""
+    ev = dead.event
+    row = {"dead_id": dead.id, "event_id": ev.id, "module": dead.module, "object": ev.object_ref(), "key": ev.key}
+    return msgspec.json.encode({**row, **{k: v for k, v in fields.items() if v not in (None, False)}}).decode()
+
+
 @dlq.command("replay")
 @click.argument("ids", nargs=-1)
 @_selection_options
 @click.option("--all", "all_", is_flag=True, help="Every dead letter (excludes IDs and filters).")
 @click.option("--dry-run", is_flag=True, help="Say what would happen; change nothing.")
-@click.option("--force", is_flag=True, help="Replay even if a newer update of the object was delivered since.")
+@click.option("--force", is_flag=True, help="Replay each old event itself, as it was, even if a newer update "
+              "of the object was delivered or is queued.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per dead letter, then the summary.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @config_option
 def dlq_replay(ids: tuple[str, ...], module: str | None, kind: str | None, reason: str | None, key: str | None,
-               since: str | None, all_: bool, dry_run: bool, force: bool, yes: bool,
+               since: str | None, all_: bool, dry_run: bool, force: bool, as_json: bool, yes: bool,
                config_path: Path | None) -> None:  # fmt: skip
     """Put dead letters back on the ordered delivery path.
 
-    An event whose object received a newer delivered update since it died is skipped (it would
-    overwrite newer state at the IOP) unless --force. Exit code 0 even when some are skipped.
+    A Location (or EVSE, Connector), Session or Tariff is replayed from state: the IOP gets a PUT of
+    the object's current state in the key's order, not the old operation (as it was only if the object
+    has no state any more). Several dead letters of one object replay as one, the newest; the older
+    ones leave the DLQ as superseded. One whose object has a newer update delivered or still queued is
+    skipped. CDRs and command results go as they were. --force replays each selected old event itself,
+    as it was, in order. A replay unparks its object. Exit code 0 even when some are skipped.
+
+    \b
+    Summary (last line, JSON): selected, replayed, superseded, skipped_newer, gone, unparked
+    (dry run: would_replay, would_supersede, would_skip).
     """
     settings = load_settings(config_path)
     flt = _filter(ids, module, kind, reason, key, since)
@@ -149,16 +166,33 @@ def dlq_replay(ids: tuple[str, ...], module: str | None, kind: str | None, reaso
         await ds.load_scripts()
         # Select first: replaying deletes from the streams being paged through.
         chosen = [d async for d in select(ds, flt)]
+        unparked = 0
         with click.progressbar(length=len(chosen), label="replaying", file=sys.stderr) as bar:
 
-            def step(dead: DeadLetter, result: ReplayResult) -> None:
+            def step(dead: DeadLetter, rep: Replay) -> None:
+                nonlocal unparked
                 bar.update(1)
-                if result in ("skipped_newer", "would_skip"):
-                    click.echo(f"\n{dead.id} {dead.event.object_ref()}: skipped, a newer update was delivered "
-                               "since (use --force to replay anyway)", err=True)  # fmt: skip
+                unparked += rep.unparked
+                if as_json:
+                    click.echo(_json_line(dead, result=rep.result, from_state=rep.from_state, unparked=rep.unparked,
+                                          newer=rep.newer, superseded_by=rep.by))  # fmt: skip
+                    return
+                ref = f"{dead.id} {dead.event.object_ref()}"
+                if rep.result in ("skipped_newer", "would_skip"):
+                    click.echo(f"\n{ref}: skipped, a newer update of the object was {rep.newer or 'delivered'} "
+                               "(use --force to replay it anyway)", err=True)  # fmt: skip
+                elif rep.result in ("superseded", "would_supersede"):
+                    click.echo(f"\n{ref}: superseded by {rep.by}, the newer dead letter of the object", err=True)
+                if rep.unparked:
+                    click.echo(f"\nunparked {dead.event.key}", err=True)
 
-            counts = await replay_many(ds, chosen, force=force, dry_run=dry_run, progress=step)
-        click.echo(msgspec.json.encode({"selected": len(chosen), **counts}).decode())
+            counts = await replay_many(
+                ds, chosen, force=force, dry_run=dry_run, from_state=settings.state.enabled, progress=step
+            )
+        summary: dict[str, int] = {"selected": len(chosen), **counts}
+        if unparked:
+            summary["unparked"] = unparked
+        click.echo(msgspec.json.encode(summary).decode())
 
     with_store(settings, go)
 
@@ -168,11 +202,15 @@ def dlq_replay(ids: tuple[str, ...], module: str | None, kind: str | None, reaso
 @_selection_options
 @click.option("--all", "all_", is_flag=True, help="Every dead letter (excludes IDs and filters).")
 @click.option("--dry-run", is_flag=True, help="Say how many would go; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per dead letter, then the summary.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @config_option
 def dlq_purge(ids: tuple[str, ...], module: str | None, kind: str | None, reason: str | None, key: str | None,
-              since: str | None, all_: bool, dry_run: bool, yes: bool, config_path: Path | None) -> None:  # fmt: skip
+              since: str | None, all_: bool, dry_run: bool, as_json: bool, yes: bool,
+              config_path: Path | None) -> None:  # fmt: skip
     """Delete dead letters for good.
+
+    Purging the dead letter that parked its object unparks the object (its later events flow again).
 
     \b
     Examples:
@@ -186,9 +224,25 @@ def dlq_purge(ids: tuple[str, ...], module: str | None, kind: str | None, reason
 
     async def go(store: Any) -> None:
         ds = DeliveryStore(store)
+        await ds.load_scripts()
         chosen = [d async for d in select(ds, flt)]
+        unparked: list[str] = []
         with click.progressbar(length=len(chosen), label="purging", file=sys.stderr) as bar:
-            n = await purge_many(ds, chosen, dry_run=dry_run, progress=lambda: bar.update(1))
-        click.echo(msgspec.json.encode({"selected": len(chosen), "would_purge" if dry_run else "purged": n}).decode())
+
+            def step(dead: DeadLetter, done: Purge) -> None:
+                bar.update(1)
+                if done.unparked:
+                    unparked.append(dead.event.key)
+                if as_json:
+                    result = ("would_purge" if dry_run else "purged") if done.deleted else "gone"
+                    click.echo(_json_line(dead, result=result, unparked=done.unparked))
+                elif done.unparked:
+                    click.echo(f"\n{'would unpark' if dry_run else 'unparked'} {dead.event.key}", err=True)
+
+            n = await purge_many(ds, chosen, dry_run=dry_run, progress=step)
+        summary: dict[str, int] = {"selected": len(chosen), "would_purge" if dry_run else "purged": n}
+        if unparked:
+            summary["would_unpark" if dry_run else "unparked"] = len(unparked)
+        click.echo(msgspec.json.encode(summary).decode())
 
     with_store(settings, go)

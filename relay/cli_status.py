@@ -18,10 +18,12 @@ from relay.store import DeliveryStore
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @config_option
 def status(as_json: bool, config_path: Path | None) -> None:
-    """Queue depth and oldest age per module, dead letters, IOP link state per replica.
+    """Queue depth and oldest age per module, dead letters, IOP link state per replica, takeover holds.
 
     Also the OCPI connection (registered, since when, the IOP's endpoints, the IOP party that OCPI-to-*
-    names: the handshake's HUB role, flagged when it differs from [iop]). Works while the relay runs;
+    names: the handshake's HUB role, flagged when it differs from [iop]). After a replica took a shard
+    over from one that died, the keys whose events may still be on the wire from the dead one wait:
+    "held" shows how many per shard, until when, and the first few. Works while the relay runs;
     the same numbers as the relay_queue_depth, relay_oldest_event_age_seconds and relay_dead_letters metrics.
 
     \b
@@ -40,6 +42,7 @@ def status(as_json: bool, config_path: Path | None) -> None:
         oldest = await ds.oldest()
         dead = await ds.dlq_lengths()
         links = await ds.link_states()
+        holds = _holds(await ds.holds(), time.time())
         registry = Registry(settings, RegistrationStore(store))
         await registry.refresh()
         now = time.time()
@@ -49,7 +52,7 @@ def status(as_json: bool, config_path: Path | None) -> None:
         }
         conn = _connection(registry, settings)
         if as_json:
-            data = {"redis": "ok", "connection": conn, "modules": modules, "replicas": links}
+            data = {"redis": "ok", "connection": conn, "modules": modules, "replicas": links, "holds": holds}
             click.echo(msgspec.json.encode(data).decode())
             return
         click.echo(f"connection: {conn['state']}" + (f" since {conn['since']}" if conn.get("since") else ""))
@@ -65,8 +68,28 @@ def status(as_json: bool, config_path: Path | None) -> None:
             click.echo(f"{m:<10} {row['queued']:>8} {row['oldest_age_s']:>10}s {row['dead']:>6}")
         for replica, link in links.items() or {"(no forwarder running)": {}}.items():
             click.echo(f"link {replica}: {link.get('state', '-')} {link.get('reason', '')}")
+        for shard, hold in holds.items():
+            click.echo(f"held shard {shard}: {hold['keys']} keys until {hold['until']} ({hold['wait_s']}s),"
+                       f" old owner's requests may still land: {', '.join(hold['first'])}")  # fmt: skip
 
     with_store(settings, go)
+
+
+def _holds(published: dict[int, dict[str, float]], now: float, first: int = 5) -> dict[str, dict[str, Any]]:
+    """Per shard, the keys a takeover holds (relay.reader.Hold) that still wait: count, end, the first few."""
+    out: dict[str, dict[str, Any]] = {}
+    for shard, fields in sorted(published.items()):
+        waiting = sorted(k for k, until in fields.items() if until > now)
+        if not waiting:
+            continue
+        until = max(fields[k] for k in waiting)
+        out[str(shard)] = {
+            "keys": len(waiting),
+            "until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until)),
+            "wait_s": round(until - now, 1),
+            "first": waiting[:first],
+        }
+    return out
 
 
 def _connection(registry: Any, settings: Settings) -> dict[str, Any]:

@@ -26,6 +26,9 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 Module = Literal["locations", "sessions", "cdrs", "tariffs", "commands"]
 # "commands" carries CommandResults to the IOP's response_url, with the same guarantees.
 MODULES: tuple[Module, ...] = ("locations", "sessions", "cdrs", "tariffs", "commands")
+# Modules whose objects have a current state that supersedes their history (relay.state): a replayed dead
+# letter of one of them sends that state (relay.dlq). A CDR or a command result is immutable: as it was.
+STATEFUL_MODULES: frozenset[Module] = frozenset({"locations", "sessions", "tariffs"})
 
 
 class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -46,6 +49,9 @@ class StorageSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     dir: str = "./data"
     durability: Literal["always", "everysec"] = "always"
+    # The embedded server's maxmemory in MiB (noeviction: at it, writes are refused and the ingress answers
+    # 503); 0 = no limit. Sized for ~0.5–1 million queued events; the container must hold it × 1.25 + ~150 MB.
+    max_memory_mib: Annotated[int, msgspec.Meta(ge=0)] = 1024
 
 
 class IngressSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -64,6 +70,9 @@ class IngressSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     header_timeout_s: PositiveFloat = 10.0
     idle_timeout_s: PositiveFloat = 120.0
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    # How long an Idempotency-Key's first answer is kept: a retry with the key within it gets that answer
+    # and stores nothing (the same key with another body: 422).
+    idempotency_window_s: Annotated[int, msgspec.Meta(ge=1, le=30 * 86400)] = 86400
 
     def tokens(self) -> tuple[str, ...]:
         """Accepted bearer tokens; a comma-separated list allows rotation without downtime."""
@@ -145,6 +154,10 @@ class ForwarderSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     link_failure_threshold: Annotated[int, msgspec.Meta(ge=1)] = 5
     probe_max_s: PositiveFloat = 60.0
     shutdown_timeout_s: PositiveFloat = 10.0
+    # Modules whose backlogs are compacted (relay.compaction; never cdrs or commands), and how many
+    # entries may be folded into compacted units at once (an id each, 16 bytes, beside max_buffered).
+    compact: list[Module] = msgspec.field(default_factory=lambda: ["locations", "sessions", "tariffs"])
+    compact_max_folded: Annotated[int, msgspec.Meta(ge=0)] = 1_048_576
 
 
 class StateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -155,6 +168,19 @@ class StateSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sessions_patch_to_put: bool = True
     heal_patches: bool = True
     tariffs_immutable: Literal["reject", "warn", "off"] = "warn"
+
+
+class RetentionSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What the relay forgets once it is old (relay.retention, docs/operations.md "Retention"); 0 = keep forever."""
+
+    # Per-key markers (delivered, accepted, dead-last) and session watermarks, by the age of their stream id.
+    # Long enough that a dead letter is replayed or purged within it (the markers of a key that still has a
+    # dead letter are kept anyway).
+    markers_s: Annotated[int, msgspec.Meta(ge=0)] = 7 * 86400
+    # Sessions and CDRs in the state, by last_updated: what the IOP can still pull from the Sender interfaces.
+    sessions_s: Annotated[int, msgspec.Meta(ge=0)] = 60 * 86400
+    sweep_interval_s: Annotated[float, msgspec.Meta(ge=1)] = 300.0
+    batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500  # fields per HSCAN page and per script
 
 
 class AdvenirSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -214,6 +240,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     iop: IopSettings = msgspec.field(default_factory=IopSettings)
     forwarder: ForwarderSettings = msgspec.field(default_factory=ForwarderSettings)
     state: StateSettings = msgspec.field(default_factory=StateSettings)
+    retention: RetentionSettings = msgspec.field(default_factory=RetentionSettings)
     advenir: AdvenirSettings = msgspec.field(default_factory=AdvenirSettings)
     csms: CsmsSettings = msgspec.field(default_factory=CsmsSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
@@ -347,6 +374,8 @@ def _validate(s: Settings) -> list[str]:
         errors.append("csms.timeout_s: must be below csms.command_result_timeout_s")
     if s.forwarder.backoff_max_s < s.forwarder.backoff_initial_s:
         errors.append("forwarder.backoff_max_s: must be >= backoff_initial_s")
+    if never := sorted({"cdrs", "commands"} & set(s.forwarder.compact)):
+        errors.append(f"forwarder.compact: {', '.join(never)} cannot be compacted (each one is sent as it is)")
     # A reclaim before the longest attempt ends would run one event twice (PITFALLS 5).
     if s.forwarder.claim_idle_s <= s.iop.request_timeout_s + s.iop.connect_timeout_s:
         errors.append("forwarder.claim_idle_s: must exceed iop.request_timeout_s + iop.connect_timeout_s")

@@ -13,13 +13,14 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import msgspec
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result
 
 from relay import metrics, outgoing, policy
+from relay.compaction import Compacted, superseding
 from relay.config import Settings
 from relay.errors import StoreUnavailable
 from relay.events import Event
@@ -34,6 +35,16 @@ log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 _info_encoder = msgspec.msgpack.Encoder()
 _KIND_LABEL = {kind: kind.value for kind in Kind}  # a dict lookup, not an enum property call per event
+
+
+class Planner(Protocol):
+    """The queue of the key the caller holds (``relay.compaction.Plan``)."""
+
+    def __call__(self, fold: bool, /) -> Entry:
+        """Its head: the queue folded first (relay.compaction) when called with True."""
+
+    async def split(self) -> Entry:
+        """Its head unit replaced by the entries it stands for; the new head."""
 
 
 def _log_attempt(ev: Event, attempts: Attempts, outcome: Outcome, request_id: str) -> None:
@@ -79,8 +90,17 @@ class Delivery:
         metrics.DELIVERED.inc(ev.module)
         metrics.DELIVERY_LATENCY.observe(max(0.0, self.clock() - ev.received_at), ev.module)
 
-    async def attempt(self, shard: Shard, entry: Entry, attempts: Attempts) -> Outcome:
+    def count_compacted(self, unit: Compacted) -> None:
+        """Metrics of a compacted unit whose ack was written: one delivered, the others compacted."""
+        self.count_delivered(unit.event)
+        metrics.COMPACTED.add(unit.size - 1, unit.event.module)
+
+    async def attempt(self, shard: Shard, entry: Entry, attempts: Attempts, plan: Planner | None = None) -> Outcome:
         """One attempt of an entry through the link; raises Abandon (or GaveUp) once the shard is gone.
+
+        ``plan``: called once the link admitted the attempt, just before sending; returns the entry
+        to send instead (a compacted unit standing for this one and later ones of its key, which the
+        caller holds), or ``entry`` itself.
 
         Failure policy: the stored state a PUT needs being unavailable is a transient failure;
         an HTTP client error is classified like an answer (``classify(None, exc=exc)``), and a
@@ -89,12 +109,8 @@ class Delivery:
         stored; an IOP refusing the connection (401/403, OCPI 4001) stops the link
         (``policy.link_stop``) and the entry waits in it, not dead-lettered.
         """
-        ev = entry.event
         try:
-            if outgoing.as_is(self.settings, ev):
-                wire = ev
-            else:
-                wire = await outgoing.prepare(self.store, self.settings, ev, heal=attempts.heal)
+            entry, wire = await self._wire(entry, attempts, plan)
         except StoreUnavailable as exc:
             # Without the stored state we cannot build the PUT the IOP needs: try again later.
             metrics.REDIS_ERRORS.labels(op="state").inc()
@@ -105,6 +121,10 @@ class Delivery:
         try:
             if shard.gone():
                 raise Abandon()
+            planned = (entry.event, wire) if plan is None else await self._planned(plan, entry, wire, attempts)
+            if isinstance(planned, Outcome):
+                return planned
+            ev, wire = planned
             now = self.clock()
             attempts.count += 1
             attempts.first_at = attempts.first_at or now
@@ -148,6 +168,36 @@ class Delivery:
             _log_attempt(ev, attempts, outcome, request_id)
         return outcome
 
+    async def _wire(self, entry: Entry, attempts: Attempts, plan: Planner | None) -> tuple[Entry, Event]:
+        """The entry to send and its wire form. A unit standing for others whose PUT of the current state
+        finds no state is split first (``plan.split``): its entries go one by one. Raises StoreUnavailable."""
+        while True:
+            ev = entry.event
+            if outgoing.as_is(self.settings, ev):
+                return entry, ev
+            if plan is None or not superseding(entry):
+                return entry, await outgoing.prepare(self.store, self.settings, ev, heal=attempts.heal)
+            wire = await outgoing.prepare_unit(self.store, self.settings, ev, heal=attempts.heal, unit=True)
+            if wire is not None:
+                return entry, wire
+            entry = await plan.split()
+
+    async def _planned(
+        self, plan: Planner, entry: Entry, wire: Event, attempts: Attempts
+    ) -> tuple[Event, Event] | Outcome:
+        """(event, wire form) of what a plan chose to send: ``wire`` unchanged when it kept ``entry``.
+
+        Failure policy: the stored state a PUT needs being unavailable is a transient failure."""
+        unit = plan(True)
+        if unit is entry:
+            return entry.event, wire
+        try:
+            unit, out = await self._wire(unit, attempts, plan)
+            return unit.event, out
+        except StoreUnavailable as exc:
+            metrics.REDIS_ERRORS.labels(op="state").inc()
+            return Outcome(Kind.TRANSIENT, f"state unavailable: {exc}")
+
     async def _stop_link(self, outcome: Outcome) -> None:
         """The IOP refused the connection (``policy.link_stop``): stop the link in the state that says why."""
         stop = policy.link_stop(outcome)
@@ -157,12 +207,14 @@ class Delivery:
             await self.link.auth_failed(outcome.reason)
 
     async def complete(
-        self, shard: Shard, entry: Entry, first: tuple[Outcome, Attempts] | None = None, *, acking: bool = False
-    ) -> bool:
+        self, shard: Shard, entry: Entry, first: tuple[Outcome, Attempts] | None = None, *, acking: bool = False,
+        plan: Planner | None = None,
+    ) -> bool:  # fmt: skip
         """Work on an entry until it is done: delivered and acknowledged, or dead-lettered.
 
         ``first``: the attempt a worker already made (the key was not parked, no session wait);
-        ``acking``: delivered by a worker whose ack failed, the ack to write again. Returns True
+        ``acking``: delivered by a worker whose ack failed, the ack to write again; ``plan``: a retry
+        sends the key's queue folded (relay.compaction), and what was sent is then finished. Returns True
         when done, False if the shard was lost first; raises Abandon (or GaveUp) once it is gone.
 
         Failure policy: Redis unreachable for the checks before an attempt (parked, session
@@ -176,14 +228,16 @@ class Delivery:
                     await self._ack(shard, entry)
                 else:
                     made, first = first, None
-                    await self._deliver(shard, entry, made)
+                    await self._deliver(shard, entry, made, plan)
                 return True
             except StoreUnavailable as exc:
                 await self._redis_pause(shard, exc, delay)
                 delay = min(delay * 2, 2.0)
         return False
 
-    async def _deliver(self, shard: Shard, entry: Entry, first: tuple[Outcome, Attempts] | None) -> None:
+    async def _deliver(
+        self, shard: Shard, entry: Entry, first: tuple[Outcome, Attempts] | None, plan: Planner | None
+    ) -> None:
         """Attempt until delivered or dead-lettered (parked keys and waiting CDRs first)."""
         ev = entry.event
         if first is None:
@@ -194,10 +248,12 @@ class Delivery:
             if entry.after is not None:
                 await self._wait_for_session(shard, entry)
             attempts = Attempts()
-            outcome = await self._retrying(shard, entry, attempts)
+            outcome = await self._retrying(shard, entry, attempts, None, plan)
         else:
             outcome, attempts = first
-            outcome = await self._retrying(shard, entry, attempts, outcome)
+            outcome = await self._retrying(shard, entry, attempts, outcome, plan)
+        if plan is not None:
+            entry = plan(False)  # what the last attempt sent: a unit if a plan folded the queue
         if outcome.kind is Kind.DELIVERED:
             await self._ack(shard, entry)
         else:
@@ -213,6 +269,10 @@ class Delivery:
         return dead_id
 
     async def _ack(self, shard: Shard, entry: Entry) -> None:
+        if isinstance(entry, Compacted):
+            await self._record(shard, functools.partial(self.ds.finish, entry, entry.folded_ids()))
+            self.count_compacted(entry)
+            return
         await self._record(shard, functools.partial(self.ds.finish, entry))
         self.count_delivered(entry.event)
 
@@ -236,7 +296,9 @@ class Delivery:
         log.warning("redis_deliver_failed", error=str(exc), retry_in_s=delay, shard=shard.index)
         await shard.sleep(delay)
 
-    async def _retrying(self, shard: Shard, entry: Entry, attempts: Attempts, first: Outcome | None = None) -> Outcome:
+    async def _retrying(
+        self, shard: Shard, entry: Entry, attempts: Attempts, first: Outcome | None = None, plan: Planner | None = None
+    ) -> Outcome:
         """Attempt until delivered or permanent (expired included); tenacity drives the retries.
 
         Failure policy: ``policy.retries`` says whether another attempt follows,
@@ -257,14 +319,14 @@ class Delivery:
                 metrics.RETRIED.labels(module=ev.module).inc()
 
         if first is None:
-            first = await self.attempt(shard, entry, attempts)
+            first = await self._attempt(shard, entry, attempts, plan)
         if policy.settled(first):
             return first  # the common case: no retry machinery at all
         made = [first]
 
         async def attempt() -> Outcome:
             # Tenacity's attempt 1 is the one already made: the same waits and stop rule as before.
-            return made.pop() if made else await self.attempt(shard, entry, attempts)
+            return made.pop() if made else await self._attempt(shard, entry, attempts, plan)
 
         retrying = AsyncRetrying(
             retry=retry_if_result(policy.retries),
@@ -277,6 +339,10 @@ class Delivery:
         )
         outcome: Outcome = await retrying(attempt)
         return outcome if policy.settled(outcome) else policy.expired_outcome(outcome, cfg.max_age_s)
+
+    def _attempt(self, shard: Shard, entry: Entry, attempts: Attempts, plan: Planner | None) -> Awaitable[Outcome]:
+        """``attempt``, with a plan only when there is one (its three-argument form is the common call)."""
+        return self.attempt(shard, entry, attempts) if plan is None else self.attempt(shard, entry, attempts, plan)
 
     async def _healable(self, event: Event) -> bool:
         """A heal needs the whole object: a PATCH the relay has no state for is a plain permanent failure."""
@@ -315,7 +381,13 @@ class Delivery:
         ev = entry.event
         park = policy.parks(outcome, ev.module, self.cfg)
         info = policy.dead_letter_record(outcome, attempts, self.clock(), self.me)
-        dead_id = await self._record(shard, lambda: self.ds.dead_letter(entry, _info_encoder.encode(info), park=park))
+        raw = _info_encoder.encode(info)
+        if isinstance(entry, Compacted):
+            ids = entry.folded_ids()
+            dead_id = await self._record(shard, lambda: self.ds.dead_letter_compacted(entry, raw, ids, park=park))
+            metrics.COMPACTED.add(entry.size - 1, ev.module)
+        else:
+            dead_id = await self._record(shard, lambda: self.ds.dead_letter(entry, raw, park=park))
         if park:
             # Even without a dead id: a retried script whose first run parked the key (reply lost)
             # finds nothing left to delete. A member too many costs one HGET, one too few sends.

@@ -1,7 +1,21 @@
 """Dead letters as a tool: select, show, replay onto the ordered path, purge.
 
-Replay never regresses state: an event is skipped when its ordering key has had a newer update
-delivered since it died (unless forced).
+A replay never leaves the IOP on older state than the relay's (docs/delivery.md, "Replaying dead letters"):
+
+- a dead letter of an object with state (Location and its parts, Session, Tariff variant) is replayed
+  from state: what goes on the wire, in the key's order slot, is a PUT of the object's current state
+  (``Event.from_state``, built by relay.outgoing at send time); an object with no state any more goes
+  as it was. A CDR or a command result is immutable and goes as it was;
+- a replay from state (the object has a stored state) is never skipped as older: it goes to the end of
+  the stream and sends the current state, so it cannot roll the IOP back, even behind a newer partial
+  update (a status PATCH) that does not carry the dead letter's change;
+- a replay that sends the old event as it was (state store off, or an object with no state) is skipped
+  when a newer event of its key was delivered or is still queued (original stream ids, decided in the
+  replay script itself, so nothing can slip in between): there the skip prevents a rollback. A CDR or
+  a command result is never skipped (immutable, never older);
+- several dead letters of one key replay as one, the newest: the older ones leave the DLQ as superseded.
+
+``force`` replays each selected dead letter itself, as it was, in order, with no guard.
 """
 
 from __future__ import annotations
@@ -11,11 +25,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
+
 from relay import metrics
-from relay.config import MODULES
+from relay.config import MODULES, STATEFUL_MODULES
+from relay.state import state_field
 from relay.store import DeadLetter, DeliveryStore, id_tuple
 
-ReplayResult = Literal["replayed", "skipped_newer", "gone", "would_replay", "would_skip"]
+ReplayResult = Literal[
+    "replayed", "skipped_newer", "superseded", "gone", "would_replay", "would_skip", "would_supersede"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,26 +84,63 @@ async def find(ds: DeliveryStore, ident: str) -> DeadLetter | None:
     return None
 
 
-async def replay_one(
-    ds: DeliveryStore, dead: DeadLetter, *, force: bool = False, dry_run: bool = False
-) -> ReplayResult:
-    """Put one dead letter back on its key's ordered path, unless a newer update was delivered since.
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a replay did to one dead letter (``relay dlq replay --json`` prints one per dead letter)."""
 
-    Failure policy: the guard compares stream ids of one stream (the event's original id and the
-    id of the last delivered event of its key), so it is exact, not clock-based. ``force`` replays
-    anyway, for an operator who knows the older state is what the IOP must have.
+    result: ReplayResult
+    from_state: bool = False  # queued to send the object's current state
+    unparked: bool = False  # its key was parked, and no longer is
+    newer: str | None = None  # skipped: "delivered" or "queued"
+    by: str | None = None  # superseded (or would be): the dead letter replayed in its place
+
+
+async def replay_one(
+    ds: DeliveryStore, dead: DeadLetter, *, force: bool = False, dry_run: bool = False, from_state: bool = False
+) -> ReplayResult:
+    """Replay one dead letter (see the module's docstring); ``from_state``: the state store is on."""
+    return (await _replay(ds, dead, [], force=force, dry_run=dry_run, from_state=from_state))[0].result
+
+
+async def _replay(
+    ds: DeliveryStore, dead: DeadLetter, older: list[DeadLetter], *, force: bool, dry_run: bool, from_state: bool
+) -> tuple[Replay, frozenset[str]]:
+    """Replay ``dead``, superseding ``older`` (dead letters of its key, older than it) if it goes; also
+    returns the ids of the superseded dead letters deleted.
+
+    Failure policy: the guard compares original stream ids of one stream (exact, not clock-based)
+    inside the replay script; ``force`` replays anyway, as it was, for an operator who knows the
+    older state is what the IOP must have.
     """
-    newer = await ds.last_delivered(dead.shard, dead.module, dead.event.key)
-    stale = newer is not None and id_tuple(newer) > id_tuple(dead.stream_id)
-    if dry_run:
-        return "would_skip" if stale and not force else "would_replay"
-    if stale and not force:
-        return "skipped_newer"
-    new_id = await ds.replay(dead)
-    if new_id is None:
-        return "gone"
+    state = from_state and not force and dead.module in STATEFUL_MODULES
+    event = None
+    if state:
+        event = msgspec.structs.replace(dead.event, from_state=True)
+    elif dead.event.from_state:  # a replay from state that died again, now forced: as it was
+        event = msgspec.structs.replace(dead.event, from_state=False)
+    # No guard for a CDR or a command result (immutable: never older); a replay from state skips it
+    # when the object has a stored state (the script decides, with the rest of the guard).
+    guard = not force and dead.module in STATEFUL_MODULES
+    fld = state_field(dead.event)[0] if state else ""
+    done = await ds.replay(dead, event=event, guard=guard, dry_run=dry_run, supersedes=older, state_field=fld)
+    if done.result == "newer":
+        return Replay("would_skip" if dry_run else "skipped_newer", newer=done.newer), frozenset()
+    if done.result == "would_replay":
+        return Replay("would_replay", from_state=state), frozenset()
+    if done.result == "gone":
+        return Replay("gone"), frozenset()
     metrics.REPLAYED.labels(module=dead.module).inc()
-    return "replayed"
+    return Replay("replayed", from_state=state, unparked=done.unparked), done.superseded
+
+
+def _by_key(chosen: list[DeadLetter], force: bool) -> list[list[DeadLetter]]:
+    """The selection as groups replayed as one: per key of an object with state, its dead letters oldest
+    first (the newest replays); alone otherwise (forced, a CDR, a command result). In selection order."""
+    groups: dict[tuple[str, int, str], list[DeadLetter]] = {}
+    for dead in chosen:
+        one = force or dead.module not in STATEFUL_MODULES
+        groups.setdefault((dead.module, dead.shard, dead.id if one else dead.event.key), []).append(dead)
+    return [sorted(g, key=lambda d: id_tuple(d.stream_id)) for g in groups.values()]
 
 
 async def replay_many(
@@ -93,28 +149,67 @@ async def replay_many(
     *,
     force: bool = False,
     dry_run: bool = False,
-    progress: Callable[[DeadLetter, ReplayResult], None] | None = None,
+    from_state: bool = False,
+    progress: Callable[[DeadLetter, Replay], None] | None = None,
 ) -> dict[str, int]:
-    """Replay dead letters in the given (selection) order; returns counts per result."""
+    """Replay a selection (see the module's docstring); returns counts per result.
+
+    Several dead letters of one key: the newest is replayed and the older ones are deleted as
+    superseded in the same script; if it is skipped, so are they (they are older still); if it is
+    gone (replayed or purged meanwhile), the next newest takes its place.
+    """
     counts: dict[str, int] = {}
-    for dead in chosen:
-        result = await replay_one(ds, dead, force=force, dry_run=dry_run)
-        counts[result] = counts.get(result, 0) + 1
+
+    def count(dead: DeadLetter, rep: Replay) -> None:
+        counts[rep.result] = counts.get(rep.result, 0) + 1
         if progress is not None:
-            progress(dead, result)
+            progress(dead, rep)
+
+    for group in _by_key(chosen, force):
+        while group:
+            dead, older = group[-1], group[:-1]
+            rep, superseded = await _replay(ds, dead, older, force=force, dry_run=dry_run, from_state=from_state)
+            count(dead, rep)
+            if rep.result == "gone":
+                group = older
+                continue
+            for old in older:
+                if rep.result == "replayed":
+                    count(old, Replay("superseded", by=dead.id) if old.id in superseded else Replay("gone"))
+                elif rep.result == "would_replay":
+                    count(old, Replay("would_supersede", by=dead.id))
+                else:
+                    count(old, Replay(rep.result, newer=rep.newer))
+            break
     return counts
 
 
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """What a purge did to one dead letter."""
+
+    deleted: bool
+    unparked: bool  # it had parked its key, which is parked no longer (or, dry, would be unparked)
+
+
 async def purge_many(
-    ds: DeliveryStore, chosen: list[DeadLetter], *, dry_run: bool = False, progress: Callable[[], None] | None = None
+    ds: DeliveryStore,
+    chosen: list[DeadLetter],
+    *,
+    dry_run: bool = False,
+    progress: Callable[[DeadLetter, Purge], None] | None = None,
 ) -> int:
-    """Delete dead letters; returns how many were (or, dry, would be) deleted."""
+    """Delete dead letters (a dead letter that parked its key unparks it, in the same script); returns how
+    many were (or, dry, would be) deleted."""
     n = 0
     for dead in chosen:
-        if dry_run or await ds.purge(dead):
-            n += 1
+        if dry_run:
+            done = Purge(True, await ds.parked(dead.shard, dead.event.module, dead.event.key) == dead.id)
+        else:
+            done = Purge(*await ds.purge(dead))
+        n += done.deleted
         if progress is not None:
-            progress()
+            progress(dead, done)
     return n
 
 

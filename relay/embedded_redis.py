@@ -70,9 +70,14 @@ def _chmod(path: Path, mode: int) -> None:
 class EmbeddedRedis:
     """Start, check and stop one embedded server bound to ``{data_dir}/redis.sock``."""
 
-    def __init__(self, data_dir: str | Path, fsync: Literal["always", "everysec"] = "always") -> None:
+    def __init__(
+        self, data_dir: str | Path, fsync: Literal["always", "everysec"] = "always", max_memory_mib: int = 0
+    ) -> None:
         self.dir = Path(data_dir).resolve()
         self.fsync = fsync
+        # The server's maxmemory (0: none). With noeviction, a write past it is refused whole (OOM): the
+        # ingress answers 503 and nothing is half-stored; reads, acks and deletes go on, so the backlog drains.
+        self.max_memory_mib = max_memory_mib
         self.proc: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
 
@@ -96,6 +101,7 @@ class EmbeddedRedis:
             "--save", "",
             "--pidfile", str(self.dir / "redis.pid"),
             "--logfile", str(self.dir / "redis.log"),
+            "--maxmemory", f"{self.max_memory_mib}mb",
             "--maxmemory-policy", "noeviction",
             "--daemonize", "no",
         ]  # fmt: skip
@@ -197,7 +203,8 @@ class EmbeddedRedis:
                 await self.stop(timeout_s=1.0, unlock=False)  # don't leave a half-started server behind
                 raise EmbeddedRedisFailed(f"embedded redis did not answer on {self.socket} within {timeout_s}s")
             await asyncio.sleep(0.02)
-        log.info("embedded_redis_started", socket=str(self.socket), appendfsync=self.fsync, pid=self.proc.pid)
+        log.info("embedded_redis_started", socket=str(self.socket), appendfsync=self.fsync, pid=self.proc.pid,
+                 maxmemory_mib=self.max_memory_mib)  # fmt: skip
 
     def exited(self) -> int | None:
         """The server's exit status if it has exited since start() (not by stop()), else None."""

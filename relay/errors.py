@@ -66,6 +66,22 @@ class NoGroup(StoreUnavailable):
     """A consumer group vanished (Redis restarted without persistence, or a stream was deleted)."""
 
 
+class StoreFull(StoreUnavailable):
+    """Redis is at its ``maxmemory`` (OOM, with ``noeviction``): the write was refused whole, nothing stored.
+
+    A StoreUnavailable: callers that retry later are right (room comes back as the backlog drains).
+    """
+
+
+class Replayed(StoreError):
+    """The write was not made: an earlier request with the same Idempotency-Key was; ``answer`` is what
+    was stored for it (relay.ingest decodes it)."""
+
+    def __init__(self, answer: bytes) -> None:
+        super().__init__("replay of an earlier request with the same Idempotency-Key")
+        self.answer = answer
+
+
 class Conflict(StoreError):
     """Another writer changed the object between our read and our write: read and merge again."""
 

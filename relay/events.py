@@ -35,6 +35,14 @@ class Event(msgspec.Struct, array_like=True, kw_only=True, frozen=True):
     received_at: float
     body: bytes = b""
     url: str | None = None  # an absolute target (a command's response_url) instead of the module endpoint
+    # Send the object's current state, a PUT of the whole object, instead of this operation
+    # (relay.outgoing.prepare): a dead letter replayed by ``relay dlq replay``, a compacted run
+    # (relay.compaction). Last, with a default: envelopes stored before it existed still decode.
+    from_state: bool = False
+    # A PATCH accepted for an object (or EVSE/Connector) the state store does not hold: stored and
+    # forwarded, the state unchanged. A PUT of the current state does not carry it, so compaction
+    # never folds it into one (relay.compaction). With a default: older envelopes still decode.
+    stateless: bool = False
 
     def _ids(self) -> str:
         """The ids below the module endpoint, as they are (not encoded), or "" for CDRs and results."""

@@ -23,8 +23,9 @@ from typing import Any
 
 import structlog
 
-from relay import logs, metrics
+from relay import compaction, logs, metrics
 from relay.buffer import Buffer
+from relay.compaction import Compacted
 from relay.config import Settings
 from relay.delivery import Delivery
 from relay.errors import StoreUnavailable
@@ -69,7 +70,9 @@ class Forwarder:
         self.shards: dict[int, Shard] = {}  # the one map of shards we work on (the lease loop reads it)
         self.buffer = Buffer(self.cfg.max_buffered, self.cfg.read_batch)
         self.delivery = Delivery(settings, store, self.ds, client, link, me=self.me, clock=clock)
-        self.reader = Reader(self.cfg, store, self.ds, self.me, self.buffer, self._push_ready)
+        # A takeover holds only the keys the old owner had pending, until its attempts cannot land.
+        attempt_s = settings.iop.connect_timeout_s + settings.iop.request_timeout_s
+        self.reader = Reader(self.cfg, store, self.ds, self.me, self.buffer, self._push_ready, attempt_s=attempt_s)
         self._stopping = asyncio.Event()
         self.leases = LeaseLoop(
             self.cfg, self.ds, link, self.me, store.shards, self.shards, self, stopping=self._stopping, clock=clock
@@ -82,6 +85,11 @@ class Forwarder:
         self._idle: deque[asyncio.Future[None]] = deque()  # one per worker waiting for a ready key
         self._workers: set[asyncio.Task[None]] = set()
         self._working: dict[asyncio.Task[None], Shard] = {}  # worker → shard of its attempt on the wire
+        # Compaction (relay.compaction): the modules it applies to; folding idle queues while the buffer is full.
+        self.compact = compaction.modules(self.cfg.compact)
+        self._state = settings.state.enabled
+        if self.compact:
+            self.buffer.squeeze = self._squeeze
 
     @property
     def pool_size(self) -> int:
@@ -161,7 +169,18 @@ class Forwarder:
         if shard.reader is not None:
             shard.reader.cancel()
         self._cut_off(shard)
+        self._unready(shard)
         log.warning("shard_lost", shard=index, reason=reason)
+
+    def _unready(self, shard: Shard) -> None:
+        """A lost shard's keys leave the ready FIFO (in place: the workers hold it), their queues dropped."""
+        stale = [qkey for s, qkey in self._ready if s is shard]
+        if stale:
+            keep = [item for item in self._ready if item[0] is not shard]
+            self._ready.clear()
+            self._ready.extend(keep)
+            for qkey in stale:
+                self._drop(shard, qkey)
 
     async def hand_back(self, index: int) -> bool:
         """Rebalance: stop the shard, wait for its in-flight attempts; True when it may be released.
@@ -223,8 +242,7 @@ class Forwarder:
         ours): they stay pending in Redis and the shard's next owner sends them again."""
         q = shard.queues.pop(qkey, None)
         if q:
-            left = len(q)
-            self.buffer.free(left, left * (qkey[0] == "cdrs"))
+            compaction.drop(q, self.buffer, qkey[0] == "cdrs")
             q.clear()
 
     async def _settle(self, shards: list[Shard], deadline: float) -> None:
@@ -268,14 +286,24 @@ class Forwarder:
                 shard.active += 1
                 held = True
                 self._working[me] = shard
+                plan = compaction.Plan(q, self.buffer, self.ds, state=self._state) if qkey[0] in self.compact else None
                 try:
-                    outcome = await delivery.attempt(shard, entry, attempts)
+                    if plan is None:
+                        outcome = await delivery.attempt(shard, entry, attempts)
+                    else:
+                        outcome = await delivery.attempt(shard, entry, attempts, plan)
                 finally:
                     # Before anything below can call lose(): it would cancel this worker.
                     self._working.pop(me, None)
+                entry = q[0]  # what was sent: a compacted unit if the plan folded the queue
                 if outcome.kind is Kind.DELIVERED:
                     # Acknowledged even if the shard is lost meanwhile: the IOP has the event.
-                    self.ds.finish(entry).add_done_callback(functools.partial(self._acked, shard, qkey, entry))
+                    ack = (
+                        self.ds.finish(entry, entry.folded_ids())
+                        if isinstance(entry, Compacted)
+                        else self.ds.finish(entry)
+                    )
+                    ack.add_done_callback(functools.partial(self._acked, shard, qkey, entry))
                     continue  # the key, and its place in shard.active, pass to the ack's callback
                 shard.active -= 1
                 held = False
@@ -297,6 +325,23 @@ class Forwarder:
                     self._drop(shard, qkey)
                 else:
                     self._failed(shard, qkey, "worker failure")
+
+    def _pop(self, q: deque[Entry], qkey: QKey) -> None:
+        """The head of a key's queue is done (delivered or dead-lettered): it leaves the buffer."""
+        head = q.popleft()
+        if isinstance(head, Compacted):
+            self.buffer.unfold(head.size)
+        else:
+            self.buffer.free(1, qkey[0] == "cdrs")
+
+    def _squeeze(self) -> int:
+        """The buffer is full and the link not up: fold the queues (whole for keys waiting in ready, behind
+        the head for held ones), so that the backlog goes on being read and folded while the IOP is away."""
+        if self.link.state == "up":
+            return 0  # draining: the workers' plans compact what is queued
+        idle = {(id(shard), qkey) for shard, qkey in self._ready if not shard.gone()}
+        limits = (self.cfg.compact_max_folded, 8 * self.cfg.max_buffered)
+        return compaction.squeeze(self.shards.values(), idle, self.compact, self.buffer, limits, state=self._state)
 
     def _failed(self, shard: Shard, qkey: QKey, reason: str) -> None:
         """A bug while working on a key: lose the shard, whose next owner sends the key's entries
@@ -326,9 +371,11 @@ class Forwarder:
                     log.warning("ack_failed", shard=shard.index, module=qkey[0], key=qkey[1], error=error)
                     self.start_runner(shard, qkey, acking=True)
                 return
-            self.delivery.count_delivered(entry.event)
-            q.popleft()
-            self.buffer.free(1, qkey[0] == "cdrs")
+            if isinstance(entry, Compacted):
+                self.delivery.count_compacted(entry)
+            else:
+                self.delivery.count_delivered(entry.event)
+            self._pop(q, qkey)
             if not q:
                 del shard.queues[qkey]
             elif shard.gone():
@@ -366,9 +413,10 @@ class Forwarder:
         q = shard.queues.get(qkey)  # None only if the key was dropped before this runner started
         handed = False
         try:
-            if q and await self.delivery.complete(shard, q[0], first, acking=acking):
-                q.popleft()
-                self.buffer.free(1, qkey[0] == "cdrs")
+            folds = q is not None and qkey[0] in self.compact and not acking
+            plan = compaction.Plan(q, self.buffer, self.ds, state=self._state) if q is not None and folds else None
+            if q and await self.delivery.complete(shard, q[0], first, acking=acking, plan=plan):
+                self._pop(q, qkey)
             if q and not shard.gone():
                 self._push_ready(shard, qkey)
                 handed = True

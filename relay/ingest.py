@@ -8,6 +8,8 @@ compare-and-set that fails if another writer got in between, in which case we re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +18,7 @@ import structlog
 
 from relay import metrics, state
 from relay.config import Settings
-from relay.errors import InvalidEvent, Problem, StoreUnavailable
+from relay.errors import InvalidEvent, Problem, Replayed, StoreUnavailable
 from relay.events import Event
 from relay.state import state_field
 from relay.store import Conflict, StateWrite, Store
@@ -30,11 +32,56 @@ _TARIFF_MUTABLE = frozenset({"tariff_alt_text", "tariff_alt_url", "end_date_time
 
 
 class Ingested(msgspec.Struct):
-    """The stream id of an accepted event, and what the state step noticed (a Struct: built per event)."""
+    """The stream id of an accepted event, and what the state step noticed (a Struct: built per event).
+
+    ``duplicate``: the object already was this document (a retried PUT or PATCH), nothing stored
+    (``stream_id`` ""). ``replayed``: the answer kept for the request's Idempotency-Key, nothing stored;
+    ``event_id``, ``warnings``, ``unknown_object`` and ``duplicate`` are then the first request's.
+    """
 
     stream_id: str
     unknown_object: bool = False
     warnings: Sequence[Problem] = ()
+    duplicate: bool = False
+    replayed: bool = False
+    event_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Idempotency:
+    """A request's Idempotency-Key: its scope (operator, route and key, digested), its body's digest, how long."""
+
+    scope: str
+    body: str
+    ttl_s: int
+
+
+def idempotency(key: str, country_code: str, party_id: str, route: str, body: bytes, ttl_s: int) -> Idempotency:
+    """The Idempotency-Key ``key`` of a request on ``route`` ("METHOD path") for one operator."""
+    scope = f"{country_code.upper()}:{party_id.upper()}\n{route}\n{key}".encode()
+    return Idempotency(hashlib.sha256(scope).hexdigest()[:40], hashlib.sha256(body).hexdigest()[:40], ttl_s)
+
+
+class _Answer(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What is kept for an Idempotency-Key: the body's digest and the 202's data."""
+
+    b: str
+    event_id: str
+    warnings: list[Problem] | None = None
+    unknown_object: bool = False
+
+
+_answer_decoder = msgspec.json.Decoder(_Answer)
+KEY_REUSED = "already used with another body within the idempotency window; use a new key for a new request"
+
+
+def _replayed(stored: bytes, idem: Idempotency) -> Ingested:
+    """The first request's answer (commit.lua kept ``a`` or ``d`` + _Answer); 422 for another body."""
+    answer = _answer_decoder.decode(stored[1:])
+    if answer.b != idem.body:
+        raise InvalidEvent([Problem(field="Idempotency-Key", rule="idempotency", message=KEY_REUSED)])
+    return Ingested("", answer.unknown_object, answer.warnings or (), duplicate=stored[:1] == b"d", replayed=True,
+                    event_id=answer.event_id)  # fmt: skip
 
 
 def _ms(stamp: Any) -> int:
@@ -83,20 +130,41 @@ class Ingest:
         fld, member = state_field(ev)
         return StateWrite("put", fld, member, ev.country_code, ev.party_id, ev.body, acc.updated_ms)
 
-    async def one(self, acc: Accepted) -> Ingested:
-        """Store one event (and its state). Raises StoreUnavailable, or InvalidEvent (tariff change refused)."""
+    async def one(self, acc: Accepted, idem: Idempotency | None = None) -> Ingested:
+        """Store one event (and its state). Raises StoreUnavailable, or InvalidEvent (tariff change refused, an
+        Idempotency-Key used before with another body)."""
         ev = acc.event
         w = self.unconditional(acc)
         if w is not None:
-            return Ingested(await self.store.commit(ev, w))
+            return await self.commit(acc, w, idem)
         if not self.enabled:
-            return Ingested(await self.store.append(ev))
+            if idem is None:
+                return Ingested(await self.store.append(ev))
+            fld, member = state_field(ev)  # 'keep': the stream entry and the key's answer, no state
+            return await self.commit(acc, StateWrite("keep", fld, member, ev.country_code, ev.party_id), idem)
         fld, member = state_field(ev)
         if ev.module == "tariffs":  # a PUT under tariffs_immutable (the rest is unconditional)
-            return await self._tariff(acc, fld, member)
-        return await self._merge(acc, fld, member)
+            return await self._tariff(acc, fld, member, idem)
+        return await self._merge(acc, fld, member, idem)
 
-    async def _merge(self, acc: Accepted, fld: str, member: str) -> Ingested:
+    async def commit(
+        self, acc: Accepted, w: StateWrite, idem: Idempotency | None = None,
+        warnings: Sequence[Problem] = (), unknown: bool = False,
+    ) -> Ingested:  # fmt: skip
+        """``store.commit()``: with an Idempotency-Key, the answer is kept with the write (or the kept one returned)."""
+        if idem is not None:
+            found = [*acc.warnings, *warnings]
+            answer = msgspec.json.encode(_Answer(b=idem.body, event_id=acc.event.id, warnings=found or None,
+                                                 unknown_object=unknown))  # fmt: skip
+            w = dataclasses.replace(w, idem=idem.scope, answer=answer, idem_ttl_s=idem.ttl_s)
+        try:
+            stream_id = await self.store.commit(acc.event, w)
+        except Replayed as exc:
+            assert idem is not None  # only a write with a key is answered so
+            return _replayed(exc.answer, idem)
+        return Ingested(stream_id, unknown, warnings, duplicate=not stream_id)
+
+    async def _merge(self, acc: Accepted, fld: str, member: str, idem: Idempotency | None) -> Ingested:
         ev = acc.event
         body: dict[str, Any] = _document(
             ev.body, "body", "the body holds a value JSON can carry but Python cannot read"
@@ -114,23 +182,29 @@ class Ingest:
                 # unless the object appeared since our read (then the 'none' write conflicts: merge again).
                 w = StateWrite("none", fld, member, ev.country_code, ev.party_id, expected=version)
             else:
-                doc = msgspec.json.encode(change.doc)
+                # A merge that changes nothing (a retried PATCH) sends the stored bytes: commit.lua sees the
+                # object already is this document and stores nothing (a duplicate).
+                doc = raw if raw is not None and change.doc == current else msgspec.json.encode(change.doc)
                 w = StateWrite("cas", fld, member, ev.country_code, ev.party_id, doc,
                                _ms(change.doc.get("last_updated")), expected=version)  # fmt: skip
+            # Not in the state: flagged on the envelope, no PUT of the current state may stand for it.
+            stored = acc if change.doc is not None else _stateless(acc)
             try:
-                stream_id = await self.store.commit(ev, w)
+                done = await self.commit(stored, w, idem, unknown=change.doc is None)
             except Conflict:
                 metrics.STATE_CONFLICTS.inc()
                 continue
+            if done.replayed:
+                return done
             if change.doc is None:
                 # Never seen: accepted and forwarded all the same, but flagged (the IOP may not know it either).
                 metrics.UNKNOWN_OBJECT.labels(module=ev.module).inc()
                 log.warning("patch_for_unknown_object", event_id=ev.id, module=ev.module, key=ev.key,
                             object=ev.object_ref())  # fmt: skip
-            return Ingested(stream_id, unknown_object=change.doc is None)
+            return done
         raise StoreUnavailable(f"state of {ev.object_ref()} kept changing; send again")
 
-    async def _tariff(self, acc: Accepted, fld: str, member: str) -> Ingested:
+    async def _tariff(self, acc: Accepted, fld: str, member: str, idem: Idempotency | None) -> Ingested:
         ev = acc.event
         for _ in range(_MAX_CAS):
             version, raw = await self.store.read_state(ev.module, ev.key, fld)
@@ -148,7 +222,7 @@ class Ingest:
             # Always compare-and-set (version 0: "still absent"): the check above was made on this read.
             w = StateWrite("cas", fld, member, ev.country_code, ev.party_id, ev.body, acc.updated_ms, expected=version)
             try:
-                return Ingested(await self.store.commit(ev, w), warnings=warnings)
+                return await self.commit(acc, w, idem, warnings)
             except Conflict:
                 metrics.STATE_CONFLICTS.inc()
                 continue
@@ -187,7 +261,7 @@ class Ingest:
         else:
             done, chained = await self.store.commit_many(writes), []
         for i, r in zip(simple, done, strict=True):
-            out[i] = r if isinstance(r, StoreUnavailable) else Ingested(r)
+            out[i] = r if isinstance(r, StoreUnavailable) else Ingested(r, duplicate=not r)
         for i, r2 in chained:
             out[i] = r2
         return [r for r in out if r is not None]
@@ -212,6 +286,11 @@ class Ingest:
 
         parts = await asyncio.gather(*(run(c) for c in chains))
         return [x for part in parts for x in part]
+
+
+def _stateless(acc: Accepted) -> Accepted:
+    """The event flagged ``stateless``: accepted with its state unchanged (an object the relay does not hold)."""
+    return msgspec.structs.replace(acc, event=msgspec.structs.replace(acc.event, stateless=True))
 
 
 def _document(raw: bytes, where: str, message: str) -> dict[str, Any]:

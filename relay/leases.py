@@ -26,6 +26,8 @@ from relay.link import Link
 
 log = structlog.get_logger(__name__)
 
+SHORT_ROUND_S = 0.5  # the lease round's period while we hold fewer shards than our fair share
+
 
 class ShardOwner(Protocol):
     """What the lease loop calls back into when shards come and go."""
@@ -78,6 +80,12 @@ class LeaseLoop:
         self.stopping = stopping
         self.clock = clock
         self.ttl_ms = int(cfg.lease_ttl_s * 1000)
+        self.fair = 0  # our fair share of the shards, as of the last round
+        self.renewed_at = time.monotonic()  # start of the last round whose renewals all answered
+        # The hand-back in progress (its own task: it may wait ``shutdown_timeout_s`` for an attempt on
+        # the wire, while the rounds must go on renewing the other shards on schedule) and its shard.
+        self._handing: asyncio.Task[None] | None = None
+        self._handing_index: int | None = None
 
     async def run(self) -> None:
         """Hold a fair share of the shards: renew ours, take free ones, hand back extras.
@@ -87,46 +95,98 @@ class LeaseLoop:
         before its lease can have expired, so no other replica ever overlaps with us.
         """
         interval = self.cfg.lease_ttl_s / 3
-        renewed_at = time.monotonic()
+        self.renewed_at = time.monotonic()
+        watchdog = asyncio.create_task(self._watchdog(), name="relay-lease-watchdog")
+        try:
+            await self._rounds(interval)
+        finally:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+            await self.handed_back()
+
+    async def _rounds(self, interval: float) -> None:
         while not self.stopping.is_set():
+            wait = interval
             try:
                 await self.round()
+                if len(self.owned) < self.fair:
+                    # Short of our share: a lease of a dead replica expires within the TTL; try
+                    # again soon so its shards move within a fraction of a second of the expiry,
+                    # not a third of the TTL later (docs/delivery.md "Crash recovery and replicas").
+                    wait = min(interval, SHORT_ROUND_S)
                 await self.sync_link()
-                renewed_at = time.monotonic()
             except StoreUnavailable as exc:
                 metrics.REDIS_ERRORS.labels(op="lease").inc()
                 log.warning("lease_round_failed", error=str(exc))
-                if time.monotonic() - renewed_at > self.cfg.lease_ttl_s * 0.7:
+                if time.monotonic() - self.renewed_at > self.cfg.lease_ttl_s * 0.7:
                     for index in list(self.owned):
                         self.owner.lose(index, "redis unreachable")
             metrics.SHARDS_OWNED.set(len(self.owned))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), interval)
+                await asyncio.wait_for(self.stopping.wait(), wait)
+
+    async def _watchdog(self) -> None:
+        """Let every shard go 70 % of the TTL after the start of the last round that renewed them,
+        however long a round takes (Redis calls that hang until their socket timeout, a slow
+        hand-back): checked only after a failed round, the rule could fire after our leases expired,
+        and a new owner's takeover hold counts on us having stopped by then."""
+        limit = self.cfg.lease_ttl_s * 0.7
+        while not self.stopping.is_set():
+            left = self.renewed_at + limit - time.monotonic()
+            if left <= 0:
+                for index in list(self.owned):
+                    self.owner.lose(index, "redis unreachable")  # no renewal answered in time
+                left = 0.05
+            await asyncio.sleep(left)
 
     async def round(self) -> None:
-        """One round: heartbeat, renew (or lose) ours, acquire up to the fair share, hand back one extra."""
-        alive = await self.ds.heartbeat(self.me, int(self.clock() * 1000), self.ttl_ms * 2)
+        """One round: heartbeat, renew (or lose) ours, acquire up to the fair share, hand back one extra
+        (in a task of its own, one at a time: the next rounds renew the other shards meanwhile)."""
+        started = time.monotonic()  # no later than the renewals: our leases last a TTL from it
+        # A replica silent for a lease TTL is dead: its leases (renewed in the round of its last
+        # heartbeat) expire with it, and the survivors' fair share grows at the same moment.
+        alive = await self.ds.heartbeat(self.me, int(self.clock() * 1000), self.ttl_ms)
         total = self.total
-        fair = math.ceil(total / max(1, alive))
+        fair = self.fair = math.ceil(total / max(1, alive))
         for index in list(self.owned):
             if not await self.ds.renew(index, self.me, self.ttl_ms):
                 self.owner.lose(index, "lease lost")
+        self.renewed_at = started
         # Start the scan at a replica-specific offset so replicas do not race for the same shard.
         offset = hash(self.me) % total
         for i in range(total):
             index = (offset + i) % total
             if len(self.owned) >= fair:
                 break
-            if index in self.owned:
-                continue
+            if index in self.owned or index == self._handing_index:
+                continue  # ours, or being handed back (still our lease until released)
             previous = await self.ds.acquire(index, self.me, self.ttl_ms)
             if previous is not None:
                 self.owner.own(index, dirty=not previous.startswith("free:"))
-        if len(self.owned) > fair:
-            index = max(self.owned)
+        if len(self.owned) > fair and self._handing is None:
+            index = self._handing_index = max(self.owned)
+            self._handing = asyncio.create_task(self._hand_back(index), name=f"relay-hand-back-{index}")
+
+    async def _hand_back(self, index: int) -> None:
+        """Hand one shard back, and release its lease if nothing of ours is left on the wire.
+
+        Failure policy: a release refused by an unreachable Redis leaves the lease to expire (the next
+        owner then waits ``claim_idle_s``, as after a takeover)."""
+        try:
             if await self.owner.hand_back(index):
                 await self.release(index)
                 log.info("shard_released", shard=index, replica=self.me)
+        except StoreUnavailable as exc:
+            metrics.REDIS_ERRORS.labels(op="lease").inc()
+            log.warning("shard_release_failed", shard=index, error=str(exc))
+        finally:
+            self._handing = None
+            self._handing_index = None
+
+    async def handed_back(self) -> None:
+        """Wait for the hand-back in progress, if any, to end."""
+        if self._handing is not None:
+            await asyncio.shield(self._handing)
 
     async def sync_link(self) -> None:
         """Publish our link state for `relay status`; obey an operator's `relay link resume`."""

@@ -49,6 +49,12 @@ class HotCounter(Collector):
             value = 0.0
         values[labels] = value + 1.0
 
+    def add(self, n: float, *labels: str) -> None:
+        """Add ``n`` to the series of these label values."""
+        if labels not in self._values:
+            self._created[labels] = time.time()
+        self._values[labels] = self._values.get(labels, 0.0) + n
+
     def value(self, *labels: str) -> float:
         """The current count of one series (0 when never incremented)."""
         return self._values.get(labels, 0.0)
@@ -117,6 +123,25 @@ REFUSED = Counter(
     ["module", "operator", "status", "reason"],
 )
 INGRESS_STORE_ERRORS = Counter("relay_ingress_store_errors_total", "Ingress writes that Redis did not take (503)")
+INGRESS_STORE_FULL = Counter(
+    "relay_ingress_store_full_total", "Ingress writes refused because Redis is at its maxmemory (503, nothing stored)"
+)
+DUPLICATES = Counter(
+    "relay_events_not_stored_again_total",
+    "Ingress requests answered 202 without storing: a replayed Idempotency-Key, or the object already was this",
+    ["module", "kind"],
+)
+REDIS_USED_MEMORY = Gauge("relay_redis_used_memory_bytes", "Redis's used_memory (INFO memory)")
+REDIS_MAX_MEMORY = Gauge("relay_redis_maxmemory_bytes", "Redis's maxmemory (0: no limit; writes refused at it)")
+REDIS_AOF_SIZE = Gauge("relay_redis_aof_size_bytes", "Redis's append-only file size (INFO persistence)")
+CONSUMERS_REMOVED = Counter(
+    "relay_consumers_removed_total", "Consumers of replicas no longer alive, without pending entries, removed"
+)
+RETENTION_REMOVED = Counter(
+    "relay_retention_removed_total",
+    "Old markers, session watermarks and Session/CDR states forgotten by the retention sweeper",
+    ["what"],  # delivered, accepted, dead_last, session_watermarks, sessions, cdrs
+)
 UNKNOWN_OBJECT = Counter(
     "relay_events_unknown_object_total", "PATCHes (or child PUTs) for objects the relay has never seen", ["module"]
 )
@@ -127,6 +152,11 @@ DELIVERIES = HotCounter(
     "relay_delivery_attempts_total", "Delivery attempts to the IOP by outcome", ["module", "outcome"]
 )
 DELIVERED = HotCounter("relay_events_delivered_total", "Events delivered to the IOP", ["module"])
+COMPACTED = HotCounter(
+    "relay_compacted_total",
+    "Undelivered events superseded by a compacted request of their object, acknowledged with it (relay.compaction)",
+    ["module"],
+)
 RETRIED = Counter(
     "relay_delivery_retries_total",
     "Attempts that failed transiently and will be tried again after a backoff",
@@ -168,6 +198,10 @@ REDIS_ROUNDTRIP = Histogram(
 )
 REGISTRATION = Gauge("relay_registration_state", "1 for the current state of the OCPI connection", ["state"])
 SHARDS_OWNED = Gauge("relay_shards_owned", "Shards whose lease this replica holds")
+TAKEOVER_HELD_KEYS = Gauge(
+    "relay_takeover_held_keys",
+    "Ordering keys held after an unclean takeover until the old owner's requests cannot land",
+)
 # Both listeners' connections (relay.listeners): open now, and closed on a limit by reason.
 LISTENERS = ("ingress", "ocpi")
 CONNECTION_CLOSE_REASONS = ("max_connections_per_ip", "header_timeout", "idle_timeout", "accept_error")

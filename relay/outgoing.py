@@ -2,6 +2,8 @@
 
 - a Session PATCH becomes a PUT of the merged session (S2: GIREVE has no PATCH Sessions);
 - a PATCH the IOP rejected as "unknown object" is healed with a PUT of the whole object (L5);
+- a replayed dead letter flagged ``from_state`` is a PUT of the object's current state, in its key's
+  order slot (an object with no state any more, deleted, goes as it was);
 - a non-roaming Session or CDR of an Advenir operator carries GIREVE's anonymous CdrToken (S4).
 """
 
@@ -32,15 +34,29 @@ def _as_put(event: Event, doc: bytes) -> Event:
 
 def as_is(settings: Settings, event: Event) -> bool:
     """True when the event goes on the wire unchanged (most events): no need to await prepare()."""
-    if event.method == "PATCH" and settings.state.enabled:
+    if event.from_state or (event.method == "PATCH" and settings.state.enabled):
         return False
     return event.module not in ("sessions", "cdrs") or not _has_advenir(settings, event)
 
 
 async def prepare(store: Store, settings: Settings, event: Event, *, heal: bool) -> Event:
     """The event as it goes on the wire for this attempt."""
+    out = await prepare_unit(store, settings, event, heal=heal, unit=False)
+    assert out is not None  # only a unit finds no state
+    return out
+
+
+async def prepare_unit(store: Store, settings: Settings, event: Event, *, heal: bool, unit: bool) -> Event | None:
+    """``prepare``; ``unit``: the event stands for superseded entries too (a compacted run): None instead
+    of the event as it came when its object has no state, whose entries then go one by one
+    (``relay.compaction.Plan.split``), none of them acknowledged unsent."""
     out = event
-    if event.method == "PATCH" and settings.state.enabled:
+    if event.from_state and settings.state.enabled:
+        if (doc := await current(store, event)) is not None:
+            out = _as_put(event, doc)
+        elif unit:
+            return None
+    elif event.method == "PATCH" and settings.state.enabled:
         want_put = heal or (event.module == "sessions" and settings.state.sessions_patch_to_put)
         if want_put and (doc := await current(store, event)) is not None:
             out = _as_put(event, doc)

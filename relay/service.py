@@ -14,7 +14,7 @@ from aiohttp import web
 from relay import logs, metrics
 from relay.authorize import Authorizer
 from relay.commands import Commands
-from relay.config import Settings
+from relay.config import MODULES, Settings
 from relay.credentials import Registry
 from relay.csms import CsmsClient
 from relay.embedded_redis import EmbeddedRedis, EmbeddedRedisFailed, EmbeddedRedisLost
@@ -36,7 +36,8 @@ from relay.listeners import (
 from relay.ocpi_client import OcpiClient
 from relay.ocpi_server import create_ocpi_app
 from relay.ocpi_server.app import server_ssl_context
-from relay.store import DeliveryStore, RegistrationStore, RoamingStore, StateReader, Store, connect
+from relay.retention import Sweeper
+from relay.store import DeliveryStore, RegistrationStore, RoamingStore, StateReader, Store, connect, keys
 from relay.typedefs import Health
 
 log = structlog.get_logger(__name__)
@@ -70,6 +71,8 @@ GC_THRESHOLDS = (20_000, 20, 20)
 EMBEDDED_RESTARTS = 5
 EMBEDDED_RESTART_WINDOW_S = 600.0
 EMBEDDED_POLL_S = 0.25
+# Dead replicas' idle consumers are removed at start, then every REAP_EVERY passes of the gauge loop (~1 min).
+REAP_EVERY = 12
 
 
 def tune_gc() -> None:
@@ -111,6 +114,7 @@ class Relay:
         self._watch: asyncio.Task[None] | None = None
         self._timeouts: asyncio.Task[None] | None = None
         self._embedded_watch: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
         self.failure: str | None = None  # why the relay stopped by itself (run() raises it)
         self.csms: CsmsClient | None = None
         self.commands: Commands | None = None
@@ -119,7 +123,8 @@ class Relay:
     async def _open_store(self) -> Store:
         url = self.settings.redis.url
         if not url:
-            self.embedded = EmbeddedRedis(self.settings.storage.dir, self.settings.storage.durability)
+            st = self.settings.storage
+            self.embedded = EmbeddedRedis(st.dir, st.durability, st.max_memory_mib)
             await self.embedded.start()
             url = self.embedded.url
         store = Store(connect(url, self.settings.redis), self.settings.redis)
@@ -192,6 +197,10 @@ class Relay:
             s.ocpi.public_url = f"{'https' if tls else 'http'}://{host}:{self.ocpi_port}/ocpi"
         self.health.listeners_up = True
         await self._start_forwarder()
+        if self.forwarder is not None:  # the sweeper works on the shards the forwarder's lease loop holds
+            shards = self.forwarder.shards
+            sweeper = Sweeper(s, self.store, lambda: list(shards))
+            self._retention = asyncio.create_task(sweeper.run(self._stop), name="relay-retention")
         self._gauges = asyncio.create_task(self._gauge_loop(), name="relay-gauges")
         self._watch = asyncio.create_task(self._watch_registration(), name="relay-registration")
         self._timeouts = asyncio.create_task(self._command_timeouts(), name="relay-command-timeouts")
@@ -333,10 +342,15 @@ class Relay:
             depth = await self.store.stream_lengths()
             oldest = await ds.oldest()
             dead = await ds.dlq_lengths()
+            memory = await self.store.memory()
         except StoreError as exc:
             metrics.REDIS_ERRORS.labels(op="gauges").inc()
             log.debug("gauges_failed", error=str(exc))
             return False
+        for gauge, name in ((metrics.REDIS_USED_MEMORY, "used_memory"), (metrics.REDIS_MAX_MEMORY, "maxmemory"),
+                            (metrics.REDIS_AOF_SIZE, "aof_current_size")):  # fmt: skip
+            if name in memory:
+                gauge.set(memory[name])
         now = time.time()
         for module, n in depth.items():
             metrics.QUEUE_DEPTH.labels(module=module).set(n)
@@ -345,15 +359,39 @@ class Relay:
             metrics.DLQ_DEPTH.labels(module=module).set(dead[module])
         return True
 
+    async def reap_consumers(self) -> list[str]:
+        """Remove the consumers of replicas no longer alive that hold no pending entry (each restart of a
+        replica leaves one in every group); any replica may, at start and every REAP_EVERY passes of the gauges.
+        Returns ``stream/consumer`` of each removed."""
+        assert self.store is not None
+        ds = DeliveryStore(self.store)
+        alive = await ds.alive()
+        if self.forwarder is not None:
+            alive.append(self.forwarder.me)  # ours, even before our first heartbeat
+        streams = [keys.stream_key(module, shard) for module in MODULES for shard in range(self.store.shards)]
+        removed = await ds.reap_consumers(streams, alive)
+        if removed:
+            metrics.CONSUMERS_REMOVED.inc(len(removed))
+            log.info("consumers_removed", count=len(removed), consumers=removed[:20])
+        return removed
+
     async def _gauge_loop(self, interval_s: float = 5.0) -> None:
+        passes = 0
         while True:
             await self.update_gauges()
+            if passes % REAP_EVERY == 0:
+                try:
+                    await self.reap_consumers()
+                except StoreError as exc:
+                    metrics.REDIS_ERRORS.labels(op="consumers").inc()
+                    log.debug("consumers_reap_failed", error=str(exc))
+            passes += 1
             await asyncio.sleep(interval_s)
 
     async def stop(self) -> None:
         """Stop accepting, finish in-flight work, close Redis, stop the embedded server."""
         self.health.stopping = True
-        for task in (self._embedded_watch, self._gauges, self._watch, self._timeouts):
+        for task in (self._embedded_watch, self._gauges, self._watch, self._timeouts, self._retention):
             if task is not None:
                 await _cancel(task)
         for runner in reversed(self._runners):

@@ -2,7 +2,8 @@
 
 OCPI's rules: a PUT replaces; a PATCH replaces the fields it names. Beyond the letter of OCPI, as
 the receivers GIREVE talks to behave: EVSEs and Connectors named in a PATCH are merged into the
-existing ones by ``uid`` / ``id``; a Session PATCH *adds* its ``charging_periods``; a change to an
+existing ones by ``uid`` / ``id``; a Session PATCH *adds* its ``charging_periods`` (by ``start_date_time``: a
+period already there is replaced, not added twice); a change to an
 EVSE or Connector moves the ``last_updated`` of its parents.
 """
 
@@ -113,8 +114,34 @@ def location(current: Doc | None, body: Doc, method: str, evse_uid: str | None, 
     return Change(loc)
 
 
+def _period_start(period: Any) -> Any:
+    """A ChargingPeriod's ``start_date_time`` as an instant (the string itself when it is no DateTime)."""
+    start = period.get("start_date_time") if isinstance(period, dict) else None
+    try:
+        return parse_datetime(start)
+    except (ValueError, TypeError):
+        return start
+
+
+def add_periods(current: list[Any], added: list[Any]) -> list[Any]:
+    """OCPI's "add all the ChargingPeriods" of a Session PATCH, by ``start_date_time``: a period whose start
+    is already there replaces it (a retried PATCH does not add its periods twice), the others are appended."""
+    out = list(current)
+    index = {_period_start(p): i for i, p in enumerate(out)}
+    for period in added:
+        start = _period_start(period)
+        i = index.get(start) if start is not None else None
+        if i is None:
+            if start is not None:
+                index[start] = len(out)
+            out.append(period)
+        else:
+            out[i] = period
+    return out
+
+
 def session(current: Doc | None, body: Doc, method: str) -> Change:
-    """A Session PUT replaces; a PATCH replaces fields and appends ``charging_periods``."""
+    """A Session PUT replaces; a PATCH replaces fields and adds ``charging_periods`` (by start_date_time)."""
     if method == "PUT":
         return Change(body)
     if current is None:
@@ -123,7 +150,7 @@ def session(current: Doc | None, body: Doc, method: str) -> Change:
     for key, value in body.items():
         if key == "charging_periods":
             if value:
-                out[key] = [*(out.get(key) or []), *value]
+                out[key] = add_periods(out.get(key) or [], value)
         else:
             out[key] = value
     return Change(out)

@@ -138,6 +138,7 @@ class RoamingPeer(OcpiPeer):
 
 def fast_env(csms: CsmsFake, token_a: str) -> dict[str, str]:
     return {
+        "RELAY_FORWARDER_COMPACT": "",  # each update followed to the IOP: compaction off (test_compaction.py)
         "RELAY_OCPI_TOKEN_A": token_a,
         "RELAY_CSMS_WEBHOOK_URL": csms.url,
         "RELAY_CSMS_TOKEN": CSMS_TOKEN,

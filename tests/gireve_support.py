@@ -238,7 +238,8 @@ async def gireve(make_settings: Callable[..., Settings], *, hub: tuple[str, str]
     await peer.start()
     token_a = new_token_a()
     base = {**fast_env(csms, token_a), "RELAY_OPERATORS_JSON": json.dumps(operators or OPERATORS),
-            "RELAY_FORWARDER_LINK_FAILURE_THRESHOLD": "50"}  # fmt: skip
+            "RELAY_FORWARDER_LINK_FAILURE_THRESHOLD": "50",
+            "RELAY_FORWARDER_COMPACT": ""}  # each update followed (L3): compaction in test_compaction.py  # fmt: skip
     settings = make_settings(**{**base, **env})
     try:
         async with running(settings) as relay, aiohttp.ClientSession() as http:

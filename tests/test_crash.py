@@ -43,6 +43,9 @@ LOC_PREFIX = "/ocpi/2.2.1/locations/FR/AB1/"
 SES_PREFIX = "/ocpi/2.2.1/sessions/FR/AB1/"
 # Small timeouts so that a takeover (lease expiry + claim grace) takes seconds, not minutes.
 TIMEOUTS = {
+    # Every accepted update must reach the IOP here: compaction off. tests/test_compaction.py runs the same
+    # producer, faults and kills with compaction on (the last update of every object, order, CDR rule).
+    "RELAY_FORWARDER_COMPACT": "",
     "RELAY_IOP_REQUEST_TIMEOUT_S": "2",
     "RELAY_IOP_CONNECT_TIMEOUT_S": "0.5",
     "RELAY_FORWARDER_CLAIM_IDLE_S": "3",

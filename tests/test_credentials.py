@@ -50,6 +50,7 @@ OPERATORS = json.dumps(
     ]
 )
 FAST = {
+    "RELAY_FORWARDER_COMPACT": "",  # each update held then followed to the IOP: compaction off (test_compaction.py)
     "RELAY_FORWARDER_BACKOFF_INITIAL_S": "0.01",
     "RELAY_FORWARDER_BACKOFF_MAX_S": "0.05",
     "RELAY_OPERATORS_JSON": OPERATORS,

@@ -37,6 +37,8 @@ from tests.waiting import stays_false, wait_until
 IOP_TOKEN = "iop-token-42"
 FAST = {
     "RELAY_IOP_TOKEN": IOP_TOKEN,
+    # These tests follow every update to the IOP: compaction off (tests/test_compaction.py turns it on).
+    "RELAY_FORWARDER_COMPACT": "",
     "RELAY_FORWARDER_BACKOFF_INITIAL_S": "0.01",
     "RELAY_FORWARDER_BACKOFF_MAX_S": "0.2",
     "RELAY_IOP_REQUEST_TIMEOUT_S": "1",

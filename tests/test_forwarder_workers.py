@@ -237,8 +237,8 @@ async def test_a_runner_cut_before_its_first_step_gives_its_room_back() -> None:
 
 async def test_a_shard_taken_back_after_a_cut_request_waits_before_resending(make_env: Callable[..., Any]) -> None:  # noqa: F811
     """We lose a shard with a request on the wire (cut, but the IOP may still apply it) and our
-    lease loop takes the shard back: its pending entries are ours, yet the resend must wait
-    claim_idle_s as after any takeover, or it could overtake the cut request at the IOP."""
+    lease loop takes the shard back: its pending entries are ours, yet the resend must wait as after
+    any takeover (until the cut attempt's deadline has passed), or it could overtake it at the IOP."""
     env: Env = await make_env()
     hold = asyncio.Event()
     env.iop.script = lambda r: Reply(hold=hold) if not hold.is_set() else None
@@ -251,6 +251,7 @@ async def test_a_shard_taken_back_after_a_cut_request_waits_before_resending(mak
     fwd.lose(index, "test: lease lost")
     await until(lambda: index in fwd.shards, timeout=10, what="shard taken back")
     await env.iop.wait_for(lambda: len(env.iop.arrived) == 2, timeout=15)
-    assert env.iop.arrived[1].at - cut_at >= env.settings.forwarder.claim_idle_s
+    iop = env.settings.iop
+    assert env.iop.arrived[1].at - cut_at >= iop.connect_timeout_s + iop.request_timeout_s
     hold.set()
     await _all_in_order(env, ["G1"], [1], timeout=10)

@@ -235,7 +235,7 @@ async def test_L3_fifo_per_location_retried_on_timeouts_and_any_failure(make_set
         assert second.at < first.answered_at  # the relay gave up on the slow attempt and sent it again
 
 
-async def test_L3_with_park_an_update_gireve_refuses_keeps_the_later_ones_and_all_go_in_order_on_replay(
+async def test_L3_with_park_an_update_gireve_refuses_keeps_the_later_ones_and_the_replay_sends_the_current_state(
     make_settings: Callable[..., Settings],
 ) -> None:
     async with gireve(make_settings, RELAY_FORWARDER_ON_PERMANENT="park") as g:
@@ -249,18 +249,20 @@ async def test_L3_with_park_an_update_gireve_refuses_keeps_the_later_ones_and_al
 
         await wait_until(three_kept, what="the refused update and the two behind it kept")
         assert names(g) == ["1"] and [r.json()["name"] for r in g.iop.received] == ["1", "2"]
-        # GIREVE's problem is fixed; the operator replays the refused update, then the ones parked behind it.
-        # (One `replay --all` does the same when GIREVE takes the first replayed update before the CLI has
-        # gone on to the next: this is that case, every time.)
+        # GIREVE's problem is fixed; the operator replays the refused update: GIREVE gets the Location as
+        # the relay holds it now ("4"), in the key's order slot, not "2" and then every step after it.
         refusing[0] = False
         dead = {json.loads(d.event.body)["name"]: d.id for d in await g.dead("locations")}
         res = await cli(g.relay.settings, "dlq", "replay", dead["2"])
         assert res.exit_code == 0, res.output
-        await g.iop.wait_for(lambda: names(g) == ["1", "2"])
+        await g.iop.wait_for(lambda: names(g) == ["1", "4"])
+        # The updates parked behind it replay as one, the newest ("3" superseded): never older than "4".
         res = await cli(g.relay.settings, "dlq", "replay", "--all", "--yes")
         assert res.exit_code == 0 and "skipped" not in res.output, res.output  # "3" and "4" are newer than "2"
-        await g.iop.wait_for(lambda: names(g) == ["1", "2", "3", "4"], timeout=5)
+        assert json.loads(res.stdout.strip().splitlines()[-1]) == {"selected": 2, "replayed": 1, "superseded": 1}
+        await g.iop.wait_for(lambda: names(g) == ["1", "4", "4"], timeout=5)
         await wait_until(g.drained, what="nothing left")
+        assert await g.dead("locations") == []
 
 
 # -- L4 -------------------------------------------------------------------------------------------------

@@ -165,15 +165,21 @@ def refused(req: Req, answer: Answer) -> bool:
 
 
 def stored_events(req: Req, answer: Answer) -> int:
-    """Stream entries an answer says were written: one per ingress 202, the accepted items of a batch."""
+    """Stream entries an answer says were written: one per ingress 202, the accepted items of a batch; none
+    for a 202 (or a batch item) that says ``duplicate`` or ``replayed`` (accepted, nothing stored again)."""
     if req.listener != "ingress":
         return 0
     if answer.status == 202:
-        return 1
+        try:
+            data = json.loads(answer.body)["data"]
+            return 0 if data.get("duplicate") or data.get("replayed") else 1
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return 1
     if req.route == "batch" and answer.status == 200:
         try:
-            return int(json.loads(answer.body)["data"]["accepted"])
-        except (ValueError, KeyError, TypeError):
+            data = json.loads(answer.body)["data"]
+            return int(data["accepted"]) - sum(1 for r in data.get("results", ()) if r.get("duplicate"))
+        except (ValueError, KeyError, TypeError, AttributeError):
             return 0
     return 0
 

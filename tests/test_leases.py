@@ -108,11 +108,48 @@ async def test_one_shard_too_many_is_handed_back_and_released_only_if_clean() ->
     await leases.round()
     ds.alive = 2  # a second replica joined: our fair share is 2 of 4
     await leases.round()
+    await leases.handed_back()
     assert owner.handed == [3] and ds.released == [3] and ds.holders[3] == "free:me"
     owner.clean = False  # an attempt of ours still on the wire: the lease must expire instead
     ds.alive = 4
     await leases.round()
+    await leases.handed_back()
     assert owner.handed == [3, 2] and ds.released == [3]
+
+
+class SlowOwner(FakeOwner):
+    """An owner whose hand-back waits for an attempt on the wire (up to ``shutdown_timeout_s`` in the forwarder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempt_done = asyncio.Event()
+
+    async def hand_back(self, index: int) -> bool:
+        del self.shards[index]
+        self.handed.append(index)
+        await self.attempt_done.wait()
+        return True
+
+
+async def test_a_hand_back_held_by_a_slow_attempt_does_not_cost_the_other_shards() -> None:
+    # The rounds go on renewing while one shard is handed back: the watchdog (70 % of the TTL without a
+    # renewing round) must not fire, nor the handed-back shard be taken again meanwhile.
+    ds, owner = FakeLeases(alive=1), SlowOwner()
+    leases = loop_of(ds, owner, ttl_s=0.3)  # a round every 0.1 s; the watchdog fires after 0.21 s
+    task = asyncio.create_task(leases.run())
+    try:
+        await wait_until(lambda: len(owner.shards) == 4, timeout=2)
+        ds.alive = 2
+        await wait_until(lambda: owner.handed == [3], timeout=2)
+        await asyncio.sleep(0.6)  # the hand-back waits three times the watchdog's limit
+        assert owner.lost == [] and sorted(owner.shards) == [0, 1, 2] and owner.handed == [3]
+        owner.attempt_done.set()
+        await wait_until(lambda: ds.released == [3, 2], timeout=2)  # then the next extra, one at a time
+        assert ds.holders[3] == "free:me" and owner.lost == [] and sorted(owner.shards) == [0, 1]
+    finally:
+        owner.attempt_done.set()
+        leases.stopping.set()
+        await task
 
 
 async def test_redis_unreachable_for_most_of_the_ttl_loses_every_shard() -> None:

@@ -137,7 +137,7 @@ async def test_one_key_lands_in_one_stream(make_settings: Callable[..., Settings
             ("PUT", "LOC1", loc),
             ("PATCH", "LOC1/3256", {"status": "CHARGING", "last_updated": STAMP}),
             ("PATCH", "LOC1/3256/2", {"tariff_ids": ["11"], "last_updated": STAMP}),
-            ("PUT", "LOC1/3257", loc["evses"][1]),
+            ("PUT", "LOC1/3257", {**loc["evses"][1], "last_updated": STAMP}),  # a change: not a duplicate
         ]
         sends += [("PUT", f"L{i}", gireve_location(f"L{i}")) for i in range(12)]
         for method, tail, doc in sends:

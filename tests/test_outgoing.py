@@ -32,6 +32,7 @@ from tests.waiting import wait_until
 
 FAST = {
     "RELAY_IOP_TOKEN": "iop-token",
+    "RELAY_FORWARDER_COMPACT": "",  # each update followed to the IOP: compaction off (tests/test_compaction.py)
     "RELAY_FORWARDER_BACKOFF_INITIAL_S": "0.01",
     "RELAY_FORWARDER_BACKOFF_MAX_S": "0.05",
     "RELAY_FORWARDER_SHUTDOWN_TIMEOUT_S": "1",
@@ -303,9 +304,11 @@ async def advenir_iop(make_settings: Callable[..., Settings]) -> AsyncIterator[P
     """FR/AB1 with advenir on (its own tokens are local), FR/AB2 with it off; forwarder on, pulls allowed."""
     operators = [dict(OPERATORS[0], advenir=True), OPERATORS[1]]
     token_a = "token-a-" + secrets.token_hex(8)
+    # Compaction off: every push is its own request, and the test counts them.
     settings = make_settings(RELAY_OCPI_TOKEN_A=token_a, RELAY_OPERATORS_JSON=json.dumps(operators),
                              RELAY_FORWARDER_BACKOFF_INITIAL_S="0.01", RELAY_FORWARDER_BACKOFF_MAX_S="0.05",
-                             RELAY_FORWARDER_SHUTDOWN_TIMEOUT_S="1")  # fmt: skip
+                             RELAY_FORWARDER_SHUTDOWN_TIMEOUT_S="1",
+                             RELAY_FORWARDER_COMPACT="")  # fmt: skip
     receivers = FakeIop()
     await receivers.start()
     try:

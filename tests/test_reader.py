@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from relay import compaction
 from relay.buffer import Buffer
 from relay.config import ForwarderSettings, Module
 from relay.events import Event
@@ -51,3 +52,40 @@ def test_entries_already_held_are_not_queued_again() -> None:
     assert [e.id for e in shard.queues[("cdrs", "cdr:FR:AB1:C1")]] == ["3-0", "4-0", "6-0"]
     assert (buffer.held, buffer.cdrs) == (6, 3)
     assert len(ready) == 2
+
+
+async def test_held_keys_squeezed_then_forgotten_give_back_exactly_what_they_took() -> None:
+    """A takeover hold cancelled after the full buffer folded the held queue: units leave ``units`` and
+    ``folded``, raw entries ``held`` (relay.compaction.drop), nothing goes negative or stays."""
+    r, buffer, ready = reader()
+    shard = Shard(index=0, dirty=True, stopping=asyncio.Event())
+    qkey = ("locations", "loc:FR:AB1:L1")
+    r._hold(shard, {qkey}, r.clock() + 100)
+    r.feed(shard, [entry(1), entry(2), entry(3)])
+    assert ready == [] and buffer.held == 3
+    assert compaction.fold_queue(shard.queues[qkey], buffer, state=True, keep_head=True) == 2
+    assert (buffer.held, buffer.units, buffer.folded) == (1, 1, 2)
+    r._cancel_hold(shard)
+    assert qkey not in shard.queues
+    assert (buffer.held, buffer.units, buffer.folded) == (0, 0, 0)
+
+
+def status(n: int, evse: str) -> Entry:
+    key = "loc:FR:AB1:L1"
+    ev = Event(id=f"s{n}", module="locations", method="PATCH", country_code="FR", party_id="AB1", object_id="L1",
+               evse_uid=evse, key=key, correlation_id="", received_at=0.0, body=b'{"status":"AVAILABLE"}')  # fmt: skip
+    return Entry(stream=K.stream_key("locations", 0), shard=0, id=f"{n}-0", event=ev, after=None)
+
+
+def test_an_entry_already_folded_is_not_queued_again() -> None:
+    """A folded dynamic run ends with one unit per path, in the order the paths first appeared: the last
+    item of the queue is not always its newest entry."""
+    r, buffer, _ = reader()
+    shard = Shard(index=0, dirty=False, stopping=asyncio.Event())
+    r.feed(shard, [status(1, "E2"), status(2, "E1"), status(3, "E2")])
+    q = shard.queues[("locations", "loc:FR:AB1:L1")]
+    assert compaction.fold_queue(q, buffer, state=True) == 3
+    assert [e.id for e in q] == ["3-0", "2-0"]
+    r.feed(shard, [status(3, "E2"), status(4, "E1")])  # the group handed 3 out again
+    assert [e.id for e in q] == ["3-0", "2-0", "4-0"]
+    assert (buffer.held, buffer.units, buffer.folded) == (1, 2, 3)

@@ -453,7 +453,9 @@ async def test_the_relay_restarts_its_embedded_server_when_it_dies(served: Serve
 
     await wait_until(restarted, 15, lambda: f"a new embedded server; the log:\n{served.log()}")
     await served.ready(http)
-    async with http.put(f"{served.base}{LOC_PATH}", data=body) as r:
+    changed = json.loads(body)
+    changed["name"] = f"{changed.get('name', '')} (renamed)"  # an identical resend would not be stored again
+    async with http.put(f"{served.base}{LOC_PATH}", json=changed) as r:
         assert r.status == 202, await r.text()
         ids.append((await r.json())["data"]["event_id"])
     async with http.get(f"{served.base}/healthz") as r:

@@ -17,19 +17,56 @@ from aiohttp import web
 
 from relay import logs, metrics
 from relay.config import Settings
-from relay.constants import H_CORRELATION
-from relay.errors import InvalidEvent, Problem, StoreUnavailable
-from relay.ingest import Ingest, Ingested
+from relay.constants import H_CORRELATION, MAX_HEADER_VALUE, header_value_ok
+from relay.errors import InvalidEvent, Problem, StoreFull, StoreUnavailable
+from relay.ingest import Idempotency, Ingest, Ingested, idempotency
 from relay.ingress import roaming as roaming_routes
 from relay.ingress.auth import TokenCheck
-from relay.ingress.responses import Answer, accepted_event, json_response, now_iso, refused, unavailable
+from relay.ingress.responses import (
+    FULL_RETRY_S,
+    Answer,
+    accepted_event,
+    json_response,
+    now_iso,
+    refused,
+    unavailable,
+)
 from relay.ingress.roaming import RoamingDeps
 from relay.store import Store
+from relay.store.append import RESEND
 from relay.typedefs import HEALTH, SETTINGS, STORE, Health
 from relay.validation import Accepted, Target, decode_problem, parse_target, validate
 
 log = structlog.get_logger(__name__)
 PREFIX = "/ingress/2.2.1"
+H_IDEMPOTENCY = "Idempotency-Key"
+IDEMPOTENCY_PROBLEM = Problem(field=H_IDEMPOTENCY, rule="header",
+                              message=f"1 to {MAX_HEADER_VALUE} printable ASCII characters")  # fmt: skip
+H_RESEND = "X-Relay-Resend"
+RESEND_PROBLEM = Problem(field=H_RESEND, rule="header", message="true or 1 (or leave the header out)")
+
+
+def resend(request: web.Request) -> bool:
+    """``X-Relay-Resend: true``: store the event even if the object already is its document (a deliberate
+    resend to repair the IOP, not a retry); InvalidEvent (422) for any value but true or 1."""
+    value = request.headers.get(H_RESEND)
+    if value is None:
+        return False
+    if value.strip().lower() not in ("true", "1"):
+        raise InvalidEvent([RESEND_PROBLEM])
+    return True
+
+
+def idempotency_key(request: web.Request, acc: Accepted, raw: bytes, window_s: int) -> Idempotency | None:
+    """The request's Idempotency-Key (per operator and route), or None; InvalidEvent (422) when malformed."""
+    key = request.headers.get(H_IDEMPOTENCY)
+    if key is None:
+        return None
+    if not key or not header_value_ok(key):  # printable ASCII, at most 255 characters
+        raise InvalidEvent([IDEMPOTENCY_PROBLEM])
+    ev = acc.event
+    return idempotency(key, ev.country_code, ev.party_id, f"{request.method} {request.match_info['tail']}", raw,
+                       window_s)  # fmt: skip
 
 
 class BatchOperation(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -54,6 +91,7 @@ class ItemResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     event_id: str | None = None
     warnings: list[Problem] | None = None
     unknown_object: bool | None = None
+    duplicate: bool | None = None
     errors: list[Problem] | None = None
 
 
@@ -154,25 +192,54 @@ class _Events:
                 raise _too_large(limit)
             acc = validate(target, method, raw, settings,  # type: ignore[arg-type]  # parse_target checked it
                            correlation_id=request.headers.get(H_CORRELATION, ""))  # fmt: skip
+            idem = idempotency_key(request, acc, raw, settings.ingress.idempotency_window_s)
+            again = resend(request)
         except InvalidEvent as exc:
             metrics.count_refused(*_labels(settings, target, "unknown"), exc.status, exc.problems)
             return refused(exc)
         ev = acc.event
         operator = metrics.operator_label(ev.country_code, ev.party_id)  # hosted: validate() checked
+        token = RESEND.set(again)
         try:
-            write = self.ingest.unconditional(acc)  # the common PUT: committed here, without one()'s layer
-            done = Ingested(await self.store.commit(ev, write)) if write is not None else await self.ingest.one(acc)
+            write = self.ingest.unconditional(acc) if idem is None else None
+            if write is not None:  # the common PUT: committed here, without one()'s layer
+                stream_id = await self.store.commit(ev, write)
+                done = Ingested(stream_id, duplicate=not stream_id)
+            else:
+                done = await self.ingest.one(acc, idem)
+        except StoreFull as exc:
+            metrics.INGRESS_STORE_ERRORS.inc()
+            metrics.INGRESS_STORE_FULL.inc()
+            log.warning("ingress_store_full", error=str(exc), module=ev.module)
+            return unavailable("event not stored: Redis is full (maxmemory), send again later", FULL_RETRY_S)
         except StoreUnavailable as exc:
             metrics.INGRESS_STORE_ERRORS.inc()
             log.warning("ingress_store_unavailable", error=str(exc), module=ev.module)
             return unavailable("event not stored: Redis unavailable, send again")
-        except InvalidEvent as exc:  # a rule that needs the stored state (tariff immutability)
+        except InvalidEvent as exc:  # a rule that needs the stored state (tariff immutability), a reused key
             metrics.count_refused(ev.module, operator, exc.status, exc.problems)
             return refused(exc)
+        finally:
+            RESEND.reset(token)
+        if done.replayed or done.duplicate:
+            return self._again(acc, done)
         metrics.ACCEPTED.inc(ev.module, operator)
         if logs.debug_enabled():
             log.debug("accepted", event_id=ev.id, module=ev.module, key=ev.key, stream_id=done.stream_id)
         return accepted_event(ev.id, _warnings(acc, done), done.unknown_object)
+
+    @staticmethod
+    def _again(acc: Accepted, done: Ingested) -> web.Response:
+        """202 for a request that stored nothing: a replayed Idempotency-Key (the first answer) or a duplicate."""
+        ev = acc.event
+        metrics.DUPLICATES.labels(module=ev.module, kind="idempotency_key" if done.replayed else "same_state").inc()
+        if logs.debug_enabled():  # counted; a CSMS resending its inventory must not flood the log
+            log.debug("ingress_not_stored_again", event_id=ev.id, module=ev.module, key=ev.key,
+                      replayed=done.replayed, duplicate=done.duplicate)  # fmt: skip
+        if done.replayed:
+            return accepted_event(done.event_id, list(done.warnings) or None, done.unknown_object,
+                                  duplicate=done.duplicate, replayed=True)  # fmt: skip
+        return accepted_event(ev.id, _warnings(acc, done), done.unknown_object, duplicate=True)
 
     async def batch(self, request: web.Request) -> web.Response:
         """Many operations in one request, each validated and stored on its own; per-item results."""
@@ -203,16 +270,20 @@ class _Events:
                 indexes.append(i)
                 accs.append(item)
         stored = await self.ingest.many(accs)
-        n_ok = 0
+        n_ok, full = 0, False
         for i, acc, outcome in zip(indexes, accs, stored, strict=True):
             ev = acc.event
             if isinstance(outcome, Ingested):
                 metrics.ACCEPTED.inc(ev.module, metrics.operator_label(ev.country_code, ev.party_id))
                 n_ok += 1
                 results[i] = ItemResult(index=i, status=202, event_id=ev.id, warnings=_warnings(acc, outcome),
-                                        unknown_object=outcome.unknown_object or None)  # fmt: skip
+                                        unknown_object=outcome.unknown_object or None,
+                                        duplicate=outcome.duplicate or None)  # fmt: skip
             elif isinstance(outcome, StoreUnavailable):
                 metrics.INGRESS_STORE_ERRORS.inc()
+                if isinstance(outcome, StoreFull):
+                    full = True
+                    metrics.INGRESS_STORE_FULL.inc()
                 problem = Problem(field="$", rule="store", message=str(outcome))
                 results[i] = ItemResult(index=i, status=503, errors=[problem])
             else:
@@ -220,6 +291,8 @@ class _Events:
                                       outcome.problems)  # fmt: skip
                 results[i] = ItemResult(index=i, status=outcome.status, errors=outcome.problems)
         if accs and n_ok == 0 and all(r is not None and r.status in (202, 503) for r in results):
+            if full:
+                return unavailable("no event stored: Redis is full (maxmemory), send again later", FULL_RETRY_S)
             return unavailable("no event stored: Redis unavailable, send again")
         data = {"accepted": n_ok, "refused": len(results) - n_ok, "results": results}  # every item has its result
         answer = Answer(status_code=1000, status_message="Batch processed", timestamp=now_iso(), data=data)

@@ -9,11 +9,12 @@ bench/ingress.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, cast
 
 from relay.config import MODULES
-from relay.errors import Conflict, StoreUnavailable
+from relay.errors import Conflict, Replayed, StoreUnavailable
 from relay.events import Event, encode
 from relay.ordering import shard_of
 from relay.store import keys as K
@@ -21,6 +22,16 @@ from relay.store import scripts
 from relay.store.connection import Connection, pipelined, raises_store_errors, text
 from relay.store.entries import Rows
 from relay.store.state import split_state
+
+# Modules whose newest accepted id per key the ingress records in K.accepted_key() (the replay guard's
+# "a newer event is queued"); a Session's is its session-last, which the ingress writes anyway.
+_ACCEPTED_MODULES = frozenset({"locations", "tariffs"})
+
+
+# Set by the ingress for one request with ``X-Relay-Resend: true`` (a context variable, so that every path of
+# the request to commit() sees it): the event is stored even when the object already is its document (a
+# deliberate resend to repair the IOP, not a retry).
+RESEND: ContextVar[bool] = ContextVar("relay_resend", default=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +46,10 @@ class StateWrite:
     doc: bytes = b""
     score: int = 0
     expected: int = 0
+    # Idempotency-Key (commit.lua): the key's scope digest ("" = none), the answer to keep for it, for how long.
+    idem: str = ""
+    answer: bytes = b""
+    idem_ttl_s: int = 0
 
 
 @raises_store_errors
@@ -80,6 +95,9 @@ class Store(Connection):
             return ("EVALSHA", scripts.APPEND_SESSION.sha, 2, stream, K.session_last_key(shard), payload, event.key)
         if event.module == "cdrs":
             return ("EVALSHA", scripts.APPEND_CDR.sha, 2, stream, K.session_last_key(shard), payload, event.key)
+        if event.module in _ACCEPTED_MODULES:  # the same script: XADD + the key's newest accepted id
+            field = K.key_field(event.module, event.key)
+            return ("EVALSHA", scripts.APPEND_SESSION.sha, 2, stream, K.accepted_key(shard), payload, field)
         return ("XADD", stream, "*", K.ENTRY_FIELD, payload)
 
     async def append(self, event: Event) -> str:
@@ -105,31 +123,34 @@ class Store(Connection):
     def _commit_args(self, event: Event, write: StateWrite) -> tuple[Any, ...]:
         shard = shard_of(event.key, self.shards)
         kind = "session" if event.module == "sessions" else "cdr" if event.module == "cdrs" else ""
+        accepted = K.key_field(event.module, event.key) if event.module in _ACCEPTED_MODULES else ""
+        # KEYS[6]: the Idempotency-Key's, or any key of the shard without one (positions stay fixed).
+        idem = K.idempotency_key(shard, write.idem) if write.idem else K.stream_key(event.module, shard)
         return (
-            "EVALSHA", scripts.COMMIT.sha, 4,
+            "EVALSHA", scripts.COMMIT.sha, 6,
             K.stream_key(event.module, shard), K.session_last_key(shard), K.state_key(event.module, shard),
-            K.index_key(event.module, shard, write.country_code, write.party_id),
+            K.index_key(event.module, shard, write.country_code, write.party_id), K.accepted_key(shard), idem,
             encode(event), kind, event.key, write.mode, write.field, write.expected, write.doc, write.score,
-            write.member,
+            write.member, accepted, write.answer if write.idem else b"", write.idem_ttl_s,
+            "1" if RESEND.get() else "",
         )  # fmt: skip
 
     async def commit(self, event: Event, write: StateWrite) -> str:
         """Append the event and apply its state change atomically; raises Conflict or StoreUnavailable.
 
-        Failure policy: as append(); a 'cas' write that finds a newer version stores nothing.
+        Failure policy: as append(); a 'cas' write that finds a newer version stores nothing. Returns ""
+        (nothing stored) when the object already is ``write.doc`` (a retried PUT or PATCH); raises Replayed
+        when ``write.idem`` names a key answered before (nothing stored).
         """
-        result = await self.call(*self._commit_args(event, write))
-        if result is None:
-            raise Conflict(write.field)
-        return text(result)
+        return _committed(await self.call(*self._commit_args(event, write)), write)
 
     async def commit_many(self, items: Sequence[tuple[Event, StateWrite]]) -> list[str | StoreUnavailable]:
         """commit() for a batch of unconditional writes, in one pipeline."""
         futures = [self.call(*self._commit_args(ev, w)) for ev, w in items]
         out: list[str | StoreUnavailable] = []
-        for fut in futures:
+        for fut, (_, w) in zip(futures, items, strict=True):
             try:
-                out.append(text(await fut))
+                out.append(_committed(await fut, w))
             except StoreUnavailable as exc:
                 out.append(exc)
         return out
@@ -162,3 +183,14 @@ class Store(Connection):
             if len(out) >= count:
                 break
         return out
+
+
+def _committed(result: Any, write: StateWrite) -> str:
+    """commit.lua's reply: the stream id; "" for a duplicate; Conflict; Replayed with the key's stored answer."""
+    if result is None:
+        raise Conflict(write.field)
+    if isinstance(result, list):
+        if result and result[0] == b"replay":
+            raise Replayed(bytes(result[1]))
+        return ""  # {'dup'}: the object already is this document
+    return text(result)

@@ -24,10 +24,10 @@ import hiredis
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
 from relay.config import RedisSettings
-from relay.errors import NoGroup, StoreError, StoreUnavailable
+from relay.errors import NoGroup, StoreError, StoreFull, StoreUnavailable
 from relay.store import scripts
 
 log = structlog.get_logger(__name__)
@@ -37,10 +37,19 @@ _C = TypeVar("_C", bound=type)
 # -- errors ----------------------------------------------------------------------------------------
 
 
+def is_oom(exc: BaseException) -> bool:
+    """Redis refused a write at its ``maxmemory`` (noeviction): redis-py's OutOfMemoryError, or the same
+    ``OOM …`` error reply read by the raw pipeline (a script's first write refused: nothing was written)."""
+    return isinstance(exc, OutOfMemoryError) or (isinstance(exc, ResponseError) and str(exc).startswith("OOM "))
+
+
 def translate(exc: BaseException) -> StoreUnavailable:
-    """A redis-py or socket error as the store's own: NoGroup for a vanished group, else StoreUnavailable."""
+    """A redis-py or socket error as the store's own: NoGroup for a vanished group, StoreFull for a write
+    refused at maxmemory, else StoreUnavailable."""
     if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
         return NoGroup(str(exc))
+    if is_oom(exc):
+        return StoreFull(f"redis full (maxmemory): {exc}")
     return StoreUnavailable(f"redis: {exc.__class__.__name__}: {exc}")
 
 
@@ -223,6 +232,16 @@ class Connection:
             return {}
         return {text(k): text(v) for k, v in raw.items() if text(k) in {"appendonly", "appendfsync"}}
 
+    async def memory(self) -> dict[str, int]:
+        """Redis's ``used_memory``, ``maxmemory`` (0: no limit) and ``aof_current_size`` (0 without AOF), from
+        INFO memory and INFO persistence (a key a managed Redis leaves out is left out here)."""
+        mem: dict[str, Any] = await self.redis.info("memory")
+        per: dict[str, Any] = await self.redis.info("persistence")
+        out: dict[str, int] = {k: int(mem[k]) for k in ("used_memory", "maxmemory") if k in mem}
+        if "aof_current_size" in per or "aof_enabled" in per:
+            out["aof_current_size"] = int(per.get("aof_current_size", 0))
+        return out
+
     async def ping(self) -> bool:
         """True if Redis answers."""
         try:
@@ -273,7 +292,7 @@ class Connection:
             if item.future.done():
                 continue
             if isinstance(result, Exception):
-                item.future.set_exception(StoreUnavailable(f"redis: {result}"))
+                item.future.set_exception(translate(result) if is_oom(result) else StoreUnavailable(f"redis: {result}"))
             else:
                 item.future.set_result(result)
 

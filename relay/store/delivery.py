@@ -9,9 +9,13 @@ key waits on (parked, session-done, delivered) and the queue gauges. Leases and 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, cast
 
-from relay.config import MODULES
+from redis.typing import EncodableT
+
+from relay.config import MODULES, STATEFUL_MODULES
+from relay.events import encode
 from relay.store import keys as K
 from relay.store import scripts
 from relay.store.connection import Connection, optional_text, pipelined, raises_store_errors, text
@@ -53,15 +57,48 @@ class DeliveryStore(Leases, DeadLetters):
         nxt, rows = text(res[0]), cast(PendingRows, res[1])  # [next start, entries(, ids deleted meanwhile)]
         return nxt, [decode_entry(stream, shard, sid, fields) for sid, fields in rows if fields]
 
+    async def entries(self, stream: str, shard: int, ids: Sequence[str]) -> list[Entry]:
+        """The entries of ``stream`` with these ids still in it, in the order given (XRANGE of each id,
+        pipelined a thousand at a time): a compacted unit's run read again (relay.compaction)."""
+        out: list[Entry] = []
+        for i in range(0, len(ids), 1000):
+            part = ids[i : i + 1000]
+
+            def queue(pipe: Any, part: Sequence[str] = part) -> list[object]:
+                return [pipe.xrange(stream, min=x, max=x) for x in part]
+
+            res = await pipelined(self.redis, queue)
+            out += [decode_entry(stream, shard, sid, fields) for rows in res for sid, fields in rows]
+        return out
+
     async def foreign_pending(self, stream: str, consumer: str) -> int:
         """Pending entries of a stream held by other consumers (a dead or departed replica)."""
         info: dict[str, Any] = await self.redis.xpending(stream, K.GROUP)
         return sum(int(c["pending"]) for c in info.get("consumers", []) if text(c["name"]) != consumer)
 
+    async def publish_holds(self, shard: int, holds: dict[str, float], until: float) -> None:
+        """Publish a shard's takeover holds (module|key → end, epoch s) for `relay status`; gone at ``until``."""
+        key = K.holds_key(shard)
+        mapping: dict[EncodableT, EncodableT] = {k: round(v, 3) for k, v in holds.items()}
+        at_ms = int(until * 1000) + 1
+        await pipelined(
+            self.redis,
+            lambda pipe: [pipe.delete(key), pipe.hset(key, mapping=mapping), pipe.pexpireat(key, at_ms)],
+            transaction=True,
+        )
+
+    async def holds(self) -> dict[int, dict[str, float]]:
+        """Per shard, its published takeover holds (module|key → end, epoch s); shards without any left out."""
+        keys = [K.holds_key(shard) for shard in range(self.store.shards)]
+        res = await pipelined(self.redis, lambda pipe: [pipe.hgetall(key) for key in keys])
+        return {i: {text(k): float(v) for k, v in raw.items()} for i, raw in enumerate(res) if raw}
+
     # -- finishing ----------------------------------------------------------------------------
 
-    def finish(self, entry: Entry) -> asyncio.Future[Any]:
-        """Ack + delete a delivered entry and advance its watermarks, in one script (coalesced)."""
+    def finish(self, entry: Entry, superseded: Sequence[str] = ()) -> asyncio.Future[Any]:
+        """Ack + delete a delivered entry and advance its watermarks, in one script (coalesced).
+
+        ``superseded``: a compacted unit's (relay.compaction) other entries, acked and deleted with it."""
         ev = entry.event
         keys = self._finish_keys.get(entry.shard)
         if keys is None:
@@ -75,8 +112,30 @@ class DeliveryStore(Leases, DeadLetters):
             ev.key if ev.module == "sessions" else "",
             ev.key if ev.module == "cdrs" else "",
             entry.after or "",
-            entry.origin or entry.id,
+            entry.origin or entry.id, *superseded,
         )  # fmt: skip
+
+    async def dead_letter_compacted(
+        self, entry: Entry, info: bytes, superseded: Sequence[str], *, park: bool
+    ) -> str | None:
+        """A compacted unit's dead letter (its envelope: the request that carried the run), its
+        superseded entries acked and deleted in the same script (compact_dead.lua)."""
+        ev = entry.event
+        shard = entry.shard
+        fld = K.key_field(ev.module, ev.key)
+        r = await scripts.run(
+            self.redis,
+            scripts.COMPACT_DEAD,
+            [entry.stream, K.dlq_key(ev.module, shard), K.session_done_key(shard), K.parked_key(shard),
+             K.dead_last_key(shard)],
+            [
+                K.GROUP, entry.id, encode(ev), info,
+                ev.key if ev.module == "sessions" else "", entry.after or "",
+                fld if park else "", entry.origin or entry.id,
+                fld if ev.module in STATEFUL_MODULES else "", *superseded,
+            ],
+        )  # fmt: skip
+        return optional_text(r)
 
     # -- what a key waits on ------------------------------------------------------------------
 

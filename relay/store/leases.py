@@ -8,7 +8,10 @@ is computed from it) and publish their link state for ``relay status``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from redis.asyncio.client import Pipeline
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.typing import EncodableT
 
 from relay.store import keys as K
@@ -35,16 +38,28 @@ class Leases(Part):
         await scripts.run(self.redis, scripts.LEASE_RELEASE, [K.lease_key(shard)], [me, ttl_ms])
 
     async def heartbeat(self, me: str, now_ms: int, dead_after_ms: int) -> int:
-        """Record this replica as alive; returns how many replicas are alive."""
-        res = await pipelined(
-            self.redis,
-            lambda pipe: [
-                pipe.zadd(K.REPLICAS_KEY, {me: now_ms}),
-                pipe.zremrangebyscore(K.REPLICAS_KEY, 0, now_ms - dead_after_ms),
-                pipe.zcard(K.REPLICAS_KEY),
-            ],
-        )
-        return int(res[2])
+        """Record this replica as alive; returns how many replicas are alive (also at Redis's maxmemory)."""
+        return int(await scripts.run(self.redis, scripts.HEARTBEAT, [K.REPLICAS_KEY], [me, now_ms, dead_after_ms]))
+
+    async def alive(self) -> list[str]:
+        """The replicas in the heartbeat set (alive, or dead too recently for a heartbeat to have dropped them)."""
+        return [text(m) for m in await self.redis.zrange(K.REPLICAS_KEY, 0, -1)]
+
+    async def reap_consumers(self, streams: Sequence[str], alive: Iterable[str]) -> list[str]:
+        """Remove, from each stream's group, the consumers not in ``alive`` that hold no pending entry (each
+        restart of a replica leaves one). One holding entries is kept (reap_consumers.lua checks and removes in
+        one step). Returns ``stream/consumer`` of each removed; a stream without its group is skipped."""
+        live = sorted(set(alive))
+        removed: list[str] = []
+        for stream in streams:
+            try:
+                names = await scripts.run(self.redis, scripts.REAP_CONSUMERS, [stream], [K.GROUP, *live])
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc) or "no such key" in str(exc):
+                    continue
+                raise
+            removed += [f"{stream}/{text(n)}" for n in names]
+        return removed
 
     async def leave(self, me: str) -> None:
         """Remove this replica from the live set (graceful stop)."""
@@ -62,12 +77,20 @@ class Leases(Part):
                 pipe.hget(K.LINK_KEY, K.RESUME_FIELD),
             ]
 
-        res = await pipelined(self.redis, queue)
-        return float(res[2]) if res[2] is not None else None
+        # At Redis's maxmemory the publish (an HSET) is refused: the resume request is read all the same,
+        # or a stopped link could not be resumed until room is back (which needs it resumed).
+        res = await pipelined(self.redis, queue, raise_on_error=False)
+        for r in res:
+            if isinstance(r, Exception) and not isinstance(r, OutOfMemoryError):
+                raise r
+        resume = res[2]
+        if isinstance(resume, Exception):
+            raise resume
+        return float(resume) if resume is not None else None
 
     async def request_resume(self, now: float) -> None:
-        """Ask every replica to resume a paused or auth-failed link."""
-        await self.redis.hset(K.LINK_KEY, K.RESUME_FIELD, now)
+        """Ask every replica to resume a paused or auth-failed link (allowed at Redis's maxmemory)."""
+        await scripts.run(self.redis, scripts.RESUME, [K.LINK_KEY], [K.RESUME_FIELD, repr(now)])
 
     async def link_states(self) -> dict[str, dict[str, str]]:
         """Link state as each live replica last published it."""

@@ -15,8 +15,6 @@ import re
 from contextlib import suppress
 from typing import cast
 
-from redis.asyncio.client import Pipeline
-
 from relay.store import keys as K
 from relay.store import scripts
 from relay.store.connection import Part, pipelined, raises_store_errors, text
@@ -53,19 +51,15 @@ class RegistrationStore(Part):
         return cast(bytes | None, reg), pending, {text(u) for u in used}
 
     async def save(self, registration: bytes, used_token_a_digest: str | None = None) -> None:
-        """Replace the registration; a token A that was just used is retired in the same transaction."""
-
-        def queue(pipe: Pipeline) -> list[object]:
-            queued: list[object] = [pipe.set(K.REGISTRATION_KEY, registration)]
-            if used_token_a_digest is not None:
-                queued += [pipe.delete(K.TOKEN_A_KEY), pipe.sadd(K.TOKEN_A_USED_KEY, used_token_a_digest)]
-            return queued
-
-        await pipelined(self.redis, queue, transaction=True)
+        """Replace the registration; a token A that was just used is retired in the same script (allowed at
+        Redis's maxmemory: a handshake must still complete)."""
+        keys = [K.REGISTRATION_KEY, K.TOKEN_A_KEY, K.TOKEN_A_USED_KEY]
+        await scripts.run(self.redis, scripts.SAVE_REGISTRATION, keys, [registration, used_token_a_digest or ""])
 
     async def set_token_a(self, token: str) -> None:
         """A new one-time token A for the next Register – FromIOP (its digest: it cannot be read back)."""
-        await self.redis.set(K.TOKEN_A_KEY, token_digest(token))
+        keys = [K.TOKEN_A_KEY, K.TOKEN_A_USED_KEY]
+        await scripts.run(self.redis, scripts.SET_TOKEN_A, keys, [token_digest(token), ""])
 
     async def claim_token_a(self, token: str, *, configured: bool) -> int:
         """Spend a token A atomically as a registration starts (its digest joins the spent ones; a pending
@@ -78,15 +72,8 @@ class RegistrationStore(Part):
         """Undo ``claim_token_a`` after a handshake that failed before anything was stored: the token
         works again (a pending one comes back only if no newer token A was made meanwhile)."""
 
-        digest = token_digest(token)
-
-        def queue(pipe: Pipeline) -> list[object]:
-            queued: list[object] = [pipe.srem(K.TOKEN_A_USED_KEY, digest)]
-            if pending:
-                queued.append(pipe.set(K.TOKEN_A_KEY, digest, nx=True))
-            return queued
-
-        await pipelined(self.redis, queue, transaction=True)
+        keys = [K.TOKEN_A_KEY, K.TOKEN_A_USED_KEY]
+        await scripts.run(self.redis, scripts.SET_TOKEN_A, keys, [token_digest(token), "1" if pending else "0"])
 
     async def withdraw_token_a(self, token: str, restore: str | None = None) -> bool:
         """Take back a pending token A if it is still this one, putting ``restore`` (a digest, as ``load()``

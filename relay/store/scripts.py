@@ -1,9 +1,9 @@
 """The Lua scripts: ``lua/*.lua``, shipped as package data, loaded once with SCRIPT LOAD and again after NOSCRIPT.
 
-A line ``-- include: NAME.lua`` is replaced by that file's text when a script is read: finish.lua
-and dead_letter.lua share gt.lua's comparison of stream ids. Each script's SHA1 is computed here
-from the text that is sent, as Redis computes it, so a command names its script by SHA whether or
-not it was loaded yet; a NOSCRIPT answer (Redis restarted or failed over) loads it and sends the
+A line ``-- include: NAME.lua`` is replaced by that file's text when a script is read: finish.lua,
+dead_letter.lua, replay.lua and the retention scripts share gt.lua's comparison of stream ids. Each script's
+SHA1 is computed here from the text that is sent, as Redis computes it, so a command names its script by SHA
+whether or not it was loaded yet; a NOSCRIPT answer (Redis restarted or failed over) loads it and sends the
 command again.
 """
 
@@ -55,13 +55,38 @@ LEASE_ACQUIRE = _script("lease_acquire")
 LEASE_RENEW = _script("lease_renew")
 LEASE_RELEASE = _script("lease_release")
 REPLAY = _script("replay")
+COMPACT_DEAD = _script("compact_dead")  # a compacted unit's dead letter (relay.compaction)
+# Replicas: the heartbeat (allowed at maxmemory), removing dead replicas' idle consumers (store/leases.py).
+HEARTBEAT = _script("heartbeat")
+REAP_CONSUMERS = _script("reap_consumers")
+PURGE = _script("purge")
+# Retention (relay/retention.py): compare-and-delete of old markers, watermarks and state.
+TRIM_MARKERS = _script("trim_markers")
+TRIM_WATERMARKS = _script("trim_watermarks")
+TRIM_STATE = _script("trim_state")
 # Registration.
 WITHDRAW_TOKEN_A = _script("withdraw_token_a")
 CLAIM_TOKEN_A = _script("claim_token_a")
+SAVE_REGISTRATION = _script("save_registration")
+SET_TOKEN_A = _script("set_token_a")
+# `relay link resume` (allowed at maxmemory).
+RESUME = _script("resume")
 
 INGRESS = (APPEND_SESSION, APPEND_CDR, COMMIT)
-DELIVERY = (FINISH, DEAD_LETTER, LEASE_ACQUIRE, LEASE_RENEW, LEASE_RELEASE, REPLAY)
-ALL = (*INGRESS, *DELIVERY, WITHDRAW_TOKEN_A, CLAIM_TOKEN_A)
+DELIVERY = (FINISH, DEAD_LETTER, LEASE_ACQUIRE, LEASE_RENEW, LEASE_RELEASE, REPLAY, PURGE, COMPACT_DEAD)
+REPLICAS = (HEARTBEAT, REAP_CONSUMERS)
+RETENTION = (TRIM_MARKERS, TRIM_WATERMARKS, TRIM_STATE)
+ALL = (
+    *INGRESS,
+    *DELIVERY,
+    *REPLICAS,
+    *RETENTION,
+    WITHDRAW_TOKEN_A,
+    CLAIM_TOKEN_A,
+    SAVE_REGISTRATION,
+    SET_TOKEN_A,
+    RESUME,
+)
 
 
 async def load(client: aioredis.Redis, which: Iterable[Script]) -> None:

@@ -1,7 +1,9 @@
 -- Move an entry to its dead-letter stream with the reason, ack it, maybe park its key.
--- KEYS: stream, dlq, session-done, parked
+-- KEYS: stream, dlq, session-done, parked, dead-last
 -- ARGV: group, id, envelope, info, session key or '', after or '', park field or '', source id (the entry's
---       original id if it was replayed, else its id: the replay guard compares original ids)
+--       original id if it was replayed, else its id: the replay guard compares original ids),
+--       module|key of an object with state or '' (dead-last: the newest dead-lettered source id, which with
+--       the delivered marker tells the replay guard whether a newer accepted event is still queued)
 -- Returns the dead letter's id, or false if another finisher got there first.
 -- include: gt.lua
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -14,4 +16,7 @@ if ARGV[5] ~= '' and gt(ARGV[2], redis.call('HGET', KEYS[3], ARGV[5])) then
   redis.call('HSET', KEYS[3], ARGV[5], ARGV[2])
 end
 if ARGV[7] ~= '' then redis.call('HSETNX', KEYS[4], ARGV[7], dead) end
+if ARGV[9] ~= '' and gt(ARGV[8], redis.call('HGET', KEYS[5], ARGV[9])) then
+  redis.call('HSET', KEYS[5], ARGV[9], ARGV[8])
+end
 return dead

@@ -1,4 +1,4 @@
--- Included by finish.lua and dead_letter.lua (see relay/store/scripts.py).
+-- Included by finish.lua, dead_letter.lua and replay.lua (see relay/store/scripts.py).
 -- Stream ids compare as (milliseconds, sequence), not as strings.
 local function gt(a, b)
   if not b then return true end

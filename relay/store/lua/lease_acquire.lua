@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: at Redis's maxmemory a replica must still take its shards and deliver (that frees room).
 -- Take or keep a shard lease.
 -- KEYS: lease. ARGV: me, ttl ms.
 -- Returns the previous holder ('' none, 'self', 'free:x' released), or false if another replica holds it.
