@@ -130,28 +130,32 @@ class Ingest:
         fld, member = state_field(ev)
         return StateWrite("put", fld, member, ev.country_code, ev.party_id, ev.body, acc.updated_ms)
 
-    async def one(self, acc: Accepted, idem: Idempotency | None = None) -> Ingested:
+    async def one(self, acc: Accepted, idem: Idempotency | None = None, *, resend: bool = False) -> Ingested:
         """Store one event (and its state). Raises StoreUnavailable, or InvalidEvent (tariff change refused, an
-        Idempotency-Key used before with another body)."""
+        Idempotency-Key used before with another body). ``resend``: stored even if it changes nothing."""
         ev = acc.event
         w = self.unconditional(acc)
         if w is not None:
-            return await self.commit(acc, w, idem)
+            return await self.commit(acc, w, idem, resend=resend)
         if not self.enabled:
             if idem is None:
                 return Ingested(await self.store.append(ev))
             fld, member = state_field(ev)  # 'keep': the stream entry and the key's answer, no state
-            return await self.commit(acc, StateWrite("keep", fld, member, ev.country_code, ev.party_id), idem)
+            keep = StateWrite("keep", fld, member, ev.country_code, ev.party_id)
+            return await self.commit(acc, keep, idem, resend=resend)
         fld, member = state_field(ev)
         if ev.module == "tariffs":  # a PUT under tariffs_immutable (the rest is unconditional)
-            return await self._tariff(acc, fld, member, idem)
-        return await self._merge(acc, fld, member, idem)
+            return await self._tariff(acc, fld, member, idem, resend)
+        return await self._merge(acc, fld, member, idem, resend)
 
     async def commit(
         self, acc: Accepted, w: StateWrite, idem: Idempotency | None = None,
-        warnings: Sequence[Problem] = (), unknown: bool = False,
+        warnings: Sequence[Problem] = (), unknown: bool = False, resend: bool = False,
     ) -> Ingested:  # fmt: skip
-        """``store.commit()``: with an Idempotency-Key, the answer is kept with the write (or the kept one returned)."""
+        """``store.commit()``: with an Idempotency-Key, the answer is kept with the write (or the kept one returned);
+        ``resend`` (X-Relay-Resend): stored even when it leaves the object as it is."""
+        if resend:
+            w = dataclasses.replace(w, resend=True)
         if idem is not None:
             found = [*acc.warnings, *warnings]
             answer = msgspec.json.encode(_Answer(b=idem.body, event_id=acc.event.id, warnings=found or None,
@@ -164,7 +168,9 @@ class Ingest:
             return _replayed(exc.answer, idem)
         return Ingested(stream_id, unknown, warnings, duplicate=not stream_id)
 
-    async def _merge(self, acc: Accepted, fld: str, member: str, idem: Idempotency | None) -> Ingested:
+    async def _merge(
+        self, acc: Accepted, fld: str, member: str, idem: Idempotency | None, resend: bool = False
+    ) -> Ingested:
         ev = acc.event
         body: dict[str, Any] = _document(
             ev.body, "body", "the body holds a value JSON can carry but Python cannot read"
@@ -190,7 +196,7 @@ class Ingest:
             # Not in the state: flagged on the envelope, no PUT of the current state may stand for it.
             stored = acc if change.doc is not None else _stateless(acc)
             try:
-                done = await self.commit(stored, w, idem, unknown=change.doc is None)
+                done = await self.commit(stored, w, idem, unknown=change.doc is None, resend=resend)
             except Conflict:
                 metrics.STATE_CONFLICTS.inc()
                 continue
@@ -204,7 +210,9 @@ class Ingest:
             return done
         raise StoreUnavailable(f"state of {ev.object_ref()} kept changing; send again")
 
-    async def _tariff(self, acc: Accepted, fld: str, member: str, idem: Idempotency | None) -> Ingested:
+    async def _tariff(
+        self, acc: Accepted, fld: str, member: str, idem: Idempotency | None, resend: bool = False
+    ) -> Ingested:
         ev = acc.event
         for _ in range(_MAX_CAS):
             version, raw = await self.store.read_state(ev.module, ev.key, fld)
@@ -222,7 +230,7 @@ class Ingest:
             # Always compare-and-set (version 0: "still absent"): the check above was made on this read.
             w = StateWrite("cas", fld, member, ev.country_code, ev.party_id, ev.body, acc.updated_ms, expected=version)
             try:
-                return await self.commit(acc, w, idem, warnings)
+                return await self.commit(acc, w, idem, warnings, resend=resend)
             except Conflict:
                 metrics.STATE_CONFLICTS.inc()
                 continue

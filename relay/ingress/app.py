@@ -9,6 +9,7 @@ once (``_Events``), the answer of a single event is pre-encoded around its id an
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import msgspec
@@ -33,7 +34,6 @@ from relay.ingress.responses import (
 )
 from relay.ingress.roaming import RoamingDeps
 from relay.store import Store
-from relay.store.append import RESEND
 from relay.typedefs import HEALTH, SETTINGS, STORE, Health
 from relay.validation import Accepted, Target, decode_problem, parse_target, validate
 
@@ -199,14 +199,15 @@ class _Events:
             return refused(exc)
         ev = acc.event
         operator = metrics.operator_label(ev.country_code, ev.party_id)  # hosted: validate() checked
-        token = RESEND.set(again)
         try:
             write = self.ingest.unconditional(acc) if idem is None else None
             if write is not None:  # the common PUT: committed here, without one()'s layer
+                if again:
+                    write = dataclasses.replace(write, resend=True)
                 stream_id = await self.store.commit(ev, write)
                 done = Ingested(stream_id, duplicate=not stream_id)
             else:
-                done = await self.ingest.one(acc, idem)
+                done = await self.ingest.one(acc, idem, resend=again)
         except StoreFull as exc:
             metrics.INGRESS_STORE_ERRORS.inc()
             metrics.INGRESS_STORE_FULL.inc()
@@ -219,8 +220,6 @@ class _Events:
         except InvalidEvent as exc:  # a rule that needs the stored state (tariff immutability), a reused key
             metrics.count_refused(ev.module, operator, exc.status, exc.problems)
             return refused(exc)
-        finally:
-            RESEND.reset(token)
         if done.replayed or done.duplicate:
             return self._again(acc, done)
         metrics.ACCEPTED.inc(ev.module, operator)

@@ -9,7 +9,6 @@ bench/ingress.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -28,12 +27,6 @@ from relay.store.state import split_state
 _ACCEPTED_MODULES = frozenset({"locations", "tariffs"})
 
 
-# Set by the ingress for one request with ``X-Relay-Resend: true`` (a context variable, so that every path of
-# the request to commit() sees it): the event is stored even when the object already is its document (a
-# deliberate resend to repair the IOP, not a retry).
-RESEND: ContextVar[bool] = ContextVar("relay_resend", default=False)
-
-
 @dataclass(frozen=True, slots=True)
 class StateWrite:
     """How an event changes its object's stored state."""
@@ -50,6 +43,7 @@ class StateWrite:
     idem: str = ""
     answer: bytes = b""
     idem_ttl_s: int = 0
+    resend: bool = False  # X-Relay-Resend: stored even when it leaves the object as it is (commit.lua)
 
 
 @raises_store_errors
@@ -132,7 +126,7 @@ class Store(Connection):
             K.index_key(event.module, shard, write.country_code, write.party_id), K.accepted_key(shard), idem,
             encode(event), kind, event.key, write.mode, write.field, write.expected, write.doc, write.score,
             write.member, accepted, write.answer if write.idem else b"", write.idem_ttl_s,
-            "1" if RESEND.get() else "",
+            "1" if write.resend else "",
         )  # fmt: skip
 
     async def commit(self, event: Event, write: StateWrite) -> str:
