@@ -30,7 +30,7 @@ from tests.conftest import gireve_location
 from tests.fake_iop import Reply
 from tests.test_crash import world  # noqa: F401  (the fixture)
 from tests.test_forwarder import Env, fr_cdr, fr_session, make_env  # noqa: F401  (make_env: the fixture)
-from tests.waiting import wait_until
+from tests.waiting import stays_false, wait_until
 
 LOC_PREFIX = "/ocpi/2.2.1/locations/FR/AB1/"
 SES_PREFIX = "/ocpi/2.2.1/sessions/FR/AB1/"
@@ -295,8 +295,7 @@ async def test_sessions_compact_to_a_put_of_the_current_state_and_the_cdr_waits(
     # The compacted session update is held at the IOP: the CDR must not go before it is answered.
     env.iop.script = lambda r: Reply(hold=gate) if r.path.startswith(SES_PREFIX) and not gate.is_set() else None
     await env.iop.wait_for(lambda: any(r.path.startswith(SES_PREFIX) for r in env.iop.arrived[before:]))
-    await asyncio.sleep(0.3)
-    assert not any(r.path == cdr_path for r in env.iop.arrived[before:])
+    await stays_false(lambda: any(r.path == cdr_path for r in env.iop.arrived[before:]), 0.3)
     gate.set()
     await wait_until(env.all_streams_empty, 20, "backlog drained")
     sessions = [r for r in env.iop.received[before:] if r.ok and r.path.startswith(SES_PREFIX)]

@@ -41,7 +41,7 @@ from tests.ocpi_peer import (
     token_header,
     until_pending,
 )
-from tests.waiting import wait_until
+from tests.waiting import stays_false, wait_until
 
 OPERATORS = json.dumps(
     [
@@ -561,8 +561,7 @@ async def stop_on_4001(relay: Relay, peer: OcpiPeer, a: str) -> None:
     assert relay.link.reason == "OCPI 4001 unknown receiver: Unknown receiver FR*107"
     assert link_gauge("unknown_receiver") == 1 and link_gauge("up") == 0
     await until_pending(relay.store, 3)  # held in order, none dead-lettered
-    await asyncio.sleep(0.3)
-    assert len(peer.module_requests()) == 1  # no retries burned on a party the IOP does not know
+    await stays_false(lambda: len(peer.module_requests()) > 1, 0.3)  # no retries burned on a party unknown to the IOP
     assert (await DeliveryStore(relay.store).dlq_lengths())["locations"] == 0
 
 

@@ -69,7 +69,7 @@ async def test_S1_session_puts_are_stored_and_forwarded_in_order_per_session(
         for n, status in enumerate(["PENDING", "ACTIVE", "COMPLETED"]):
             await g.send("PUT", "/sessions/FR/AB1/S1", session(status=status, last_updated=f"2026-03-09T10:0{n}:00Z"))
         await g.send("PUT", "/sessions/FR/AB1/S2", session("S2", status="PENDING"))
-        await asyncio.sleep(0.2)  # attempts fail meanwhile
+        await wait_until(lambda: g.relay.link.state == "down", 20, "attempts refused until the link is down")
         await g.iop.start()
         await g.iop.wait_for(lambda: len(statuses(g)) == 3 and len(statuses(g, "S2")) == 1)
         assert statuses(g) == ["PENDING", "ACTIVE", "COMPLETED"]
