@@ -26,7 +26,7 @@ from relay.store import DeadLetter, DeliveryStore
 from tests.conftest import example, gireve_location
 from tests.csms_fake import Bench, CsmsFake, RecordingIop, RoamingPeer, fast_env, iop_token
 from tests.fake_iop import FakeIop, Received, Reply, Script
-from tests.ocpi_peer import ROUTING_HEADERS, VERSION, running
+from tests.ocpi_peer import ROUTING_HEADERS, running
 
 # The lines of the brief's "GIREVE checklist (CPO side)", in its order.
 CHECKLIST = (
@@ -143,15 +143,12 @@ def asked(iop: FakeIop) -> list[Received]:
 
 
 class HubPeer(RoamingPeer):
-    """GIREVE's registration side: announces ``IOP_BASE`` endpoints on the FakeIop, presents ``hub``."""
+    """GIREVE's registration side: announces ``IOP_BASE`` endpoints on the FakeIop, presents ``hub`` (the
+    peer's own ``register``, whose offer carries ``hub_role(*hub)``)."""
 
     def __init__(self, iop: FakeIop, hub: tuple[str, str] = IOP) -> None:
         super().__init__(iop)
         self.hub = hub
-
-    def role(self) -> dict[str, Any]:
-        return {"role": "HUB", "country_code": self.hub[0], "party_id": self.hub[1],
-                "business_details": {"name": "GIREVE"}}  # fmt: skip
 
     def endpoints(self) -> list[dict[str, str]]:
         origin = f"http://127.0.0.1:{self.iop.port}"
@@ -160,21 +157,6 @@ class HubPeer(RoamingPeer):
         eps.append({"identifier": "tokens", "role": "SENDER", "url": origin + TOKENS_SENDER})
         eps.append({"identifier": "credentials", "role": "SENDER", "url": self.endpoint("credentials")})
         return eps
-
-    async def register(self, versions_url: str, token_a: str) -> dict[str, Any]:
-        """Register – FromIOP as GIREVE does it, with this peer's HUB role; the relay's answer to the POST."""
-        status, answer, _ = await self.call("GET", versions_url, token_a)
-        assert status == 200 and answer["status_code"] == 1000, answer
-        version_url = next(v["url"] for v in answer["data"] if v["version"] == VERSION)
-        status, answer, _ = await self.call("GET", version_url, token_a)
-        assert status == 200 and answer["status_code"] == 1000, answer
-        cred_url = next(e["url"] for e in answer["data"]["endpoints"] if e["identifier"] == "credentials")
-        offer = {"token": self.token_b, "url": self.versions_url, "roles": [self.role()]}
-        status, answer, _ = await self.call("POST", cred_url, token_a, body=offer)
-        assert status == 200 and answer["status_code"] == 1000, answer
-        self.relay_credentials = answer["data"]
-        self.relay_token = answer["data"]["token"]
-        return dict(answer)
 
 
 class Gireve(Bench):
