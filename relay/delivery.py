@@ -384,7 +384,7 @@ class Delivery:
         raw = _info_encoder.encode(info)
         if isinstance(entry, Compacted):
             ids = entry.folded_ids()
-            dead_id = await self._record(shard, lambda: self.ds.dead_letter_compacted(entry, raw, ids, park=park))
+            dead_id = await self._record(shard, lambda: self.ds.dead_letter(entry, raw, park=park, superseded=ids))
             metrics.COMPACTED.add(entry.size - 1, ev.module)
         else:
             dead_id = await self._record(shard, lambda: self.ds.dead_letter(entry, raw, park=park))

@@ -12,7 +12,7 @@ import base64
 import contextlib
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -464,8 +464,8 @@ async def test_a_key_parked_by_a_script_whose_reply_was_lost_stays_parked(make_e
     real = fwd.ds.dead_letter
     runs: list[str | None] = []
 
-    async def reply_lost_once(entry: Any, info: bytes, *, park: bool) -> str | None:
-        dead_id = await real(entry, info, park=park)
+    async def reply_lost_once(entry: Any, info: bytes, *, park: bool, superseded: Sequence[str] = ()) -> str | None:
+        dead_id = await real(entry, info, park=park, superseded=superseded)
         runs.append(dead_id)
         if len(runs) == 1:
             raise StoreUnavailable("redis: TimeoutError: the reply was lost after the script ran")

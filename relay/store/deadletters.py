@@ -38,21 +38,24 @@ class Requeue:
 class DeadLetters(Part):
     """The dead-letter streams (part of DeliveryStore)."""
 
-    async def dead_letter(self, entry: Entry, info: bytes, *, park: bool) -> str | None:
-        """Move an entry to its dead-letter stream with the reason, ack it, maybe park its key."""
+    async def dead_letter(self, entry: Entry, info: bytes, *, park: bool, superseded: Sequence[str] = ()) -> str | None:
+        """Move an entry to its dead-letter stream with the reason, ack it, maybe park its key.
+
+        ``superseded``: a compacted unit's other entries, acked and deleted in the same script
+        (compact_dead.lua runs dead_letter.lua after them)."""
         ev = entry.event
         shard = entry.shard
         fld = K.key_field(ev.module, ev.key)
         r = await scripts.run(
             self.redis,
-            scripts.DEAD_LETTER,
+            scripts.COMPACT_DEAD if superseded else scripts.DEAD_LETTER,
             [entry.stream, K.dlq_key(ev.module, shard), K.session_done_key(shard), K.parked_key(shard),
              K.dead_last_key(shard)],
             [
                 K.GROUP, entry.id, encode(ev), info,
                 ev.key if ev.module == "sessions" else "", entry.after or "",
                 fld if park else "", entry.origin or entry.id,
-                fld if ev.module in STATEFUL_MODULES else "",
+                fld if ev.module in STATEFUL_MODULES else "", *superseded,
             ],
         )  # fmt: skip
         return optional_text(r)

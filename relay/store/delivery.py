@@ -14,8 +14,7 @@ from typing import Any, cast
 
 from redis.typing import EncodableT
 
-from relay.config import MODULES, STATEFUL_MODULES
-from relay.events import encode
+from relay.config import MODULES
 from relay.store import keys as K
 from relay.store import scripts
 from relay.store.connection import Connection, optional_text, pipelined, raises_store_errors, text
@@ -114,28 +113,6 @@ class DeliveryStore(Leases, DeadLetters):
             entry.after or "",
             entry.origin or entry.id, *superseded,
         )  # fmt: skip
-
-    async def dead_letter_compacted(
-        self, entry: Entry, info: bytes, superseded: Sequence[str], *, park: bool
-    ) -> str | None:
-        """A compacted unit's dead letter (its envelope: the request that carried the run), its
-        superseded entries acked and deleted in the same script (compact_dead.lua)."""
-        ev = entry.event
-        shard = entry.shard
-        fld = K.key_field(ev.module, ev.key)
-        r = await scripts.run(
-            self.redis,
-            scripts.COMPACT_DEAD,
-            [entry.stream, K.dlq_key(ev.module, shard), K.session_done_key(shard), K.parked_key(shard),
-             K.dead_last_key(shard)],
-            [
-                K.GROUP, entry.id, encode(ev), info,
-                ev.key if ev.module == "sessions" else "", entry.after or "",
-                fld if park else "", entry.origin or entry.id,
-                fld if ev.module in STATEFUL_MODULES else "", *superseded,
-            ],
-        )  # fmt: skip
-        return optional_text(r)
 
     # -- what a key waits on ------------------------------------------------------------------
 
