@@ -240,7 +240,7 @@ FORMS: dict[str, Callable[[st.DrawFn, bytes], Body]] = {
     "nan": lambda draw, text: (text.replace(b"0", b"NaN", 1).replace(b"true", b"Infinity", 1), []),
     "dup_keys": lambda draw, text: (b'{"id":"A","id":"B",' + text.lstrip(b"{"), []),
     "control": lambda draw, text: (text.replace(b'":"', b'":"\x01\x00\n', 1), []),
-    "gzip_bomb": lambda draw, text: (gzip.compress(b"0" * draw(BOMB)), [(b"Content-Encoding", b"gzip")]),
+    "gzip_bomb": lambda draw, text: (gzip.compress(b"0" * draw(BOMB), mtime=0), [(b"Content-Encoding", b"gzip")]),
     "scalar": lambda draw, text: (draw(SCALARS), []),
 }
 FORM_NAMES = st.sampled_from(["json"] * 12 + sorted(FORMS))
