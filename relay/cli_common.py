@@ -75,7 +75,7 @@ def with_store(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
 
     from relay.embedded_redis import EmbeddedRedis
     from relay.logs import configure_logging
-    from relay.store import Store, connect
+    from relay.store import RegistrationStore, Store, connect
 
     if not structlog.is_configured():
         # Operator tools log to stderr, so stdout holds only their output.
@@ -93,6 +93,7 @@ def with_store(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
         store = Store(connect(url, settings.redis), settings.redis)
         try:
             await store.load_scripts()
+            await RegistrationStore(store).rename_old_keys()  # a CLI of the new version before its relay restarted
             return await fn(store)
         except StoreError as exc:
             click.echo(f"Redis unreachable ({storage_where(settings)}): {exc}", err=True)

@@ -11,8 +11,10 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 
 import msgspec
 
@@ -35,7 +37,16 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Where events are stored; an empty URL starts the embedded server."""
 
     url: str = ""
+    # The URL is a seed node of a Redis/Valkey Cluster (redis-py's cluster client; shards spread over nodes).
+    cluster: bool = False
     shards: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
+    # What a 202 waits for (relay.store.durability; docs/operations.md "What can be lost when"). "auto":
+    # the embedded server and a plain URL follow the server's own appendfsync, Sentinel waits for one replica.
+    ack_fsync: bool | Literal["auto"] = "auto"
+    ack_replicas: Annotated[int, msgspec.Meta(ge=0, le=16)] | Literal["auto"] = "auto"
+    ack_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 1000
+    # The older names of ack_replicas/ack_timeout_ms, still read: wait_replicas > 0 with ack_replicas "auto"
+    # means ack_replicas = wait_replicas and ack_timeout_ms = wait_timeout_ms.
     wait_replicas: Annotated[int, msgspec.Meta(ge=0)] = 0
     wait_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 100
     socket_timeout_s: PositiveFloat = 5.0
@@ -263,11 +274,58 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 # Secrets: the env var wins, then the *_file companion, then the (discouraged) inline value.
 _SECRETS = {("ingress", "token"), ("iop", "token"), ("ocpi", "token_a"), ("csms", "token")}
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelAddress:
+    """A ``redis+sentinel://[user:password@]h1:26379,h2:26379/service[/db]`` URL, taken apart."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+def sentinel_address(url: str) -> SentinelAddress:
+    """Parse a Sentinel URL (``rediss+sentinel://`` for TLS to the primary); ValueError saying what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis+sentinel", "rediss+sentinel"):
+        raise ValueError("a Sentinel URL starts with redis+sentinel:// or rediss+sentinel://")
+    auth, at, rest = rest.rpartition("@")
+    hosts, slash, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p] if slash else []
+    if not parts or len(parts) > 2:
+        raise ValueError("a Sentinel URL names the service after the hosts: …/mymaster or …/mymaster/0")
+    service, db = parts[0], parts[1] if len(parts) == 2 else "0"
+    if not db.isdigit():
+        raise ValueError(f"database {db!r} is not a number")
+    sentinels: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        host, port = (host, port) if colon else (item.strip(), "26379")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"sentinel {item!r} is not host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    user, _, password = auth.partition(":") if at else ("", "", "")
+    return SentinelAddress(
+        tuple(sentinels), unquote(service), int(db), unquote(user) or None, unquote(password) or None,
+        scheme.startswith("rediss"),
+    )  # fmt: skip
+
+
 _ENV_RE = re.compile(r"^RELAY_([A-Z]+)_([A-Z0-9_]+)$")
 
 
-def _coerce_env(raw: str, current: Any) -> Any:
+def _coerce_env(raw: str, current: Any, key: str = "") -> Any:
     """Env values are strings; give them the shape of the default they replace."""
+    if current == "auto":  # [redis] ack_fsync (a bool) or ack_replicas (a number), or "auto"
+        word = raw.strip().lower()
+        if word.isdigit() and key != "ack_fsync":
+            return int(word)
+        return {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}.get(word, word)  # fmt: skip
     if isinstance(current, bool):
         word = raw.strip().lower()
         if word in {"1", "true", "yes", "on"}:
@@ -309,7 +367,7 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
             sect = data.setdefault(section, {})
             if key not in defaults[section]:
                 raise ConfigError([f"{name}: no such key [{section}] {key}"])
-            sect[key] = _coerce_env(raw, defaults[section][key])
+            sect[key] = _coerce_env(raw, defaults[section][key], key)
         except msgspec.DecodeError as exc:
             raise ConfigError([f"{name}: not valid JSON: {exc}"]) from exc
 
@@ -345,8 +403,18 @@ def _validate_operators(s: Settings) -> list[str]:
 def _validate_urls_and_tls(s: Settings) -> list[str]:
     errors: list[str] = []
     url = s.redis.url
-    if url and not url.startswith(("redis://", "rediss://", "unix://")):
-        errors.append("redis.url: must start with redis://, rediss://, unix:// (or be empty for the embedded server)")
+    if url and not url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")):
+        errors.append(
+            "redis.url: must start with redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// "
+            "(or be empty for the embedded server)"
+        )
+    if s.redis.cluster and not url.startswith(("redis://", "rediss://")):
+        errors.append("redis.cluster: needs a redis:// or rediss:// url of a seed node of the cluster")
+    if "+sentinel://" in url:
+        try:
+            sentinel_address(url)
+        except ValueError as exc:
+            errors.append(f"redis.url: {exc}")
     for name, value in (("iop.url", s.iop.url), ("ocpi.public_url", s.ocpi.public_url),
                         ("csms.webhook_url", s.csms.webhook_url)):  # fmt: skip
         if value and not value.startswith(("http://", "https://")):

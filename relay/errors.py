@@ -66,6 +66,12 @@ class NoGroup(StoreUnavailable):
     """A consumer group vanished (Redis restarted without persistence, or a stream was deleted)."""
 
 
+class NotDurable(StoreUnavailable):
+    """The write was applied but not confirmed on disk or on replicas within ``[redis] ack_timeout_ms``
+    (relay.store.durability): the ingress answers 503 and the CSMS sends it again (stored once by the
+    idempotent ingress). It may still be delivered: a 503 never promises that nothing was stored."""
+
+
 class StoreFull(StoreUnavailable):
     """Redis is at its ``maxmemory`` (OOM, with ``noeviction``): the write was refused whole, nothing stored.
 

@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
 import structlog
@@ -86,7 +86,7 @@ def settings_secrets(settings: object) -> list[str]:
                     found.extend(t.strip() for t in v.split(",") if t.strip())
                 elif isinstance(v, str) and "://" in v:
                     if password := _url_password(v):
-                        found.append(password)
+                        found.extend({password, unquote(password)})  # as written in the URL, and as sent
                 else:
                     walk(v)
         elif isinstance(node, list):

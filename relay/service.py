@@ -136,9 +136,16 @@ class Relay:
                 [f"redis.shards: {store.shards} differs from {recorded} recorded in Redis (changing it breaks order)"]
             )
         await store.ensure_groups()
+        await RegistrationStore(store).rename_old_keys()
         self.health.persistence = await store.persistence()
         if self.health.persistence.get("appendonly") == "no":
             log.warning("redis_without_aof", hint="accepted events are lost if Redis restarts; enable appendonly")
+        try:
+            ack = await store.configure_ack(sentinel=store.sentinel)
+        except ValueError as exc:
+            await store.close()
+            raise ConfigError([str(exc)]) from None
+        log.info("redis_ack_policy", policy=ack.describe(), cluster=store.cluster, sentinel=store.sentinel)
         return store
 
     async def _listen(self, app: web.Application, listen: str, timeout_s: float, guard: Guard) -> int:

@@ -473,8 +473,9 @@ class RacingStore(Store):
         self.stale = stale
         self.reads = 0
 
-    def call(self, *args: Any) -> asyncio.Future[Any]:
-        return self.base.call(*args)  # the base store's pipeline and connection; this one never opens its own
+    def call(self, *args: Any, durable: bool = False) -> asyncio.Future[Any]:
+        # the base store's pipeline and connection; this one never opens its own
+        return self.base.call(*args, durable=durable)
 
     async def read_state(self, module: str, key: str, field: str) -> tuple[int, bytes | None]:
         self.reads += 1

@@ -19,7 +19,7 @@ from aiohttp import web
 from relay import logs, metrics
 from relay.config import Settings
 from relay.constants import H_CORRELATION, MAX_HEADER_VALUE, header_value_ok
-from relay.errors import InvalidEvent, Problem, StoreFull, StoreUnavailable
+from relay.errors import InvalidEvent, NotDurable, Problem, StoreFull, StoreUnavailable
 from relay.ingest import Idempotency, Ingest, Ingested, idempotency
 from relay.ingress import roaming as roaming_routes
 from relay.ingress.auth import TokenCheck
@@ -213,6 +213,10 @@ class _Events:
             metrics.INGRESS_STORE_FULL.inc()
             log.warning("ingress_store_full", error=str(exc), module=ev.module)
             return unavailable("event not stored: Redis is full (maxmemory), send again later", FULL_RETRY_S)
+        except NotDurable as exc:
+            metrics.INGRESS_STORE_ERRORS.inc()
+            log.warning("ingress_not_durable", error=str(exc), module=ev.module)
+            return unavailable("event not confirmed on disk or replicas in time ([redis] ack_*), send again")
         except StoreUnavailable as exc:
             metrics.INGRESS_STORE_ERRORS.inc()
             log.warning("ingress_store_unavailable", error=str(exc), module=ev.module)

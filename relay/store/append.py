@@ -101,11 +101,11 @@ class Store(Connection):
         acknowledged the write (and fsynced it with appendfsync always, and WAIT-ed for replicas
         when configured). Each event is one XADD or one script: all or nothing.
         """
-        return text(await self.call(*self._append_args(event)))
+        return text(await self.call(*self._append_args(event), durable=True))
 
     async def append_many(self, events: Sequence[Event]) -> list[str | StoreUnavailable]:
         """Append a batch in one pipeline; each item succeeds or fails on its own."""
-        futures = [self.call(*self._append_args(e)) for e in events]
+        futures = [self.call(*self._append_args(e), durable=True) for e in events]
         results: list[str | StoreUnavailable] = []
         for fut in futures:
             try:
@@ -136,11 +136,11 @@ class Store(Connection):
         (nothing stored) when the object already is ``write.doc`` (a retried PUT or PATCH); raises Replayed
         when ``write.idem`` names a key answered before (nothing stored).
         """
-        return _committed(await self.call(*self._commit_args(event, write)), write)
+        return _committed(await self.call(*self._commit_args(event, write), durable=True), write)
 
     async def commit_many(self, items: Sequence[tuple[Event, StateWrite]]) -> list[str | StoreUnavailable]:
         """commit() for a batch of unconditional writes, in one pipeline."""
-        futures = [self.call(*self._commit_args(ev, w)) for ev, w in items]
+        futures = [self.call(*self._commit_args(ev, w), durable=True) for ev, w in items]
         out: list[str | StoreUnavailable] = []
         for fut, (_, w) in zip(futures, items, strict=True):
             try:

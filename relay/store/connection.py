@@ -3,8 +3,12 @@
 Two paths to Redis, on purpose. The hot commands (ingress commits, state reads, the forwarder's
 acks and parked checks) are queued by ``Connection.call()`` and sent as one pipeline per round
 trip on a dedicated connection where hiredis packs the commands and parses the replies
-(``_RawPipe``; with ``rediss://`` redis-py's pipeline instead). Everything else (blocking reads,
-leases, admin, the CLI) uses redis-py's pooled client, typed by redis-py's own annotations.
+(relay.store.pipes: one per server, or one per primary of a Cluster; with ``rediss://`` redis-py's
+pipeline instead). Everything else (blocking reads, leases, admin, the CLI) uses redis-py's pooled client
+(plain, Sentinel-managed, or a RedisCluster), typed by redis-py's own annotations.
+
+After a batch that holds ingress writes the pipeline sends the ack policy's WAIT/WAITAOF on the same
+connection (relay.store.durability) and fails those writes with NotDurable when it falls short.
 
 Every public coroutine of a store class is wrapped by ``raises_store_errors``: callers see
 ``relay.errors.StoreError`` subclasses only, never a redis-py exception or an ``OSError`` of a socket.
@@ -16,19 +20,23 @@ import asyncio
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
-import hiredis
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
-from relay.config import RedisSettings
-from relay.errors import NoGroup, StoreError, StoreFull, StoreUnavailable
+from relay.config import RedisSettings, sentinel_address
+from relay.errors import NoGroup, NotDurable, StoreError, StoreFull, StoreUnavailable
 from relay.store import scripts
+from relay.store.durability import AckPolicy
+from relay.store.durability import resolve as resolve_ack
+from relay.store.pipes import NodePipes, Pending, RawPipe
 
 log = structlog.get_logger(__name__)
 _C = TypeVar("_C", bound=type)
@@ -115,98 +123,52 @@ async def pipelined(
 # -- the client ------------------------------------------------------------------------------------
 
 
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """redis-py's Sentinel pool (asks the sentinels for the primary, drops connections to a demoted one)
+    that waits for a free connection like the plain client's pool instead of failing."""
+
+
 def connect(url: str, settings: RedisSettings) -> aioredis.Redis:
-    """A client for redis://, rediss:// or unix:// URLs, bytes in and out."""
+    """A client for redis://, rediss://, unix:// and redis+sentinel:// URLs (a RedisCluster with
+    ``[redis] cluster``), bytes in and out."""
     # A blocking pool: with thousands of key runners, a burst of reads waits for a free connection
     # instead of failing with "Too many connections".
+    common: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.socket_timeout_s,
+        "health_check_interval": 30,
+    }
+    if settings.cluster:
+        cluster = RedisCluster.from_url(url, max_connections=64, **common)
+        # RedisCluster has the command methods of Redis (the same mixins) but not its class: one static
+        # type for the store's parts; the few calls that differ are made in cluster-aware code here.
+        return cast(aioredis.Redis, cluster)
+    if "+sentinel://" in url:
+        where = sentinel_address(url)
+        auth = {"username": where.username, "password": where.password}
+        sentinel = Sentinel(list(where.sentinels), sentinel_kwargs={**auth, **common}, **common)
+        client: aioredis.Redis = sentinel.master_for(
+            where.service, redis_class=aioredis.Redis, connection_pool_class=_BlockingSentinelPool,
+            db=where.db, ssl=where.tls, max_connections=64, timeout=settings.socket_timeout_s, **auth,
+        )  # fmt: skip
+        return client
     pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        socket_timeout=settings.socket_timeout_s,
-        socket_connect_timeout=settings.socket_timeout_s,
-        health_check_interval=30,
-        max_connections=64,
-        timeout=settings.socket_timeout_s,
+        url, max_connections=64, timeout=settings.socket_timeout_s, **common
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
+def is_cluster(client: aioredis.Redis) -> bool:
+    """Whether connect() made a RedisCluster."""
+    return isinstance(client, RedisCluster)
+
+
+def _sentinel_pool(client: aioredis.Redis) -> SentinelConnectionPool | None:
+    pool = None if is_cluster(client) else client.connection_pool
+    return pool if isinstance(pool, SentinelConnectionPool) else None
+
+
 # -- the coalesced pipeline --------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Pending:
-    args: tuple[Any, ...]
-    future: asyncio.Future[Any]
-
-
-class _RawPipe:
-    """A dedicated connection for the coalesced pipelines: hiredis packs the commands and parses the replies.
-
-    redis-py's Pipeline costs several microseconds per command (a coroutine, an asyncio timeout and a
-    response-callback lookup per reply); here one pipeline is one write, one timeout and a gets() loop.
-    """
-
-    def __init__(self, kwargs: dict[str, Any], timeout_s: float) -> None:
-        self.kw = kwargs
-        self.timeout_s = timeout_s
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._parser = hiredis.Reader()
-
-    async def _connect(self) -> None:
-        if self.kw.get("path"):
-            r, w = await asyncio.open_unix_connection(self.kw["path"])
-        else:
-            r, w = await asyncio.open_connection(self.kw.get("host", "localhost"), self.kw.get("port", 6379))
-        self._reader, self._writer, self._parser = r, w, hiredis.Reader()
-        init: list[tuple[Any, ...]] = []
-        if self.kw.get("password"):
-            user = self.kw.get("username")
-            init.append(("AUTH", user, self.kw["password"]) if user else ("AUTH", self.kw["password"]))
-        if self.kw.get("db"):
-            init.append(("SELECT", self.kw["db"]))
-        for reply in await self._roundtrip(init) if init else []:
-            if isinstance(reply, hiredis.ReplyError):
-                raise ResponseError(str(reply))
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
-
-    async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                if self._writer is None or self._writer.is_closing() or (self._reader and self._reader.at_eof()):
-                    self.close()  # never used, or Redis closed it while idle (restart): nothing was sent on it
-                    await self._connect()
-                return [_reply(r) for r in await self._roundtrip(commands)]
-        except BaseException:
-            self.close()  # unread replies would answer the next pipeline: never reuse a broken one
-            raise
-
-    async def _roundtrip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        assert self._writer is not None and self._reader is not None
-        self._writer.write(b"".join([hiredis.pack_command(c) for c in commands]))
-        out: list[Any] = []
-        n, parser, reader = len(commands), self._parser, self._reader
-        while len(out) < n:
-            reply = parser.gets()
-            if reply is False:
-                data = await reader.read(1 << 18)
-                if not data:
-                    raise ConnectionError("redis closed the connection")
-                parser.feed(data)
-            else:
-                out.append(reply)
-        return out
-
-
-def _reply(r: Any) -> Any:
-    if isinstance(r, hiredis.ReplyError):
-        msg = str(r)
-        return NoScriptError(msg) if msg.startswith("NOSCRIPT") else ResponseError(msg)
-    return r
 
 
 @raises_store_errors
@@ -215,14 +177,24 @@ class Connection:
 
     def __init__(self, client: aioredis.Redis, settings: RedisSettings) -> None:
         self.redis: aioredis.Redis = client
-        pool = client.connection_pool
-        # rediss:// keeps redis-py's pipeline: the raw connection speaks plain TCP or a unix socket.
-        tls = issubclass(pool.connection_class, aioredis.SSLConnection)
-        self._raw = None if tls else _RawPipe(pool.connection_kwargs, settings.socket_timeout_s)
+        self._raw: RawPipe | None = None
+        self._nodes: NodePipes | None = None
+        self.sentinel = _sentinel_pool(client) is not None
+        self.cluster = is_cluster(client)
+        if is_cluster(client):
+            self._nodes = NodePipes(cast(RedisCluster, client), settings.socket_timeout_s)
+        else:
+            pool = client.connection_pool
+            # rediss:// keeps redis-py's pipeline: the raw connection speaks plain TCP or a unix socket.
+            if not issubclass(pool.connection_class, aioredis.SSLConnection):
+                sentinel = _sentinel_pool(client)
+                address = sentinel.get_master_address if sentinel is not None else None
+                self._raw = RawPipe(pool.connection_kwargs, settings.socket_timeout_s, address)
         self.settings = settings
         self.shards = settings.shards
-        self._pending: list[_Pending] = []
+        self._pending: list[Pending] = []
         self._flusher: asyncio.Task[None] | None = None
+        self.ack = AckPolicy()  # what a 202 waits for: set by configure_ack() once the server is known
 
     async def persistence(self) -> dict[str, str]:
         """appendonly/appendfsync as Redis reports them ({} if CONFIG is not allowed, e.g. managed Redis)."""
@@ -232,11 +204,32 @@ class Connection:
             return {}
         return {text(k): text(v) for k, v in raw.items() if text(k) in {"appendonly", "appendfsync"}}
 
+    async def configure_ack(self, *, sentinel: bool) -> AckPolicy:
+        """Resolve ``[redis] ack_*`` against the server's persistence (relay.store.durability) and use it.
+
+        ValueError when the settings ask what the server cannot give."""
+        found = await self.persistence()
+        if not found:  # CONFIG refused (a managed Redis): INFO still says whether AOF is on
+            per: dict[str, Any] = await self.redis.info("persistence")
+            if "aof_enabled" in per:
+                found = {"appendonly": "yes" if int(per["aof_enabled"]) else "no"}
+        self.ack = resolve_ack(self.settings, found, sentinel=sentinel)
+        return self.ack
+
     async def memory(self) -> dict[str, int]:
         """Redis's ``used_memory``, ``maxmemory`` (0: no limit) and ``aof_current_size`` (0 without AOF), from
         INFO memory and INFO persistence (a key a managed Redis leaves out is left out here)."""
-        mem: dict[str, Any] = await self.redis.info("memory")
-        per: dict[str, Any] = await self.redis.info("persistence")
+        if self._nodes is not None:  # a Cluster: the primary nearest its limit (the one that refuses first)
+            cluster = cast(RedisCluster, self.redis)
+            each = [await self._memory_of(cluster, node) for node in cluster.get_primaries()]
+            return max(each, key=lambda m: m.get("used_memory", 0) / (m.get("maxmemory") or 1 << 62), default={})
+        return await self._memory_of(self.redis)
+
+    @staticmethod
+    async def _memory_of(client: Any, node: Any = None) -> dict[str, int]:
+        target = {} if node is None else {"target_nodes": node}
+        mem: dict[str, Any] = await client.info("memory", **target)
+        per: dict[str, Any] = await client.info("persistence", **target)
         out: dict[str, int] = {k: int(mem[k]) for k in ("used_memory", "maxmemory") if k in mem}
         if "aof_current_size" in per or "aof_enabled" in per:
             out["aof_current_size"] = int(per.get("aof_current_size", 0))
@@ -256,12 +249,17 @@ class Connection:
                 await self._flusher
         if self._raw is not None:
             self._raw.close()
+        if self._nodes is not None:
+            self._nodes.close()
         await self.redis.aclose()
 
-    def call(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one command for the next coalesced pipeline; the future gets its reply or a StoreUnavailable."""
+    def call(self, *args: Any, durable: bool = False) -> asyncio.Future[Any]:
+        """Queue one command for the next coalesced pipeline; the future gets its reply or a StoreUnavailable.
+
+        ``durable``: a write the 202 depends on; it fails with NotDurable when the ack policy
+        (relay.store.durability) is not met in time."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(args, fut))
+        self._pending.append(Pending(args, fut, durable))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_loop())
         return fut
@@ -275,7 +273,7 @@ class Connection:
         finally:
             self._flusher = None
 
-    async def _flush(self, batch: list[_Pending]) -> None:
+    async def _flush(self, batch: list[Pending]) -> None:
         try:
             results = await self._execute(batch)
         except BaseException as exc:
@@ -292,31 +290,30 @@ class Connection:
             if item.future.done():
                 continue
             if isinstance(result, Exception):
-                item.future.set_exception(translate(result) if is_oom(result) else StoreUnavailable(f"redis: {result}"))
+                item.future.set_exception(
+                    result if isinstance(result, StoreError)
+                    else translate(result) if is_oom(result) else StoreUnavailable(f"redis: {result}")
+                )  # fmt: skip
             else:
                 item.future.set_result(result)
 
-    async def _execute(self, batch: list[_Pending], *, reload: bool = True) -> list[Any]:
+    async def _execute(self, batch: list[Pending], *, reload: bool = True) -> list[Any]:
         results: list[Any]
-        wait = self.settings.wait_replicas
-        if self._raw is not None:
-            commands = [item.args for item in batch]
-            if wait:
-                commands.append(("WAIT", wait, self.settings.wait_timeout_ms))
+        commands = [item.args for item in batch]
+        ack = self.ack.command if any(item.durable for item in batch) else None
+        if ack is not None:
+            commands.append(ack)
+        if self._nodes is not None:
+            results = await self._nodes.execute(batch, self.ack.command, self._confirm)
+            ack = None  # confirmed per node
+        elif self._raw is not None:
             results = await self._raw.execute(commands)
         else:
-
-            def queue(pipe: Pipeline) -> list[object]:
-                queued: list[object] = [pipe.execute_command(*item.args) for item in batch]
-                if wait:
-                    queued.append(pipe.execute_command("WAIT", wait, self.settings.wait_timeout_ms))
-                return queued
-
-            results = await pipelined(self.redis, queue, raise_on_error=False)
-        if wait:
-            acked = results.pop()
-            if isinstance(acked, int) and acked < wait:
-                log.warning("replicas_lagging", wanted=wait, acked=acked)
+            results = await pipelined(
+                self.redis, lambda pipe: [pipe.execute_command(*c) for c in commands], raise_on_error=False
+            )
+        if ack is not None:
+            self._confirm(batch, results, results.pop())
         lost = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if lost and reload:
             # Redis lost its script cache (restart, failover). A NOSCRIPT reply means that command
@@ -326,6 +323,16 @@ class Connection:
             for i, r in zip(lost, again, strict=True):
                 results[i] = r
         return results
+
+    def _confirm(self, batch: list[Pending], results: list[Any], reply: Any) -> None:
+        """Fail the batch's durable writes with NotDurable when the ack command's reply falls short."""
+        if self.ack.met(reply):
+            return
+        log.warning("ack_not_met", policy=self.ack.describe(), reply=repr(reply))
+        err = NotDurable(f"not confirmed in time ({self.ack.describe()}; got {reply!r}): send again")
+        for i, item in enumerate(batch):
+            if item.durable and not isinstance(results[i], Exception):
+                results[i] = err
 
 
 class Part:

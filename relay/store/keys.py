@@ -136,14 +136,17 @@ def replica_of_link_key(key: str) -> str:
 
 # -- registration with the IOP -----------------------------------------------------------------------
 
-REGISTRATION_KEY = f"{PREFIX}:registration"  # string: the registration JSON
-TOKEN_A_KEY = f"{PREFIX}:token-a"  # string: the pending one-time token A
-TOKEN_A_USED_KEY = f"{PREFIX}:token-a-used"  # set: digests of spent tokens A
+# The keys that a script or a MULTI touches together share the hash tag ``{g}`` (one slot on a Cluster).
+# Their names before the tag (relay:registration …) are renamed once at start (RENAMED_KEYS).
+GLOBAL = f"{PREFIX}:{{g}}"
+REGISTRATION_KEY = f"{GLOBAL}:registration"  # string: the registration JSON
+TOKEN_A_KEY = f"{GLOBAL}:token-a"  # string: the pending one-time token A
+TOKEN_A_USED_KEY = f"{GLOBAL}:token-a-used"  # set: digests of spent tokens A
 
 
 # -- tokens from the IOP and commands in progress ------------------------------------------------------
 
-COMMANDS_DUE_KEY = f"{PREFIX}:commands:due"  # zset: command id -> when its result is due (ms)
+COMMANDS_DUE_KEY = f"{GLOBAL}:commands:due"  # zset: command id -> when its result is due (ms)
 
 
 def token_key(token_type: str, uid: str) -> str:
@@ -158,4 +161,19 @@ def token_field(country_code: str, party_id: str) -> str:
 
 def command_key(command_id: str) -> str:
     """String with a TTL: a command awaiting its result."""
-    return f"{PREFIX}:command:{command_id}"
+    return f"{GLOBAL}:command:{command_id}"
+
+
+# Older name → current name, renamed by RegistrationStore.rename_old_keys() at start (a relay upgraded in place).
+RENAMED_KEYS = {
+    f"{PREFIX}:registration": REGISTRATION_KEY,
+    f"{PREFIX}:token-a": TOKEN_A_KEY,
+    f"{PREFIX}:token-a-used": TOKEN_A_USED_KEY,
+    f"{PREFIX}:commands:due": COMMANDS_DUE_KEY,
+}
+OLD_COMMAND_PATTERN = f"{PREFIX}:command:*"  # commands awaiting a result under the older name
+
+
+def renamed_command_key(old: str) -> str:
+    """The current name of an OLD_COMMAND_PATTERN key."""
+    return command_key(old.split(":", 2)[2])

@@ -36,6 +36,21 @@ def is_digest(value: str) -> bool:
 class RegistrationStore(Part):
     """The credentials handshake's durable state: one JSON document and the pending token A."""
 
+    async def rename_old_keys(self) -> int:
+        """Give keys written by an older version their current (hash-tagged) names; how many were renamed.
+
+        Idempotent; a key whose new name exists already is left (the newer one wins). Not on a Cluster,
+        where the older names never existed (the cluster mode came with the new names)."""
+        if self.store.cluster:
+            return 0
+        moves = dict(K.RENAMED_KEYS)
+        async for key in self.redis.scan_iter(match=K.OLD_COMMAND_PATTERN, count=500):
+            moves[text(key)] = K.renamed_command_key(text(key))
+        done = 0
+        for old, new in moves.items():
+            done += int(await self.redis.renamenx(old, new)) if await self.redis.exists(old) else 0
+        return done
+
     async def load(self) -> tuple[bytes | None, str | None, set[str]]:
         """(registration JSON or None, the pending token A's digest or None, digests of used A tokens).
 
