@@ -98,6 +98,29 @@ def _urls(settings: Settings, registering: bool, iop_versions_url: str) -> list[
     return found
 
 
+# A shard lives on one Cluster node (its keys share {rN}): with fewer shards than this, three primaries
+# get an uneven share and some may get none.
+MIN_CLUSTER_SHARDS = 16
+
+
+def _redis(settings: Settings) -> list[ConfigWarning]:
+    found: list[ConfigWarning] = []
+    r = settings.redis
+    if r.cluster and r.shards < MIN_CLUSTER_SHARDS:
+        found.append(ConfigWarning(
+            "redis.shards",
+            f"{r.shards} shards on a Cluster: a shard lives on one node, so few shards spread unevenly",
+            f"use {MIN_CLUSTER_SHARDS} or more before the first start (the count is fixed for the life of the data)",
+        ))  # fmt: skip
+    if "+sentinel://" in r.url and r.ack_replicas == 0:
+        found.append(ConfigWarning(
+            "redis.ack_replicas",
+            "0 with Sentinel: a 202 does not wait for a replica, so a failover can lose events already answered 202",
+            "leave it at auto (1), and run two replicas so that one remains after a failover",
+        ))  # fmt: skip
+    return found
+
+
 def config_warnings(
     settings: Settings, *, registering: bool = False, iop_versions_url: str = ""
 ) -> list[ConfigWarning]:
@@ -107,7 +130,7 @@ def config_warnings(
     ``relay register``), so the public URL is about to be handed to the IOP. ``iop_versions_url``: the
     hub's versions URL of ``relay register --versions-url``.
     """
-    return _ingress(settings) + _urls(settings, registering, iop_versions_url)
+    return _ingress(settings) + _urls(settings, registering, iop_versions_url) + _redis(settings)
 
 
 def announce_refusal(settings: Settings) -> str | None:

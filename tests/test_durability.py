@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from relay.config import RedisSettings, Settings, sentinel_address
+from relay.config_checks import config_warnings
 from relay.errors import ConfigError, NotDurable
 from relay.ingress import create_app
 from relay.store import Store, connect
@@ -182,3 +183,14 @@ async def test_fsync_asked_of_an_everysec_server_waits_for_the_disk(make_setting
 async def _calls(client: aioredis.Redis, command: str) -> int:
     stats: dict[str, Any] = await client.info("commandstats")
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_weak_high_availability_settings_are_warned(make_settings: Callable[..., Settings]) -> None:
+    few = make_settings(RELAY_REDIS_URL="redis://h:7000", RELAY_REDIS_CLUSTER="true", RELAY_REDIS_SHARDS="4")
+    assert [w.key for w in config_warnings(few) if w.key.startswith("redis.")] == ["redis.shards"]
+    enough = make_settings(RELAY_REDIS_URL="redis://h:7000", RELAY_REDIS_CLUSTER="true", RELAY_REDIS_SHARDS="16")
+    assert not [w for w in config_warnings(enough) if w.key.startswith("redis.")]
+    url = "redis+sentinel://h1,h2,h3/mymaster"
+    unwaited = make_settings(RELAY_REDIS_URL=url, RELAY_REDIS_ACK_REPLICAS="0")
+    assert [w.key for w in config_warnings(unwaited) if w.key.startswith("redis.")] == ["redis.ack_replicas"]
+    assert not [w for w in config_warnings(make_settings(RELAY_REDIS_URL=url)) if w.key.startswith("redis.")]
