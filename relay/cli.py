@@ -10,9 +10,9 @@ import asyncio
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
@@ -22,9 +22,12 @@ from relay.cli_common import config_option, load_settings, storage_where, warn_w
 from relay.cli_dlq import dlq
 from relay.cli_registration import register, unregister
 from relay.cli_status import link, status
-from relay.config import MODULES
+from relay.config import MODULES, Settings
 from relay.config_checks import config_warnings
 from relay.errors import ConfigError, StoreError
+
+if TYPE_CHECKING:
+    from relay.supervisor import Supervisor
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,40 +83,112 @@ def choose_loop(choice: str | None = None) -> tuple[str, Callable[[], asyncio.Ab
 
 
 @main.command()
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    envvar="RELAY_WORKERS",
+    help="Processes sharing both ports (SO_REUSEPORT, Linux), each a replica with its share of the shards, "
+    "under a supervising parent (env RELAY_WORKERS). 1: one process, no parent.",
+)
+@click.option("--worker-index", type=click.IntRange(min=0), hidden=True)  # set by relay.supervisor only
+@click.option("--parent-pid", type=int, hidden=True)
+@click.option("--ready-fd", type=int, hidden=True)
+@click.option("--embedded-url", default="", hidden=True)
 @config_option
-def serve(config_path: Path | None) -> None:
+def serve(
+    workers: int,
+    worker_index: int | None,
+    parent_pid: int | None,
+    ready_fd: int | None,
+    embedded_url: str,
+    config_path: Path | None,
+) -> None:
     """Run the relay until SIGTERM/SIGINT.
 
     With no [redis] url (RELAY_REDIS_URL empty) an embedded Redis-compatible server is started
     with its append-only file in [storage] dir. Logs go to stderr ([log] format json or console).
     SIGTERM is graceful: stop accepting, finish in-flight work within the shutdown timeouts, exit 0.
 
+    With --workers N (N > 1) a parent process runs the embedded server and N worker processes that
+    share the ingress and OCPI ports (fixed ports: not 0). It restarts a worker that dies, stops
+    everything (exit 1) when they keep dying, and forwards SIGTERM/SIGINT to the workers before it
+    stops the embedded server. Each worker is a replica with its share of the shard leases, and its
+    log lines carry "worker": its index.
+
     \b
     Examples:
       RELAY_INGRESS_TOKEN=secret relay serve --config config/relay.toml
+      RELAY_INGRESS_TOKEN=secret relay serve --workers 4 --config config/relay.toml
       RELAY_REDIS_URL=redis://redis:6379/0 RELAY_INGRESS_TOKEN_FILE=/run/secrets/token relay serve
     \b
-    Endpoints on the ingress port: /healthz (alive), /readyz (Redis reachable), /metrics (Prometheus).
-    Exit codes: 0 after a graceful stop, 1 cannot start (port in use, another relay on the data dir),
-    2 configuration error, 3 Redis unreachable at start or the embedded server failing (one line on stderr).
+    Endpoints on the ingress port: /healthz (alive), /readyz (Redis reachable), /metrics (Prometheus);
+    with several workers, each answers for the worker that took the connection.
+    Exit codes: 0 after a graceful stop, 1 cannot start (port in use, another relay on the data dir) or
+    workers that kept dying, 2 configuration error, 3 Redis unreachable at start or the embedded server
+    failing (one line on stderr).
     Event loop: uvloop when installed (pip install 'relay[speed]'); env RELAY_LOOP=asyncio forces the standard one.
     """
     import structlog
 
-    from relay.embedded_redis import DataDirBusy, EmbeddedRedisLost
+    from relay import supervisor
     from relay.logs import configure_logging
     from relay.service import Relay, tune_gc
 
+    worker = worker_index is not None
+    if worker:
+        assert parent_pid is not None and ready_fd is not None, "--worker-index comes with --parent-pid, --ready-fd"
+        supervisor.die_with_parent(parent_pid)
+        structlog.contextvars.bind_contextvars(worker=worker_index)  # on every line this process logs
     settings = load_settings(config_path, serving=True)
+    supervising = not worker and workers > 1
+    if supervising and (problems := supervisor.workers_problems(settings, workers)):
+        click.echo("configuration is invalid:", err=True)
+        for p in problems:
+            click.echo(f"  - {p}", err=True)
+        sys.exit(2)
     configure_logging(settings.log.level, settings.log.format, settings.log.redact_fields)
-    tune_gc()
-    for w in config_warnings(settings, registering=bool(settings.ocpi.token_a)):  # weak, not invalid: start anyway
-        structlog.get_logger("relay.cli").warning("weak_setting", key=w.key, problem=w.message, hint=w.hint)
+    if not supervising:
+        tune_gc()
+    if not worker:  # the parent says it once, not every worker
+        for w in config_warnings(settings, registering=bool(settings.ocpi.token_a)):  # weak, not invalid: start anyway
+            structlog.get_logger("relay.cli").warning("weak_setting", key=w.key, problem=w.message, hint=w.hint)
+    if supervising:
+        _serving(settings, lambda: _supervise(supervisor.Supervisor(settings, workers, config_path)))
+    elif worker_index is None:
+        _serving(settings, lambda: _run_relay(lambda: Relay(settings).run()))
+    else:
+        assert parent_pid is not None and ready_fd is not None
+        relay = Relay(settings, worker=worker_index, parent_embedded_url=embedded_url)
+        deadline_s = supervisor.stop_timeout_s(settings)
+        _serving(settings, lambda: _run_relay(lambda: supervisor.run_worker(relay, parent_pid, ready_fd, deadline_s)))
+
+
+def _supervise(parent: Supervisor) -> None:
+    """Run the parent of ``relay serve --workers N``; when its workers failed, say why and exit with their code."""
+    failed = asyncio.run(parent.run())
+    if failed is not None:
+        click.echo(failed.message, err=True)
+        sys.exit(failed.code)
+
+
+def _run_relay(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run one relay process's coroutine on the chosen event loop."""
+    import structlog
+
+    loop_name, loop_factory = choose_loop()
+    structlog.get_logger("relay.cli").info("event_loop", loop=loop_name)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+
+
+def _serving(settings: Settings, go: Callable[[], None]) -> None:
+    """Run ``relay serve`` (one relay, a worker or the supervisor); each failure as one line and its exit code."""
+    from relay.embedded_redis import DataDirBusy, EmbeddedRedisLost
+
     try:
-        loop_name, loop_factory = choose_loop()
-        structlog.get_logger("relay.cli").info("event_loop", loop=loop_name)
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(Relay(settings).run())
+        go()
     except ConfigError as exc:
         for p in exc.problems:
             click.echo(f"  - {p}", err=True)

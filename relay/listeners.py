@@ -246,11 +246,21 @@ class _Listening:
 class GuardedSite(web.BaseSite):
     """``web.TCPSite`` with an accept loop that enforces a Guard (and starts TLS, if any, for it)."""
 
-    __slots__ = ("_host", "_port", "_guard", "_loops", "_tasks")
+    __slots__ = ("_host", "_port", "_guard", "_reuse_port", "_loops", "_tasks")
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: Guard, *, backlog: int = 128) -> None:
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        guard: Guard,
+        *,
+        backlog: int = 128,
+        reuse_port: bool = False,
+    ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host, self._port, self._guard = host, port, guard
+        self._reuse_port = reuse_port  # `relay serve --workers N`: every worker binds the same port
         self._loops: list[asyncio.Task[None]] = []  # one accept loop per listening socket
         self._tasks: set[asyncio.Task[None]] = set()  # connections being set up (TLS: handshaking)
 
@@ -262,7 +272,7 @@ class GuardedSite(web.BaseSite):
         await super().start()  # registers the site with its runner
         server = self._runner.server
         assert server is not None
-        sockets = await _bind(self._host, self._port, self._backlog)
+        sockets = await _bind(self._host, self._port, self._backlog, reuse_port=self._reuse_port)
         self._server = cast(asyncio.AbstractServer, _Listening(sockets))  # runner.addresses reads its sockets
         loop = asyncio.get_running_loop()
         self._loops = [loop.create_task(self._accept_loop(sock, server)) for sock in sockets]
@@ -343,8 +353,13 @@ class GuardedSite(web.BaseSite):
                 self._guard.closed("header_timeout")
 
 
-async def _bind(host: str, port: int, backlog: int) -> list[socket.socket]:
-    """Listening sockets for host:port (one per address the host resolves to), as loop.create_server binds."""
+async def _bind(host: str, port: int, backlog: int, *, reuse_port: bool = False) -> list[socket.socket]:
+    """Listening sockets for host:port (one per address the host resolves to), as loop.create_server binds.
+
+    ``reuse_port``: with SO_REUSEPORT (Linux), so that the workers of ``relay serve --workers N`` each bind
+    the same port and the kernel spreads new connections among them (relay.supervisor). Only processes of
+    the same user can join such a group.
+    """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
@@ -353,6 +368,8 @@ async def _bind(host: str, port: int, backlog: int) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)

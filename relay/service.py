@@ -6,6 +6,7 @@ import asyncio
 import gc
 import signal
 import time
+from collections.abc import Callable
 from contextlib import suppress
 
 import structlog
@@ -88,11 +89,53 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+async def keep_embedded_up(embedded: EmbeddedRedis, down: Callable[[str], None]) -> str:
+    """Watch the embedded server: restart it when it exits (at once, then with a backoff); return why it
+    was given up on, after EMBEDDED_RESTARTS restarts within EMBEDDED_RESTART_WINDOW_S.
+
+    ``down(reason)`` is called when it exits and ``down("")`` once it answers again. The relay runs this
+    (relay.service.Relay), or the supervisor of ``relay serve --workers N`` that owns the server.
+    """
+    restarts = list[float]()
+    while True:
+        await asyncio.sleep(EMBEDDED_POLL_S)
+        code = embedded.exited()
+        if code is None:
+            continue
+        reason = f"embedded redis exited with {code}: {embedded.failure_reason()}"
+        down(reason)
+        log.error("embedded_redis_exited", returncode=code, reason=reason)
+        while True:
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < EMBEDDED_RESTART_WINDOW_S]
+            if len(restarts) >= EMBEDDED_RESTARTS:
+                log.critical("embedded_redis_given_up", restarts=len(restarts), reason=reason)
+                return (f"the embedded server kept stopping ({len(restarts)} restarts within "
+                        f"{EMBEDDED_RESTART_WINDOW_S:.0f} s), giving up: {reason}")  # fmt: skip
+            if restarts:  # the first restart at once, then 0.5 s, 1 s, 2 s…
+                await asyncio.sleep(min(0.5 * 2 ** (len(restarts) - 1), 30.0))
+            restarts.append(time.monotonic())
+            try:
+                await embedded.start()
+            except (EmbeddedRedisFailed, OSError) as exc:  # OSError: the process could not even be spawned
+                reason = str(exc)
+                log.error("embedded_redis_restart_failed", reason=reason)
+                continue
+            break
+        down("")
+        log.warning("embedded_redis_restarted", restarts_in_window=len(restarts))
+
+
 class Relay:
     """One relay process: start() brings every part up in order, stop() takes it down in reverse."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker: int | None = None, parent_embedded_url: str = "") -> None:
         self.settings = settings
+        # Under `relay serve --workers N` (relay.supervisor): this worker's index (its listeners share the
+        # ports with SO_REUSEPORT), and the URL of the embedded server the supervisor runs and watches (this
+        # process then neither locks the data directory nor starts nor watches a server).
+        self.worker = worker
+        self.parent_embedded_url = parent_embedded_url
         logs.add_secrets(logs.settings_secrets(settings))  # never logged, whatever the message
         self.health = Health()
         self.embedded: EmbeddedRedis | None = None
@@ -121,7 +164,7 @@ class Relay:
         self.guards: dict[str, Guard] = {}
 
     async def _open_store(self) -> Store:
-        url = self.settings.redis.url
+        url = self.parent_embedded_url or self.settings.redis.url
         if not url:
             st = self.settings.storage
             self.embedded = EmbeddedRedis(st.dir, st.durability, st.max_memory_mib)
@@ -156,7 +199,7 @@ class Relay:
         self._runners.append(runner)  # cleaned up by stop() even if the bind below fails
         self.guards[guard.listener] = guard
         host, port = split_listen(listen)
-        site = GuardedSite(runner, host, port, guard, backlog=1024)
+        site = GuardedSite(runner, host, port, guard, backlog=1024, reuse_port=self.worker is not None)
         await site.start()
         bound: int = runner.addresses[0][1]
         return bound
@@ -179,7 +222,7 @@ class Relay:
         self.registry = Registry(self.settings, RegistrationStore(self.store))
         # An older version's clear tokens, once; the registration's only on the embedded server (one relay
         # per data dir): replicas of an older version sharing a Redis still compare it in clear.
-        await self.registry.hash_stored_tokens(registration=self.embedded is not None)
+        await self.registry.hash_stored_tokens(registration=self.embedded is not None or bool(self.parent_embedded_url))
         await self.registry.refresh()
         s = self.settings
         self.client = OcpiClient(s.iop, self.registry.directory, pool=s.forwarder.concurrency * 2)
@@ -216,7 +259,7 @@ class Relay:
             "relay_started",
             ingress=f"http://{host}:{self.ingress_port}/ingress/2.2.1",
             ocpi=f"{'https' if tls else 'http'}://{split_listen(s.ocpi.listen)[0]}:{self.ocpi_port}/ocpi/versions",
-            redis=s.redis.url or f"embedded ({self.embedded.url if self.embedded else ''})",
+            redis=s.redis.url or f"embedded ({self.embedded.url if self.embedded else self.parent_embedded_url})",
             operators=[f"{o.country_code}/{o.party_id}" for o in s.operators],
             profile=s.ingress.profile,
             registered=self._link_wanted()[1],
@@ -294,36 +337,12 @@ class Relay:
         While it is down /healthz and /readyz answer 503: the relay cannot store, and says so.
         """
         assert self.embedded is not None
-        embedded, restarts = self.embedded, list[float]()
-        while True:
-            await asyncio.sleep(EMBEDDED_POLL_S)
-            code = embedded.exited()
-            if code is None:
-                continue
-            reason = f"embedded redis exited with {code}: {embedded.failure_reason()}"
+
+        def down(reason: str) -> None:
             self.health.storage_down = reason
-            log.error("embedded_redis_exited", returncode=code, reason=reason)
-            while True:
-                now = time.monotonic()
-                restarts = [t for t in restarts if now - t < EMBEDDED_RESTART_WINDOW_S]
-                if len(restarts) >= EMBEDDED_RESTARTS:
-                    self.failure = (f"the embedded server kept stopping ({len(restarts)} restarts within "
-                                    f"{EMBEDDED_RESTART_WINDOW_S:.0f} s), giving up: {reason}")  # fmt: skip
-                    log.critical("embedded_redis_given_up", restarts=len(restarts), reason=reason)
-                    self.request_stop()
-                    return
-                if restarts:  # the first restart at once, then 0.5 s, 1 s, 2 s…
-                    await asyncio.sleep(min(0.5 * 2 ** (len(restarts) - 1), 30.0))
-                restarts.append(time.monotonic())
-                try:
-                    await embedded.start()
-                except (EmbeddedRedisFailed, OSError) as exc:  # OSError: the process could not even be spawned
-                    reason = str(exc)
-                    log.error("embedded_redis_restart_failed", reason=reason)
-                    continue
-                break
-            self.health.storage_down = ""
-            log.warning("embedded_redis_restarted", restarts_in_window=len(restarts))
+
+        self.failure = await keep_embedded_up(self.embedded, down)
+        self.request_stop()
 
     def _registration_state(self) -> str:
         reg = self.registry.registration if self.registry is not None else None
@@ -422,18 +441,26 @@ class Relay:
         """Ask run() to shut down (signal handlers call this)."""
         self._stop.set()
 
-    async def run(self) -> None:
-        """Run until SIGTERM or SIGINT."""
+    async def run(self, started: Callable[[], None] | None = None) -> None:
+        """Run until SIGTERM or SIGINT; ``started()`` once every part is up (the supervisor's readiness)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         try:
             await self.start()
+            if started is not None:
+                started()
             await self._stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            # A worker keeps its handlers while it stops: it may get the signal twice (from its supervisor, and
+            # from a terminal's Ctrl-C or systemd's KillMode=control-group), and its supervisor SIGKILLs it
+            # after the shutdown timeouts anyway. One relay: a second signal while stopping ends it at once.
+            for sig in (signal.SIGTERM, signal.SIGINT) if self.worker is None else ():
                 with suppress(Exception):
                     loop.remove_signal_handler(sig)
             await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT) if self.worker is not None else ():
+                with suppress(Exception):
+                    loop.remove_signal_handler(sig)
         if self.failure is not None:
             raise EmbeddedRedisLost(self.failure)

@@ -38,6 +38,8 @@ from relay.typedefs import HEALTH, SETTINGS, STORE, Health
 from relay.validation import Accepted, Target, decode_problem, parse_target, validate
 
 log = structlog.get_logger(__name__)
+_NOT_STORED = "event not stored: Redis unavailable, send again"
+_NOT_DURABLE = "event not confirmed on disk or replicas in time ([redis] ack_*), send again"
 PREFIX = "/ingress/2.2.1"
 H_IDEMPOTENCY = "Idempotency-Key"
 IDEMPOTENCY_PROBLEM = Problem(field=H_IDEMPOTENCY, rule="header",
@@ -213,14 +215,10 @@ class _Events:
             metrics.INGRESS_STORE_FULL.inc()
             log.warning("ingress_store_full", error=str(exc), module=ev.module)
             return unavailable("event not stored: Redis is full (maxmemory), send again later", FULL_RETRY_S)
-        except NotDurable as exc:
-            metrics.INGRESS_STORE_ERRORS.inc()
-            log.warning("ingress_not_durable", error=str(exc), module=ev.module)
-            return unavailable("event not confirmed on disk or replicas in time ([redis] ack_*), send again")
-        except StoreUnavailable as exc:
+        except StoreUnavailable as exc:  # NotDurable too: applied, not confirmed in time ([redis] ack_*)
             metrics.INGRESS_STORE_ERRORS.inc()
             log.warning("ingress_store_unavailable", error=str(exc), module=ev.module)
-            return unavailable("event not stored: Redis unavailable, send again")
+            return unavailable(_NOT_DURABLE if isinstance(exc, NotDurable) else _NOT_STORED)
         except InvalidEvent as exc:  # a rule that needs the stored state (tariff immutability), a reused key
             metrics.count_refused(ev.module, operator, exc.status, exc.problems)
             return refused(exc)
