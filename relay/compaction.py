@@ -22,7 +22,7 @@ acknowledges and deletes. The rules (pure functions, tested alone in ``tests/tes
 - **Tariffs**: a run of PUTs and DELETEs is its newest one (a PUT replaces the whole object).
 - Anything else is a barrier no run crosses; CDRs and CommandResults are never compacted.
 
-Where it runs (``relay.forwarder``): a worker plans the whole queue of the key it holds just before
+Where it runs (``relay.forwarder``): a worker folds the head run of the key it holds just before
 sending (after its link slot), and while the buffer is full and the link is not up (the IOP away,
 refused, paused) the idle keys' queues are folded (``squeeze``) so that a backlog behind a down IOP
 is read and folded instead of waiting in Redis.
@@ -223,10 +223,36 @@ def _units(items: Iterable[Entry]) -> int:
     return sum(1 for e in items if isinstance(e, Compacted))
 
 
-def fold_queue(q: deque[Entry], buffer: Buffer, *, state: bool, keep_head: bool = False) -> int:
-    """Fold a key's queue in place (``keep_head``: not its head, which may be on the wire); the entries
-    taken into units move from ``buffer.held`` to ``buffer.folded``. Returns how many moved."""
+def head_run(items: Sequence[Entry], state: bool) -> int:
+    """How many items, from the head, make its run (items of the head's kind; dynamic PATCHes of any path):
+    what is folded into the request sent now. 0 when the head is a barrier."""
+    first = kind_of(items[0], state)[0] if items else _NONE
+    if not first:
+        return 0
+    n = 1
+    while n < len(items) and kind_of(items[n], state)[0] == first:
+        n += 1
+    return n
+
+
+def fold_queue(
+    q: deque[Entry], buffer: Buffer, *, state: bool, keep_head: bool = False, head_only: bool = False
+) -> int:
+    """Fold a key's queue in place (``keep_head``: not its head, which may be on the wire; ``head_only``: only
+    the head's run, the request sent now); the entries taken into units move from ``buffer.held`` to
+    ``buffer.folded``. Returns how many moved.
+
+    ``head_only`` is the senders' fold (``Plan``): with the link up, folding the whole queue turned every
+    compactable entry behind the head into a unit, out of ``held``, so the reader read on and the backlog of
+    a key whose runs do not merge (PUTs between status PATCHes) came into memory whole, with no bound (only
+    ``squeeze``, while the link is not up, keeps units within its limits)."""
     items = list(q)[1:] if keep_head else list(q)
+    rest: list[Entry] = []
+    if head_only:
+        n = head_run(items, state)
+        if n < 2:
+            return 0
+        items, rest = items[:n], items[n:]
     if not items:
         return 0
     folded = fold(items, state=state)
@@ -238,6 +264,7 @@ def fold_queue(q: deque[Entry], buffer: Buffer, *, state: bool, keep_head: bool 
     if head is not None:
         q.append(head)
     q.extend(folded)
+    q.extend(rest)
     buffer.fold(moved, _units(folded) - _units(items))
     return moved
 
@@ -270,8 +297,8 @@ def superseding(entry: Entry) -> bool:
 
 class Plan:
     """The queue of a key its holder sends from (``Delivery.attempt(plan=)``): called with True just
-    before sending, it folds the queue and returns its head; ``split`` replaces a head unit whose PUT
-    of the current state finds no state with the entries it stands for."""
+    before sending, it folds the head's run (``head_run``: the rest stays in ``held``) and returns the head;
+    ``split`` replaces a head unit whose PUT of the current state finds no state with the entries it stands for."""
 
     __slots__ = ("buffer", "ds", "q", "state")
 
@@ -281,7 +308,7 @@ class Plan:
     def __call__(self, fold: bool) -> Entry:
         q = self.q
         if fold and len(q) > 1:
-            fold_queue(q, self.buffer, state=self.state)
+            fold_queue(q, self.buffer, state=self.state, head_only=True)
         return q[0]
 
     async def split(self) -> Entry:

@@ -242,9 +242,9 @@ class Delivery:
         ev = entry.event
         if first is None:
             dead_id = await self._parked_behind(shard, ev)
-            if dead_id is not None:
-                await self._dead(shard, entry, Attempts(), policy.parked_behind(dead_id))
-                return
+            if dead_id is not None and await self._dead(shard, entry, Attempts(), policy.parked_behind(dead_id),
+                                                        parked_by=dead_id):  # fmt: skip
+                return  # else unparked by a purge or a replay since the look: sent like any other
             if entry.after is not None:
                 await self._wait_for_session(shard, entry)
             attempts = Attempts()
@@ -371,23 +371,29 @@ class Delivery:
             await shard.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def _dead(self, shard: Shard, entry: Entry, attempts: Attempts, outcome: Outcome) -> None:
+    async def _dead(
+        self, shard: Shard, entry: Entry, attempts: Attempts, outcome: Outcome, *, parked_by: str = ""
+    ) -> bool:
         """Dead-letter with the full reason; the key goes on with its next event, or parks.
 
         Failure policy: the dead letter (``policy.dead_letter_record``) is written, and the entry
         acknowledged, in one script that retries through Redis blips; ``policy.parks`` decides
-        whether the key parks.
+        whether the key parks. ``parked_by``: written only if the key is still parked behind it;
+        False (nothing written) when a purge or a replay unparked it meanwhile.
         """
         ev = entry.event
         park = policy.parks(outcome, ev.module, self.cfg)
         info = policy.dead_letter_record(outcome, attempts, self.clock(), self.me)
         raw = _info_encoder.encode(info)
+        ids = entry.folded_ids() if isinstance(entry, Compacted) else ()
+        dead_id = await self._record(
+            shard, lambda: self.ds.dead_letter(entry, raw, park=park, superseded=ids, parked_by=parked_by)
+        )
+        if dead_id == self.ds.UNPARKED:
+            shard.parked.discard(f"{ev.module}|{ev.key}")
+            return False
         if isinstance(entry, Compacted):
-            ids = entry.folded_ids()
-            dead_id = await self._record(shard, lambda: self.ds.dead_letter(entry, raw, park=park, superseded=ids))
             metrics.COMPACTED.add(entry.size - 1, ev.module)
-        else:
-            dead_id = await self._record(shard, lambda: self.ds.dead_letter(entry, raw, park=park))
         if park:
             # Even without a dead id: a retried script whose first run parked the key (reply lost)
             # finds nothing left to delete. A member too many costs one HGET, one too few sends.
@@ -396,3 +402,4 @@ class Delivery:
         log.warning("dead_lettered", event_id=ev.id, module=ev.module, key=ev.key, dead_id=dead_id,
                     reason=outcome.reason, attempts=attempts.count, parked=park,
                     correlation_id=ev.correlation_id or ev.id)  # fmt: skip
+        return True

@@ -464,8 +464,10 @@ async def test_a_key_parked_by_a_script_whose_reply_was_lost_stays_parked(make_e
     real = fwd.ds.dead_letter
     runs: list[str | None] = []
 
-    async def reply_lost_once(entry: Any, info: bytes, *, park: bool, superseded: Sequence[str] = ()) -> str | None:
-        dead_id = await real(entry, info, park=park, superseded=superseded)
+    async def reply_lost_once(
+        entry: Any, info: bytes, *, park: bool, superseded: Sequence[str] = (), parked_by: str = ""
+    ) -> str | None:
+        dead_id = await real(entry, info, park=park, superseded=superseded, parked_by=parked_by)
         runs.append(dead_id)
         if len(runs) == 1:
             raise StoreUnavailable("redis: TimeoutError: the reply was lost after the script ran")

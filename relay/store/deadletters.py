@@ -38,11 +38,15 @@ class Requeue:
 class DeadLetters(Part):
     """The dead-letter streams (part of DeliveryStore)."""
 
-    async def dead_letter(self, entry: Entry, info: bytes, *, park: bool, superseded: Sequence[str] = ()) -> str | None:
+    async def dead_letter(
+        self, entry: Entry, info: bytes, *, park: bool, superseded: Sequence[str] = (), parked_by: str = ""
+    ) -> str | None:
         """Move an entry to its dead-letter stream with the reason, ack it, maybe park its key.
 
         ``superseded``: a compacted unit's other entries, acked and deleted in the same script
-        (compact_dead.lua runs dead_letter.lua after them)."""
+        (compact_dead.lua runs dead_letter.lua after them). ``parked_by``: the dead letter the key was
+        seen parked behind; if a purge or a replay unparked it since, nothing is written and UNPARKED is
+        returned (the entry is to be sent)."""
         ev = entry.event
         shard = entry.shard
         fld = K.key_field(ev.module, ev.key)
@@ -55,10 +59,12 @@ class DeadLetters(Part):
                 K.GROUP, entry.id, encode(ev), info,
                 ev.key if ev.module == "sessions" else "", entry.after or "",
                 fld if park else "", entry.origin or entry.id,
-                fld if ev.module in STATEFUL_MODULES else "", *superseded,
+                fld if ev.module in STATEFUL_MODULES else "", parked_by, fld, *superseded,
             ],
         )  # fmt: skip
         return optional_text(r)
+
+    UNPARKED = "unparked"  # dead_letter()'s answer when the key was unparked meanwhile
 
     async def dead_letters(self, module: str, shard: int, start: str = "-", count: int = 100) -> list[DeadLetter]:
         """Dead letters of one module's shard, oldest first, from ``start`` (inclusive)."""

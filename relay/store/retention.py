@@ -23,8 +23,9 @@ from relay.store.connection import Part, raises_store_errors, text
 from relay.store.entries import Rows
 
 _ENVELOPE = K.ENTRY_FIELD.encode()
-# Marker hashes swept by age, as (what the metric calls them, key of a shard).
-MARKERS = (("delivered", K.delivered_key), ("accepted", K.accepted_key), ("dead_last", K.dead_last_key))
+# Marker hashes swept by age, as (what the metric calls them, key of a shard). Accepted first: its field is
+# kept while above the key's delivered and dead-last ones (still queued), which must not be gone before it.
+MARKERS = (("accepted", K.accepted_key), ("delivered", K.delivered_key), ("dead_last", K.dead_last_key))
 
 
 def id_ms(value: bytes) -> int | None:
@@ -82,14 +83,17 @@ class RetentionStore(Part):
                 return
 
     async def trim_markers(self, shard: int, cutoff_ms: int, keep: frozenset[str], count: int) -> dict[str, int]:
-        """Forget delivered / accepted / dead-last fields older than ``cutoff_ms`` (not those in ``keep``)."""
+        """Forget delivered / accepted / dead-last fields older than ``cutoff_ms`` (not those in ``keep``, nor the
+        accepted id of a key whose newest event is still queued)."""
         removed: dict[str, int] = {}
         for what, key_of in MARKERS:
             key = key_of(shard)
+            # An accepted id above the key's delivered and dead-last ones is an event still queued: kept.
+            hashes = [key, K.delivered_key(shard), K.dead_last_key(shard)] if what == "accepted" else [key]
             n = 0
             async for page in self._scan(key, count):
                 if args := _pairs(page, cutoff_ms, keep):
-                    n += int(await scripts.run(self.redis, scripts.TRIM_MARKERS, [key], args))
+                    n += int(await scripts.run(self.redis, scripts.TRIM_MARKERS, hashes, args))
             removed[what] = n
         return removed
 

@@ -4,8 +4,11 @@
 --       original id if it was replayed, else its id: the replay guard compares original ids),
 --       module|key of an object with state or '' (dead-last: the newest dead-lettered source id, which with
 --       the delivered marker tells the replay guard whether a newer accepted event is still queued)
--- Returns the dead letter's id, or false if another finisher got there first.
+--       ARGV[10]: the dead letter the key was seen parked behind, or '' (ARGV[11]: module|key);
+-- Returns the dead letter's id, false if another finisher got there first, or 'unparked' when the key is no
+-- longer parked behind ARGV[10] (a purge or a replay got in since the forwarder looked): nothing written.
 -- include: gt.lua
+if ARGV[10] ~= '' and redis.call('HGET', KEYS[4], ARGV[11]) ~= ARGV[10] then return 'unparked' end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 -- Only the first to finish the entry writes the dead letter (see finish.lua).
 if redis.call('XDEL', KEYS[1], ARGV[2]) == 0 then return false end
