@@ -13,7 +13,9 @@ A replay never leaves the IOP on older state than the relay's (docs/delivery.md,
   when a newer event of its key was delivered or is still queued (original stream ids, decided in the
   replay script itself, so nothing can slip in between): there the skip prevents a rollback. A CDR or
   a command result is never skipped (immutable, never older);
-- several dead letters of one key replay as one, the newest: the older ones leave the DLQ as superseded.
+- several dead letters of one key replay as one, the newest, when it is replayed from state (the current
+  state carries every older one's change): the older ones leave the DLQ as superseded. With the state
+  store off each is replayed as it was, in order (the newest alone would drop an older one's change).
 
 ``force`` replays each selected dead letter itself, as it was, in order, with no guard.
 """
@@ -133,12 +135,13 @@ async def _replay(
     return Replay("replayed", from_state=state, unparked=done.unparked), done.superseded
 
 
-def _by_key(chosen: list[DeadLetter], force: bool) -> list[list[DeadLetter]]:
+def _by_key(chosen: list[DeadLetter], each: bool) -> list[list[DeadLetter]]:
     """The selection as groups replayed as one: per key of an object with state, its dead letters oldest
-    first (the newest replays); alone otherwise (forced, a CDR, a command result). In selection order."""
+    first (the newest replays); alone otherwise (``each``: forced or the state store off; a CDR, a command
+    result). In selection order."""
     groups: dict[tuple[str, int, str], list[DeadLetter]] = {}
     for dead in chosen:
-        one = force or dead.module not in STATEFUL_MODULES
+        one = each or dead.module not in STATEFUL_MODULES
         groups.setdefault((dead.module, dead.shard, dead.id if one else dead.event.key), []).append(dead)
     return [sorted(g, key=lambda d: id_tuple(d.stream_id)) for g in groups.values()]
 
@@ -165,7 +168,7 @@ async def replay_many(
         if progress is not None:
             progress(dead, rep)
 
-    for group in _by_key(chosen, force):
+    for group in _by_key(chosen, force or not from_state):
         while group:
             dead, older = group[-1], group[:-1]
             rep, superseded = await _replay(ds, dead, older, force=force, dry_run=dry_run, from_state=from_state)

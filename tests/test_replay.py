@@ -257,6 +257,22 @@ async def test_several_dead_letters_of_one_key_replay_as_one_request(make_env: C
     assert await dead_ids(env) == [] and len(dead) == 4
 
 
+async def test_with_the_state_store_off_several_dead_letters_of_a_key_each_replay_in_order(
+    make_env: Callable[..., Any],  # noqa: F811
+) -> None:
+    """No state to send: the newest alone would drop the older ones' changes, so each goes as it was, in order."""
+    env: Env = await make_env(RELAY_STATE_ENABLED="false")
+    refuse(env, {"1", "2"})
+    await env.put_loc("L1", 1)
+    await dead_ids(env, n=1)
+    await env.put_loc("L1", 2)
+    await dead_ids(env, n=2)
+    refuse(env, set())
+    assert summary(await cli(env, "dlq", "replay", "--all", "--yes")) == {"selected": 2, "replayed": 2}
+    await env.iop.wait_for(lambda: names(env, "L1") == ["1", "2"])
+    await wait_until(env.all_streams_empty, 10, "streams drained")
+
+
 async def test_force_replays_each_old_event_as_it_was_in_order(make_env: Callable[..., Any]) -> None:  # noqa: F811
     # State store off: an as-it-was replay behind a newer delivered update is skipped; --force sends it.
     env: Env = await make_env(RELAY_STATE_ENABLED="false")
