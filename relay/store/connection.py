@@ -146,7 +146,8 @@ def connect(url: str, settings: RedisSettings) -> aioredis.Redis:
     if "+sentinel://" in url:
         where = sentinel_address(url)
         auth = {"username": where.username, "password": where.password}
-        sentinel = Sentinel(list(where.sentinels), sentinel_kwargs={**auth, **common}, **common)
+        # rediss+sentinel://: TLS to the sentinels too (they are sent the URL's password).
+        sentinel = Sentinel(list(where.sentinels), sentinel_kwargs={**auth, **common, "ssl": where.tls}, **common)
         client: aioredis.Redis = sentinel.master_for(
             where.service, redis_class=aioredis.Redis, connection_pool_class=_BlockingSentinelPool,
             db=where.db, ssl=where.tls, max_connections=64, timeout=settings.socket_timeout_s, **auth,
