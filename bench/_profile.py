@@ -126,7 +126,7 @@ def summarize(path: Path, top: int = 15) -> str:
 _PHASES: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
     (
         "Redis client: pipeline pack/send/parse (Connection._flush, redis-py)",
-        frozenset({"Connection._flush_loop", "Connection._flush", "Connection._execute", "_RawPipe.execute"}),
+        frozenset({"Connection._flush_loop", "Connection._flush", "Connection._execute", "RawPipe.execute"}),
         ("redis/",),
     ),
     (

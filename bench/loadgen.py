@@ -37,7 +37,6 @@ class Result(msgspec.Struct):
 
 async def run(url: str, kind: str, duration: float, connections: int, tag: str, batch_size: int) -> Result:
     head, tail = location_template()
-    batch = batch_body(batch_size) if kind == "batch" else b""
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     res = Result()
     latencies: list[float] = []
@@ -50,6 +49,8 @@ async def run(url: str, kind: str, duration: float, connections: int, tag: str, 
             t0 = time.perf_counter()
             try:
                 if kind == "batch":
+                    # New ids every request: a body sent again would be stored nothing (a duplicate).
+                    batch = batch_body(batch_size, f"{tag}{counter}-")
                     async with session.post(url + BATCH_PATH, data=batch, headers=headers) as resp:
                         body = await resp.read()
                         status = resp.status

@@ -194,3 +194,21 @@ def test_weak_high_availability_settings_are_warned(make_settings: Callable[...,
     unwaited = make_settings(RELAY_REDIS_URL=url, RELAY_REDIS_ACK_REPLICAS="0")
     assert [w.key for w in config_warnings(unwaited) if w.key.startswith("redis.")] == ["redis.ack_replicas"]
     assert not [w for w in config_warnings(make_settings(RELAY_REDIS_URL=url)) if w.key.startswith("redis.")]
+
+
+async def test_reads_and_acks_never_queue_behind_a_wait(make_settings: Callable[..., Settings]) -> None:
+    """WAITAOF on an everysec server takes until the next fsync: the ingress writes wait on a lane of their own,
+    and a read queued after one of them is answered before it (the forwarder's acks and state reads go on)."""
+    settings = make_settings(RELAY_REDIS_ACK_FSYNC="true")
+    store = await _store(settings)
+    try:
+        order: list[str] = []
+        stream = K.stream_key("locations", 0)
+        write = store.call("XADD", stream, "*", "e", b"x", durable=True)
+        write.add_done_callback(lambda _: order.append("write"))
+        read = store.call("HGET", K.parked_key(0), "nothing")
+        read.add_done_callback(lambda _: order.append("read"))
+        assert await read is None and await write
+        assert order == ["read", "write"]
+    finally:
+        await store.close()

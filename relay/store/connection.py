@@ -21,6 +21,7 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
@@ -172,30 +173,51 @@ def _sentinel_pool(client: aioredis.Redis) -> SentinelConnectionPool | None:
 # -- the coalesced pipeline --------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Lane:
+    """One coalesced pipeline: its queue, its flusher, and its connection (raw, per Cluster node, or pooled)."""
+
+    raw: RawPipe | None = None
+    nodes: NodePipes | None = None
+    pending: list[Pending] = field(default_factory=list)
+    flusher: asyncio.Task[None] | None = None
+
+    def close(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
+        if self.nodes is not None:
+            self.nodes.close()
+
+
 @raises_store_errors
 class Connection:
     """The pooled client (``redis``) and the coalesced pipeline (``call``) that every store part uses."""
 
     def __init__(self, client: aioredis.Redis, settings: RedisSettings) -> None:
         self.redis: aioredis.Redis = client
-        self._raw: RawPipe | None = None
-        self._nodes: NodePipes | None = None
         self.sentinel = _sentinel_pool(client) is not None
         self.cluster = is_cluster(client)
-        if is_cluster(client):
-            self._nodes = NodePipes(cast(RedisCluster, client), settings.socket_timeout_s)
-        else:
-            pool = client.connection_pool
-            # rediss:// keeps redis-py's pipeline: the raw connection speaks plain TCP or a unix socket.
-            if not issubclass(pool.connection_class, aioredis.SSLConnection):
-                sentinel = _sentinel_pool(client)
-                address = sentinel.get_master_address if sentinel is not None else None
-                self._raw = RawPipe(pool.connection_kwargs, settings.socket_timeout_s, address)
         self.settings = settings
         self.shards = settings.shards
-        self._pending: list[Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._lane = self._new_lane()
+        # With an ack policy that waits (WAIT/WAITAOF: tens of ms on an everysec server), the ingress writes
+        # go on a lane of their own: the forwarder's acks and the state reads never queue behind a wait.
+        self._waiting = self._new_lane()
         self.ack = AckPolicy()  # what a 202 waits for: set by configure_ack() once the server is known
+
+    def _new_lane(self) -> _Lane:
+        if self.cluster:
+            return _Lane(nodes=NodePipes(cast(RedisCluster, self.redis), self.settings.socket_timeout_s))
+        pool = self.redis.connection_pool
+        if issubclass(pool.connection_class, aioredis.SSLConnection):
+            return _Lane()  # rediss:// keeps redis-py's pipeline: the raw connection speaks TCP or a unix socket
+        sentinel = _sentinel_pool(self.redis)
+        address = sentinel.get_master_address if sentinel is not None else None
+        return _Lane(raw=RawPipe(pool.connection_kwargs, self.settings.socket_timeout_s, address))
+
+    @property
+    def _raw(self) -> RawPipe | None:
+        return self._lane.raw
 
     async def persistence(self) -> dict[str, str]:
         """appendonly/appendfsync as Redis reports them ({} if CONFIG is not allowed, e.g. managed Redis)."""
@@ -220,7 +242,7 @@ class Connection:
     async def memory(self) -> dict[str, int]:
         """Redis's ``used_memory``, ``maxmemory`` (0: no limit) and ``aof_current_size`` (0 without AOF), from
         INFO memory and INFO persistence (a key a managed Redis leaves out is left out here)."""
-        if self._nodes is not None:  # a Cluster: the primary nearest its limit (the one that refuses first)
+        if self.cluster:  # the primary nearest its limit (the one that refuses first)
             cluster = cast(RedisCluster, self.redis)
             each = [await self._memory_of(cluster, node) for node in cluster.get_primaries()]
             return max(each, key=lambda m: m.get("used_memory", 0) / (m.get("maxmemory") or 1 << 62), default={})
@@ -245,13 +267,11 @@ class Connection:
 
     async def close(self) -> None:
         """Flush pending commands, then close the connection pool."""
-        if self._flusher is not None:
-            with contextlib.suppress(Exception):
-                await self._flusher
-        if self._raw is not None:
-            self._raw.close()
-        if self._nodes is not None:
-            self._nodes.close()
+        for lane in (self._lane, self._waiting):
+            if lane.flusher is not None:
+                with contextlib.suppress(Exception):
+                    await lane.flusher
+            lane.close()
         await self.redis.aclose()
 
     def call(self, *args: Any, durable: bool = False) -> asyncio.Future[Any]:
@@ -260,23 +280,24 @@ class Connection:
         ``durable``: a write the 202 depends on; it fails with NotDurable when the ack policy
         (relay.store.durability) is not met in time."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(Pending(args, fut, durable))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_loop())
+        lane = self._waiting if durable and self.ack.command is not None else self._lane
+        lane.pending.append(Pending(args, fut, durable))
+        if lane.flusher is None:
+            lane.flusher = asyncio.create_task(self._flush_loop(lane))
         return fut
 
-    async def _flush_loop(self) -> None:
+    async def _flush_loop(self, lane: _Lane) -> None:
         # One pipeline per round trip: whatever arrived while the previous one was in flight.
         try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                await self._flush(batch)
+            while lane.pending:
+                batch, lane.pending = lane.pending, []
+                await self._flush(batch, lane)
         finally:
-            self._flusher = None
+            lane.flusher = None
 
-    async def _flush(self, batch: list[Pending]) -> None:
+    async def _flush(self, batch: list[Pending], lane: _Lane) -> None:
         try:
-            results = await self._execute(batch)
+            results = await self._execute(batch, lane)
         except BaseException as exc:
             # Any failure (a reply hiredis cannot parse, an argument it cannot pack, cancellation)
             # fails the whole batch: a future left pending would hang a request or a key forever.
@@ -298,17 +319,17 @@ class Connection:
             else:
                 item.future.set_result(result)
 
-    async def _execute(self, batch: list[Pending], *, reload: bool = True) -> list[Any]:
+    async def _execute(self, batch: list[Pending], lane: _Lane, *, reload: bool = True) -> list[Any]:
         results: list[Any]
         commands = [item.args for item in batch]
         ack = self.ack.command if any(item.durable for item in batch) else None
         if ack is not None:
             commands.append(ack)
-        if self._nodes is not None:
-            results = await self._nodes.execute(batch, self.ack.command, self._confirm)
+        if lane.nodes is not None:
+            results = await lane.nodes.execute(batch, self.ack.command, self._confirm)
             ack = None  # confirmed per node
-        elif self._raw is not None:
-            results = await self._raw.execute(commands)
+        elif lane.raw is not None:
+            results = await lane.raw.execute(commands)
         else:
             results = await pipelined(
                 self.redis, lambda pipe: [pipe.execute_command(*c) for c in commands], raise_on_error=False
@@ -320,7 +341,7 @@ class Connection:
             # Redis lost its script cache (restart, failover). A NOSCRIPT reply means that command
             # did nothing, so only those commands are sent again (a script's SHA never changes).
             await scripts.load(self.redis, scripts.ALL)
-            again = await self._execute([batch[i] for i in lost], reload=False)
+            again = await self._execute([batch[i] for i in lost], lane, reload=False)
             for i, r in zip(lost, again, strict=True):
                 results[i] = r
         return results
