@@ -189,6 +189,10 @@ class Relay:
             await store.close()
             raise ConfigError([str(exc)]) from None
         log.info("redis_ack_policy", policy=ack.describe(), cluster=store.cluster, sentinel=store.sentinel)
+        if ack.fsync and (ack.local or ack.replicas):
+            log.warning("redis_ack_waits_for_fsync", hint="each 202 waits for the next fsync (tens of ms with "
+                        "appendfsync everysec, ~1 s for a replica's): appendfsync always on the server gives the "
+                        "same guarantee faster (docs/operations.md, Capacity planning)")  # fmt: skip
         return store
 
     async def _listen(self, app: web.Application, listen: str, timeout_s: float, guard: Guard) -> int:
