@@ -21,6 +21,7 @@ from relay.events import Event, Method, new_event_id
 from relay.json_depth import MAX_JSON_DEPTH, too_deep
 from relay.models.common import Plan, decoder, instant_plan, rewrite_instants
 from relay.timestamps import NOT_OCPI_DATETIME
+from relay.type_problems import type_problems
 
 log = structlog.get_logger(__name__)
 
@@ -103,15 +104,29 @@ def _decode(route: tuple[str, str, int], raw: bytes) -> tuple[Any, bytes, list[P
     try:
         return DECODERS[route].decode(raw), raw, []
     except msgspec.ValidationError as exc:
-        if NOT_OCPI_DATETIME not in str(exc):
-            raise decode_problem(exc) from None
+        refused = _every_problem(route, raw, exc)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise decode_problem(exc) from None
+    if not any(p.rule == "ocpi.datetime" for p in refused.problems):
+        raise refused
     raw, warnings = _rewrite_datetimes(route, raw)
     try:
         return DECODERS[route].decode(raw), raw, warnings
+    except msgspec.ValidationError as exc:
+        raise _every_problem(route, raw, exc) from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise decode_problem(exc) from None
+
+
+def _every_problem(route: tuple[str, str, int], raw: bytes, exc: msgspec.ValidationError) -> InvalidEvent:
+    """A 422 naming every typed problem of the body (relay.type_problems), not only the decoder's first."""
+    first = decode_problem(exc)
+    try:
+        doc = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError):
+        return first
+    problems = type_problems(_MODELS[route], doc)
+    return InvalidEvent(problems) if problems else first
 
 
 def _rewrite_datetimes(route: tuple[str, str, int], raw: bytes) -> tuple[bytes, list[Problem]]:

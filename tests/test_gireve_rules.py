@@ -437,3 +437,39 @@ async def test_a_credit_cdr_is_accepted_stored_and_forwarded(relay_and_iop: tupl
     ]
     assert await _state(relay, "cdrs", key, "FR:AB1:CDR-20240305-0042-CR2") is None
     await stays_false(lambda: len(iop.received) > 2, 0.3)
+
+
+# -- every typed problem in one answer (issue 18) -----------------------------------------------------------------
+
+
+def test_every_type_problem_of_a_body_is_named_in_one_answer(settings: Settings) -> None:
+    """msgspec's decoder stops at the first error; the 422 names all of them, each at its path."""
+    loc = gireve_location()
+    loc["name"] = 42
+    del loc["coordinates"]["latitude"]
+    loc["evses"][0]["status"] = "SLEEPING"
+    loc["evses"][0]["connectors"][0]["max_voltage"] = "230"
+    loc["publish"] = "yes"
+    assert refuse(settings, "PUT", "locations/FR/AB1/LOC1", loc) == [  # in the model's field order
+        ("$.publish", "ocpi.type"),
+        ("$.name", "ocpi.type"),
+        ("$.coordinates.latitude", "ocpi.required"),
+        ("$.evses[0].status", "ocpi.type"),
+        ("$.evses[0].connectors[0].max_voltage", "ocpi.type"),
+    ]
+
+
+def test_a_body_with_very_many_problems_gets_the_first_fifty(settings: Settings) -> None:
+    loc = gireve_location()
+    evse = loc["evses"][0]
+    loc["evses"] = [dict(evse, status=i) for i in range(200)]
+    problems = refuse(settings, "PUT", "locations/FR/AB1/LOC1", loc)
+    assert len(problems) == 50 and problems[0] == ("$.evses[0].status", "ocpi.type")
+
+
+def test_a_patch_names_every_wrong_type_and_asks_for_nothing_absent(settings: Settings) -> None:
+    patch = {"status": 1, "floor_level": 2, "last_updated": "2026-01-01T00:00:00Z"}
+    assert refuse(settings, "PATCH", "locations/FR/AB1/LOC1/3256", patch) == [
+        ("$.status", "ocpi.type"),
+        ("$.floor_level", "ocpi.type"),
+    ]
