@@ -86,5 +86,5 @@ def _leaf(tp: Any, value: Any, path: str, found: list[Problem]) -> None:
     except msgspec.ValidationError as exc:
         message, _, where = str(exc).partition(" - at `$")
         found.append(_problem(path + where.rstrip("`"), message))
-    except (TypeError, ValueError) as exc:  # a type msgspec cannot convert to: report, never crash
+    except (TypeError, ValueError, RecursionError) as exc:  # msgspec cannot convert to it: report, never crash
         found.append(_problem(path, str(exc)))
