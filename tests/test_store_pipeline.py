@@ -225,3 +225,25 @@ async def test_delivery_scripts_lost_by_redis_are_loaded_again(store: Store, set
     assert (await rs.load())[1] == token_digest("A0")  # tokens A are stored as digests
     assert await ds.finish(third) == 1
     assert (await store.stream_lengths())["locations"] == 1  # the replayed one
+
+
+@pytest.mark.parametrize(
+    ("url", "cluster"),
+    [
+        ("redis://127.0.0.1:1/0", False),
+        ("redis://127.0.0.1:1", True),
+        ("redis+sentinel://127.0.0.1:1/mymaster/0", False),
+    ],
+)
+def test_no_client_retries_a_command(url: str, cluster: bool) -> None:
+    """An XREADGROUP whose reply was lost and that the client sends again reads the next entries and leaves the
+    first pending unseen: a later claim delivers them out of order (RedisCluster retries 10 times by default;
+    found by the two-relay kill -9 test on a Cluster). Every client the store makes retries nothing."""
+    from relay.config import RedisSettings
+
+    client: Any = connect(url, RedisSettings(url=url, cluster=cluster))
+    if cluster:
+        assert client.retry.get_retries() == 0
+    else:
+        pool = client.connection_pool
+        assert pool.connection_class(**pool.connection_kwargs).retry.get_retries() == 0

@@ -29,7 +29,9 @@ import structlog
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
 from relay.config import RedisSettings, sentinel_address
@@ -138,6 +140,11 @@ def connect(url: str, settings: RedisSettings) -> aioredis.Redis:
         "socket_timeout": settings.socket_timeout_s,
         "socket_connect_timeout": settings.socket_timeout_s,
         "health_check_interval": 30,
+        # Never a retry by the client: an XREADGROUP whose reply was lost, sent again, reads the next entries
+        # and leaves the first ones pending unseen (a later claim delivers them out of order). RedisCluster
+        # retries 10 times by default. The relay's own layers retry where that is safe (redirections, MOVED
+        # and ASK, are still followed: they are not retries).
+        "retry": Retry(NoBackoff(), 0),
     }
     if settings.cluster:
         cluster = RedisCluster.from_url(url, max_connections=64, **common)
