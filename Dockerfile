@@ -30,8 +30,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # Installed from the build stage's wheels only (no index): the image holds no wheel files afterwards.
+# The relay pinned to the version being built (hadolint DL3013; tests/test_deploy.py holds it to pyproject.toml).
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels "relay[speed]"
+    pip install --no-cache-dir --no-index --find-links=/wheels "relay[speed]==0.1.0"
 # The data directory exists and belongs to the relay user before VOLUME: a named volume mounted
 # there starts with that owner, so the embedded server can write its AOF.
 RUN groupadd --system --gid 10001 relay \

@@ -18,8 +18,17 @@ import click
 import msgspec
 
 from relay import __version__
-from relay.cli_common import config_option, load_settings, storage_where, warn_weak, with_store
+from relay.cli_common import (
+    config_option,
+    load_config,
+    load_settings,
+    stdout_closed,
+    storage_where,
+    warn_weak,
+    with_store,
+)
 from relay.cli_dlq import dlq
+from relay.cli_doctor import doctor
 from relay.cli_registration import register, unregister
 from relay.cli_status import link, status
 from relay.config import MODULES, Settings
@@ -30,14 +39,26 @@ if TYPE_CHECKING:
     from relay.supervisor import Supervisor
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _RelayGroup(click.Group):
+    """The ``relay`` group: a closed stdout (``relay dlq list | head -1``) ends any command quietly."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            stdout_closed()
+
+
+@click.group(cls=_RelayGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="relay")
 def main() -> None:
     """Store-and-forward OCPI 2.2.1 relay between a CSMS and GIREVE's IOP.
 
-    Every command reads the same configuration: --config FILE (or RELAY_CONFIG), then RELAY_<SECTION>_<KEY>
-    environment variables. Operator commands talk to the relay's Redis (the embedded one of a running
-    relay in [storage] dir, or [redis] url) and work while the relay runs. `relay COMMAND --help` for more.
+    Every command reads the same configuration: --config FILE, else env RELAY_CONFIG, else
+    ./config/relay.toml, else /etc/relay/relay.toml (the file used is named on stderr; relay serve logs
+    it), then RELAY_<SECTION>_<KEY> environment variables. Operator commands talk to the relay's Redis
+    (the embedded one of a running relay in [storage] dir, or [redis] url) and work while the relay runs.
+    `relay COMMAND --help` for more.
 
     \b
     Examples:
@@ -141,7 +162,7 @@ def serve(
         assert parent_pid is not None and ready_fd is not None, "--worker-index comes with --parent-pid, --ready-fd"
         supervisor.die_with_parent(parent_pid)
         structlog.contextvars.bind_contextvars(worker=worker_index)  # on every line this process logs
-    settings = load_settings(config_path, serving=True)
+    settings, found = load_config(config_path, serving=True, announce=False)  # logged below, stderr is JSON
     supervising = not worker and workers > 1
     if supervising and (problems := supervisor.workers_problems(settings, workers)):
         click.echo("configuration is invalid:", err=True)
@@ -152,10 +173,15 @@ def serve(
     if not supervising:
         tune_gc()
     if not worker:  # the parent says it once, not every worker
+        cfg_log = structlog.get_logger("relay.cli")
+        if found.path is None:
+            cfg_log.warning("config_file", path=None, source=found.source, problem=found.describe())
+        else:
+            cfg_log.info("config_file", path=str(found.path), source=found.source)
         for w in config_warnings(settings, registering=bool(settings.ocpi.token_a)):  # weak, not invalid: start anyway
             structlog.get_logger("relay.cli").warning("weak_setting", key=w.key, problem=w.message, hint=w.hint)
     if supervising:
-        _serving(settings, lambda: _supervise(supervisor.Supervisor(settings, workers, config_path)))
+        _serving(settings, lambda: _supervise(supervisor.Supervisor(settings, workers, found.path)))
     elif worker_index is None:
         _serving(settings, lambda: _run_relay(lambda: Relay(settings).run()))
     else:
@@ -241,24 +267,39 @@ def check_config(strict: bool, config_path: Path | None) -> None:
     click.echo("configuration is valid" + (f", with {weak} warning(s)" if weak else ""), err=True)
 
 
+def _body(raw: bytes) -> Any:
+    """An event's body as JSON (the CSMS's exact bytes, decoded), None when it has none (a DELETE)."""
+    if not raw:
+        return None
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return raw.decode(errors="replace")  # stored after validation: not expected
+
+
 @main.command()
 @click.argument("module", type=click.Choice(MODULES))
 @click.option("--count", default=10, show_default=True, help="How many entries to show.")
+@click.option("--raw", is_flag=True, help="Each entry as stored, one JSON object per line: stream key, stream id, "
+              "every field, the envelope whole (its body decoded).")  # fmt: skip
 @config_option
-def peek(module: str, count: int, config_path: Path | None) -> None:
-    """Print the first queued entries of MODULE's streams (delivered ones are trimmed away).
+def peek(module: str, count: int, raw: bool, config_path: Path | None) -> None:
+    """Print the first queued entries of MODULE's streams (delivered ones are trimmed away), decoded.
 
-    One line per entry: stream id, method, object, ordering key and event id, oldest first per shard;
-    ``compact=dynamic|state|last`` when its module's backlogs are compacted ([forwarder] compact): with
-    its key's neighbours it may go as one request (docs/delivery.md, "Compaction"). A last line counts
-    them; relay_compacted_total counts the entries compacted so far.
+    Per entry, a line with the stream id, method, object, ordering key and event id, then the event's
+    body (the JSON the CSMS sent, on one line, indented). ``compact=dynamic|state|last`` when its module's
+    backlogs are compacted ([forwarder] compact): with its key's neighbours it may go as one request
+    (docs/delivery.md, "Compaction"). A last line counts them; relay_compacted_total counts the entries
+    compacted so far. --raw prints each stream entry as Redis holds it (no redis-cli needed), as JSON.
 
     \b
     Examples:
       relay peek locations
       relay peek cdrs --count 50
+      relay peek locations --raw | jq .event.body
     """
     from relay.events import decode
+    from relay.store.keys import ENTRY_FIELD
 
     settings = load_settings(config_path)
 
@@ -266,19 +307,49 @@ def peek(module: str, count: int, config_path: Path | None) -> None:
 
     compacted = modules(settings.forwarder.compact)
 
+    async def show_raw(store: Any) -> None:
+        for stream, stream_id, fields in await store.peek_entries(module, count):
+            row: dict[str, Any] = {"stream": stream, "id": stream_id, "fields": {}}
+            for name, value in fields.items():
+                if name == ENTRY_FIELD:  # the envelope, msgpack (relay.events): decoded into "event"
+                    ev = decode(value)
+                    row["fields"][name] = f"<envelope, {len(value)} bytes of msgpack: see event>"
+                    row["event"] = {**msgspec.structs.asdict(ev), "body": _body(ev.body)}
+                else:
+                    row["fields"][name] = value.decode(errors="replace")
+            click.echo(msgspec.json.encode(row).decode())
+
     async def show(store: Any) -> None:
         shown = compactable = 0
-        for stream_id, raw in await store.peek(module, count):
-            ev = decode(raw)
+        for stream_id, entry in await store.peek(module, count):
+            ev = decode(entry)
             word = describe(ev, compacted, settings.state.enabled)
             shown, compactable = shown + 1, compactable + bool(word)
             tag = f" compact={word}" if word else ""
+            tag += " from_state" if ev.from_state else ""
             click.echo(f"{stream_id} {ev.method} {ev.object_ref()} key={ev.key}{tag} event_id={ev.id}")
+            body = _body(ev.body)
+            click.echo("  " + ("(no body)" if body is None else msgspec.json.encode(body).decode()))
         if shown:
             state = "compaction on" if module in compacted else "compaction off"
             click.echo(f"# {compactable} of {shown} shown may be compacted with their key's others ({state})")
+        else:
+            click.echo(f"# no {module} event queued (delivered ones are trimmed away)")
 
-    with_store(settings, show)
+    with_store(settings, show_raw if raw else show)
+
+
+@main.command("openapi")
+def openapi_document() -> None:
+    """Print the ingress's OpenAPI 3.1 document (served at GET /ingress/openapi.json; kept in docs/openapi.json).
+
+    \b
+    Example:
+      relay openapi > docs/openapi.json
+    """
+    from relay.ingress.app import openapi_document
+
+    sys.stdout.buffer.write(openapi_document())
 
 
 # The operator tools, each group in its own module (relay.cli_dlq, relay.cli_status, relay.cli_registration).
@@ -287,3 +358,4 @@ main.add_command(status)
 main.add_command(link)
 main.add_command(register)
 main.add_command(unregister)
+main.add_command(doctor)

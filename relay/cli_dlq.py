@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,20 +12,31 @@ import msgspec
 
 from relay.cli_common import config_option, load_settings, with_store
 from relay.config import MODULES
-from relay.dlq import Filter, Purge, Replay, describe, find, purge_many, replay_many, select
+from relay.dlq import (
+    Filter,
+    Purge,
+    Replay,
+    describe,
+    find,
+    outcome_row,
+    parse_since,
+    purge_fields,
+    purge_many,
+    purge_summary,
+    replay_fields,
+    replay_many,
+    replay_summary,
+    select,
+)  # fmt: skip
 from relay.store import DeadLetter, DeliveryStore
-from relay.timestamps import parse_datetime
 
 
 def _since(value: str | None) -> float | None:
     """``90s``, ``15m``, ``2h``, ``7d`` ago, or an ISO date/time (UTC)."""
     if not value:
         return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value[-1] in units and value[:-1].replace(".", "", 1).isdigit():
-        return time.time() - float(value[:-1]) * units[value[-1]]
     try:
-        return parse_datetime(value).timestamp()
+        return parse_since(value)
     except ValueError:
         raise click.BadParameter(f"{value!r}: use e.g. 30m, 2h, 7d or 2026-11-26T10:00:00Z") from None
 
@@ -114,21 +124,28 @@ def dlq_show(ident: str, config_path: Path | None) -> None:
     with_store(settings, go)
 
 
-def _confirm_bulk(ids: tuple[str, ...], all_: bool, flt: Filter, yes: bool, verb: str) -> None:
+def _check_selection(ids: tuple[str, ...], all_: bool, flt: Filter, verb: str) -> None:
     has_filter = any((flt.module, flt.kind, flt.reason, flt.key, flt.since))
     if not ids and not all_ and not has_filter:
         raise click.UsageError(f"say what to {verb}: IDs, a filter (--module, --reason, …) or --all")
     if all_ and (ids or has_filter):
         raise click.UsageError("--all excludes IDs and filters")
-    if not ids and not yes:
-        click.confirm(f"{verb} every matching dead letter?", abort=True)
+
+
+def _confirm_bulk(ids: tuple[str, ...], chosen: list[DeadLetter], yes: bool, verb: str) -> None:
+    """A filter or --all: ask with the number of dead letters it selected ("Replay 12 dead letters? [y/N]").
+
+    Declined: exit code 1, nothing changed. IDs, --yes, --dry-run and an empty selection do not ask.
+    """
+    if ids or yes or not chosen:
+        return
+    n = len(chosen)
+    click.confirm(f"{verb.capitalize()} {n} dead letter{'s' if n != 1 else ''}?", abort=True, err=True)
 
 
 def _json_line(dead: DeadLetter, **fields: Any) -> str:
     """One dead letter's outcome as a JSON line (``--json`` of replay and purge)."""
-    ev = dead.event
-    row = {"dead_id": dead.id, "event_id": ev.id, "module": dead.module, "object": ev.object_ref(), "key": ev.key}
-    return msgspec.json.encode({**row, **{k: v for k, v in fields.items() if v not in (None, False)}}).decode()
+    return msgspec.json.encode(outcome_row(dead, **fields)).decode()
 
 
 @dlq.command("replay")
@@ -159,13 +176,14 @@ def dlq_replay(ids: tuple[str, ...], module: str | None, kind: str | None, reaso
     """
     settings = load_settings(config_path)
     flt = _filter(ids, module, kind, reason, key, since)
-    _confirm_bulk(ids, all_, flt, yes or dry_run, "replay")
+    _check_selection(ids, all_, flt, "replay")
 
     async def go(store: Any) -> None:
         ds = DeliveryStore(store)
         await ds.load_scripts()
         # Select first: replaying deletes from the streams being paged through.
         chosen = [d async for d in select(ds, flt)]
+        _confirm_bulk(ids, chosen, yes or dry_run, "replay")
         unparked = 0
         with click.progressbar(length=len(chosen), label="replaying", file=sys.stderr) as bar:
 
@@ -174,8 +192,7 @@ def dlq_replay(ids: tuple[str, ...], module: str | None, kind: str | None, reaso
                 bar.update(1)
                 unparked += rep.unparked
                 if as_json:
-                    click.echo(_json_line(dead, result=rep.result, from_state=rep.from_state, unparked=rep.unparked,
-                                          newer=rep.newer, superseded_by=rep.by))  # fmt: skip
+                    click.echo(_json_line(dead, **replay_fields(rep)))
                     return
                 ref = f"{dead.id} {dead.event.object_ref()}"
                 if rep.result in ("skipped_newer", "would_skip"):
@@ -189,10 +206,7 @@ def dlq_replay(ids: tuple[str, ...], module: str | None, kind: str | None, reaso
             counts = await replay_many(
                 ds, chosen, force=force, dry_run=dry_run, from_state=settings.state.enabled, progress=step
             )
-        summary: dict[str, int] = {"selected": len(chosen), **counts}
-        if unparked:
-            summary["unparked"] = unparked
-        click.echo(msgspec.json.encode(summary).decode())
+        click.echo(msgspec.json.encode(replay_summary(len(chosen), counts, unparked)).decode())
 
     with_store(settings, go)
 
@@ -220,12 +234,13 @@ def dlq_purge(ids: tuple[str, ...], module: str | None, kind: str | None, reason
     """
     settings = load_settings(config_path)
     flt = _filter(ids, module, kind, reason, key, since)
-    _confirm_bulk(ids, all_, flt, yes or dry_run, "purge")
+    _check_selection(ids, all_, flt, "purge")
 
     async def go(store: Any) -> None:
         ds = DeliveryStore(store)
         await ds.load_scripts()
         chosen = [d async for d in select(ds, flt)]
+        _confirm_bulk(ids, chosen, yes or dry_run, "purge")
         unparked: list[str] = []
         with click.progressbar(length=len(chosen), label="purging", file=sys.stderr) as bar:
 
@@ -234,15 +249,11 @@ def dlq_purge(ids: tuple[str, ...], module: str | None, kind: str | None, reason
                 if done.unparked:
                     unparked.append(dead.event.key)
                 if as_json:
-                    result = ("would_purge" if dry_run else "purged") if done.deleted else "gone"
-                    click.echo(_json_line(dead, result=result, unparked=done.unparked))
+                    click.echo(_json_line(dead, **purge_fields(done, dry_run)))
                 elif done.unparked:
                     click.echo(f"\n{'would unpark' if dry_run else 'unparked'} {dead.event.key}", err=True)
 
             n = await purge_many(ds, chosen, dry_run=dry_run, progress=step)
-        summary: dict[str, int] = {"selected": len(chosen), "would_purge" if dry_run else "purged": n}
-        if unparked:
-            summary["would_unpark" if dry_run else "unparked"] = len(unparked)
-        click.echo(msgspec.json.encode(summary).decode())
+        click.echo(msgspec.json.encode(purge_summary(len(chosen), n, len(unparked), dry_run)).decode())
 
     with_store(settings, go)

@@ -9,8 +9,7 @@ from typing import Any
 import click
 import msgspec
 
-from relay.cli_common import config_option, load_settings, with_store
-from relay.config import MODULES, Settings
+from relay.cli_common import config_option, load_config, load_settings, with_store
 from relay.store import DeliveryStore
 
 
@@ -18,7 +17,7 @@ from relay.store import DeliveryStore
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @config_option
 def status(as_json: bool, config_path: Path | None) -> None:
-    """Queue depth and oldest age per module, dead letters, IOP link state per replica, takeover holds.
+    """Queue depth and oldest age per module and shard, dead letters, IOP link per replica, parked and held keys.
 
     Also the OCPI connection (registered, since when, the IOP's endpoints, the IOP party that OCPI-to-*
     names: the handshake's HUB role, flagged when it differs from [iop]). After a replica took a shard
@@ -30,31 +29,21 @@ def status(as_json: bool, config_path: Path | None) -> None:
     Examples:
       relay status
       relay status --json | jq '.modules.locations.oldest_age_s'
+    \b
+    --json adds "config": the configuration file used ({"path", "source"}: --config, RELAY_CONFIG,
+    ./config/relay.toml, /etc/relay/relay.toml, or path null and source "none").
     """
-    settings = load_settings(config_path)
+    settings, found = load_config(config_path)
 
     async def go(store: Any) -> None:
-        from relay.credentials import Registry
-        from relay.store import RegistrationStore
+        from relay.status import collect
 
-        ds = DeliveryStore(store)
-        depth = await store.stream_lengths()
-        oldest = await ds.oldest()
-        dead = await ds.dlq_lengths()
-        links = await ds.link_states()
-        holds = _holds(await ds.holds(), time.time())
-        registry = Registry(settings, RegistrationStore(store))
-        await registry.refresh()
-        now = time.time()
-        modules = {
-            m: {"queued": depth[m], "oldest_age_s": round(now - o, 1) if (o := oldest[m]) else 0, "dead": dead[m]}
-            for m in MODULES
-        }
-        conn = _connection(registry, settings)
+        report = await collect(store, settings)
         if as_json:
-            data = {"redis": "ok", "connection": conn, "modules": modules, "replicas": links, "holds": holds}
-            click.echo(msgspec.json.encode(data).decode())
+            click.echo(msgspec.json.encode({**msgspec.to_builtins(report), "config": found.to_json()}).decode())
             return
+        data = msgspec.to_builtins(report)
+        conn, modules, links, holds = data["connection"], data["modules"], report.replicas, data["holds"]
         click.echo(f"connection: {conn['state']}" + (f" since {conn['since']}" if conn.get("since") else ""))
         if conn.get("versions_url"):
             click.echo(f"  IOP versions: {conn['versions_url']}")
@@ -71,46 +60,13 @@ def status(as_json: bool, config_path: Path | None) -> None:
         for shard, hold in holds.items():
             click.echo(f"held shard {shard}: {hold['keys']} keys until {hold['until']} ({hold['wait_s']}s),"
                        f" old owner's requests may still land: {', '.join(hold['first'])}")  # fmt: skip
+        for shard, parked in data["parked"].items():
+            click.echo(
+                f"parked shard {shard}: {parked['keys']} keys, e.g. "
+                + ", ".join(f"{p['module']}|{p['key']} behind {p['dead_id']}" for p in parked["first"])
+            )
 
     with_store(settings, go)
-
-
-def _holds(published: dict[int, dict[str, float]], now: float, first: int = 5) -> dict[str, dict[str, Any]]:
-    """Per shard, the keys a takeover holds (relay.reader.Hold) that still wait: count, end, the first few."""
-    out: dict[str, dict[str, Any]] = {}
-    for shard, fields in sorted(published.items()):
-        waiting = sorted(k for k, until in fields.items() if until > now)
-        if not waiting:
-            continue
-        until = max(fields[k] for k in waiting)
-        out[str(shard)] = {
-            "keys": len(waiting),
-            "until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until)),
-            "wait_s": round(until - now, 1),
-            "first": waiting[:first],
-        }
-    return out
-
-
-def _connection(registry: Any, settings: Settings) -> dict[str, Any]:
-    """How the relay is connected to the IOP, for `relay status`."""
-    reg = registry.registration
-    # OCPI-to-* of every request: the handshake's HUB role (T3), else [iop]; the two differ when [iop] is
-    # stale (GIREVE: FR/107 in pre-production, FR/007 in production).
-    party = {"iop_party": "/".join(registry.directory.iop_party()),
-             "configured_iop_party": f"{settings.iop.country_code}/{settings.iop.party_id}"}  # fmt: skip
-    if reg is None:
-        static = bool(settings.iop.url and settings.iop.token)
-        return {"state": "static" if static else "unregistered", "versions_url": settings.iop.url or None, **party}
-    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(reg.updated_at))
-    return {
-        **party,
-        "state": reg.state,
-        "direction": reg.direction,
-        "since": since,
-        "versions_url": reg.versions_url,
-        "endpoints": [{"identifier": e.identifier, "role": e.role, "url": e.url} for e in reg.endpoints],
-    }
 
 
 @click.group()

@@ -11,15 +11,14 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote
 
 import msgspec
 
 from relay import urls
 from relay.errors import ConfigError
+from relay.redis_url import sentinel_address
 
 CiCountry = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")]
 CiParty = Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9]{3}$")]
@@ -55,7 +54,8 @@ class RedisSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class StorageSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Local data directory (embedded server's AOF, local state) and its fsync policy.
 
-    ``dir`` is relative to the config file's directory (to the working directory without a file).
+    ``dir``, as every path of the configuration (``PATH_KEYS``), is relative to the config file's directory
+    (to the working directory without a file).
     """
 
     dir: str = "./data"
@@ -87,6 +87,16 @@ class IngressSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def tokens(self) -> tuple[str, ...]:
         """Accepted bearer tokens; a comma-separated list allows rotation without downtime."""
+        return tuple(t.strip() for t in self.token.split(",") if t.strip())
+
+
+class AdminSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The admin API's bearer token(s), comma-separated to rotate (relay.ingress.admin); empty: it answers 403."""
+
+    token: str = ""
+    token_file: str = ""
+
+    def tokens(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.token.split(",") if t.strip())
 
 
@@ -247,6 +257,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
     ingress: IngressSettings = msgspec.field(default_factory=IngressSettings)
+    admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
     ocpi: OcpiSettings = msgspec.field(default_factory=OcpiSettings)
     iop: IopSettings = msgspec.field(default_factory=IopSettings)
     forwarder: ForwarderSettings = msgspec.field(default_factory=ForwarderSettings)
@@ -272,47 +283,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return None
 
 
+# Every key that names a file or a directory: a relative one is taken from the config file's directory (load).
+PATH_KEYS: tuple[tuple[str, str], ...] = (
+    ("storage", "dir"), ("ingress", "token_file"), ("ocpi", "token_a_file"), ("ocpi", "tls_cert_file"),
+    ("ocpi", "tls_key_file"), ("ocpi", "tls_client_ca_file"), ("iop", "token_file"), ("iop", "tls_ca_file"),
+    ("iop", "tls_cert_file"), ("iop", "tls_key_file"), ("csms", "token_file"), ("admin", "token_file"),
+)  # fmt: skip
+
 # Secrets: the env var wins, then the *_file companion, then the (discouraged) inline value.
-_SECRETS = {("ingress", "token"), ("iop", "token"), ("ocpi", "token_a"), ("csms", "token")}
-
-
-@dataclass(frozen=True, slots=True)
-class SentinelAddress:
-    """A ``redis+sentinel://[user:password@]h1:26379,h2:26379/service[/db]`` URL, taken apart."""
-
-    sentinels: tuple[tuple[str, int], ...]
-    service: str
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-
-
-def sentinel_address(url: str) -> SentinelAddress:
-    """Parse a Sentinel URL (``rediss+sentinel://`` for TLS to the primary); ValueError saying what is wrong."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("redis+sentinel", "rediss+sentinel"):
-        raise ValueError("a Sentinel URL starts with redis+sentinel:// or rediss+sentinel://")
-    auth, at, rest = rest.rpartition("@")
-    hosts, slash, path = rest.partition("/")
-    parts = [p for p in path.split("/") if p] if slash else []
-    if not parts or len(parts) > 2:
-        raise ValueError("a Sentinel URL names the service after the hosts: …/mymaster or …/mymaster/0")
-    service, db = parts[0], parts[1] if len(parts) == 2 else "0"
-    if not db.isdigit():
-        raise ValueError(f"database {db!r} is not a number")
-    sentinels: list[tuple[str, int]] = []
-    for item in hosts.split(","):
-        host, colon, port = item.strip().rpartition(":")
-        host, port = (host, port) if colon else (item.strip(), "26379")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"sentinel {item!r} is not host:port")
-        sentinels.append((host.strip("[]"), int(port)))
-    user, _, password = auth.partition(":") if at else ("", "", "")
-    return SentinelAddress(
-        tuple(sentinels), unquote(service), int(db), unquote(user) or None, unquote(password) or None,
-        scheme.startswith("rediss"),
-    )  # fmt: skip
+_SECRETS = {("ingress", "token"), ("admin", "token"), ("iop", "token"), ("ocpi", "token_a"), ("csms", "token")}
 
 
 _ENV_RE = re.compile(r"^RELAY_([A-Z]+)_([A-Z0-9_]+)$")
@@ -438,6 +417,8 @@ def _validate(s: Settings) -> list[str]:
         if int(listen.rpartition(":")[2]) > 65535:
             errors.append(f"{name}: port of {listen!r} is above 65535")
     errors += _validate_operators(s) + _validate_urls_and_tls(s)
+    if set(s.admin.tokens()) & set(s.ingress.tokens()):  # the CSMS's token must not open the admin API
+        errors.append("admin.token: must differ from every ingress.token")
     if s.csms.timeout_s >= s.csms.command_result_timeout_s:
         errors.append("csms.timeout_s: must be below csms.command_result_timeout_s")
     if s.forwarder.backoff_max_s < s.forwarder.backoff_initial_s:
@@ -471,8 +452,12 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     except msgspec.ValidationError as exc:
         raise ConfigError([_config_path(str(exc))]) from exc
     # Relative paths are relative to the config file's directory (the working directory without a file),
-    # wherever they were written: `relay serve` and every CLI verb find the same data directory from anywhere.
-    settings.storage.dir = os.path.normpath(base / settings.storage.dir)
+    # wherever they were written: `relay serve` and every CLI verb find the same files from anywhere.
+    for section, key in PATH_KEYS:
+        sect = getattr(settings, section)
+        value = getattr(sect, key)
+        if value or key == "dir":  # an empty *_file is "none"; an empty storage.dir, the directory itself
+            setattr(sect, key, os.path.normpath(base / value))
     errors = _read_secret_files(settings, base, env) + _validate(settings)
     if errors:
         raise ConfigError(errors)

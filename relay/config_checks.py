@@ -61,6 +61,12 @@ def _ingress(settings: Settings) -> list[ConfigWarning]:
             f"{which} is shorter than {MIN_INGRESS_TOKEN_CHARS} characters",
             "use a long random value, e.g. `openssl rand -hex 32`",
         ))  # fmt: skip
+    admin = settings.admin.tokens()
+    if any(len(t) < MIN_INGRESS_TOKEN_CHARS for t in admin):  # it replays and purges dead letters
+        found.append(ConfigWarning(
+            "admin.token", f"an admin token is shorter than {MIN_INGRESS_TOKEN_CHARS} characters",
+            "use a long random value, e.g. `openssl rand -hex 32`",
+        ))  # fmt: skip
     host = settings.ingress.listen.rpartition(":")[0]
     if not is_loopback(host):
         found.append(ConfigWarning(

@@ -48,6 +48,9 @@ class Planner(Protocol):
 
 
 def _log_attempt(ev: Event, attempts: Attempts, outcome: Outcome, request_id: str) -> None:
+    """A failed attempt's line (a permanent one is logged once, as its dead letter: ``Delivery._dead``)."""
+    if outcome.kind is Kind.PERMANENT:
+        return
     if outcome.kind is not Kind.DELIVERED:
         log.warning(
             "delivery_failed", event_id=ev.id, module=ev.module, key=ev.key, attempt=attempts.count,
@@ -130,11 +133,11 @@ class Delivery:
             attempts.first_at = attempts.first_at or now
             attempts.last_at = now
             started = time.perf_counter()
-            request_id = ""
+            request_id = attempts.request_id = ""
             shard.sending += 1
             try:
                 reply = await self.client.send(wire)
-                request_id = reply.request_id
+                request_id = attempts.request_id = reply.request_id
                 outcome = classify(reply.status, reply.headers, reply.body)
             except NotConfigured as exc:
                 await self.link.pause(str(exc))
@@ -399,7 +402,10 @@ class Delivery:
             # finds nothing left to delete. A member too many costs one HGET, one too few sends.
             shard.parked.add(f"{ev.module}|{ev.key}")
         metrics.DEAD_LETTERED.labels(module=ev.module, kind=info["kind"]).inc()
+        # The one line of a dead letter: the last attempt's fields (a permanent attempt logs no
+        # delivery_failed of its own) and the dead letter's.
         log.warning("dead_lettered", event_id=ev.id, module=ev.module, key=ev.key, dead_id=dead_id,
-                    reason=outcome.reason, attempts=attempts.count, parked=park,
-                    correlation_id=ev.correlation_id or ev.id)  # fmt: skip
+                    kind=info["kind"], outcome=outcome.kind.value, attempts=attempts.count, reason=outcome.reason,
+                    http_status=outcome.http_status, ocpi_code=outcome.ocpi_code, request_id=attempts.request_id,
+                    parked=park, correlation_id=ev.correlation_id or ev.id)  # fmt: skip
         return True

@@ -33,6 +33,7 @@ from relay import metrics
 from relay.config import MODULES, STATEFUL_MODULES
 from relay.state import state_field
 from relay.store import DeadLetter, DeliveryStore, id_tuple
+from relay.timestamps import parse_datetime
 
 ReplayResult = Literal[
     "replayed", "skipped_newer", "superseded", "gone", "would_replay", "would_skip", "would_supersede"
@@ -63,11 +64,34 @@ class Filter:
         )
 
 
-async def select(ds: DeliveryStore, flt: Filter, page: int = 500) -> AsyncIterator[DeadLetter]:
-    """Dead letters matching the filter, per module and shard in dead-letter order (= original order per key)."""
+def parse_since(value: str) -> float:
+    """``90s``, ``15m``, ``2h``, ``7d`` ago, or an ISO date/time (UTC), as epoch seconds; ValueError if neither."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value and value[-1] in units and value[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(value[:-1]) * units[value[-1]]
+    return parse_datetime(value).timestamp()
+
+
+# Where a paged listing stopped: the last dead letter's module, shard and id (select's ``after``).
+Position = tuple[str, int, str]
+
+
+async def select(
+    ds: DeliveryStore, flt: Filter, page: int = 500, after: Position | None = None
+) -> AsyncIterator[DeadLetter]:
+    """Dead letters matching the filter, per module and shard in dead-letter order (= original order per key);
+    ``after``: only those that come after that position in this order (the next page of a listing)."""
     for module in MODULES if flt.module is None else (flt.module,):
+        if after is not None and MODULES.index(module) < MODULES.index(after[0]):
+            continue
         for shard in range(ds.store.shards):
             start = "-"
+            if after is not None and module == after[0]:
+                if shard < after[1]:
+                    continue
+                if shard == after[1]:
+                    ms, seq = id_tuple(after[2])
+                    start = f"{ms}-{seq + 1}"
             while True:
                 rows = await ds.dead_letters(module, shard, start, page)
                 for dead in rows:
@@ -214,6 +238,38 @@ async def purge_many(
         if progress is not None:
             progress(dead, done)
     return n
+
+
+def outcome_row(dead: DeadLetter, **fields: Any) -> dict[str, Any]:
+    """One dead letter's outcome (``relay dlq replay|purge --json``'s lines, the admin API's ``results``): its ids,
+    then ``fields`` (``result``…) without those that are None or False."""
+    ev = dead.event
+    row = {"dead_id": dead.id, "event_id": ev.id, "module": dead.module, "object": ev.object_ref(), "key": ev.key}
+    return {**row, **{k: v for k, v in fields.items() if v not in (None, False)}}
+
+
+def replay_fields(rep: Replay) -> dict[str, Any]:
+    """A replay's outcome as ``outcome_row`` fields."""
+    return {"result": rep.result, "from_state": rep.from_state, "unparked": rep.unparked, "newer": rep.newer,
+            "superseded_by": rep.by}  # fmt: skip
+
+
+def purge_fields(done: Purge, dry_run: bool) -> dict[str, Any]:
+    """A purge's outcome as ``outcome_row`` fields."""
+    return {"result": ("would_purge" if dry_run else "purged") if done.deleted else "gone", "unparked": done.unparked}
+
+
+def replay_summary(selected: int, counts: dict[str, int], unparked: int) -> dict[str, int]:
+    """The summary of a replay (the CLI's last line): selected, then replay_many's counts, then unparked."""
+    return {"selected": selected, **counts, **({"unparked": unparked} if unparked else {})}
+
+
+def purge_summary(selected: int, deleted: int, unparked: int, dry_run: bool) -> dict[str, int]:
+    """The summary of a purge: selected, purged (or would_purge), unparked (or would_unpark) when any."""
+    out = {"selected": selected, "would_purge" if dry_run else "purged": deleted}
+    if unparked:
+        out["would_unpark" if dry_run else "unparked"] = unparked
+    return out
 
 
 def describe(dead: DeadLetter) -> dict[str, Any]:

@@ -14,6 +14,8 @@ the client or function that raises it, and derives from ``Exception``, not ``Rel
 - ``relay.urls.ResponseTooLarge``: an answer over the read cap (an ``aiohttp.ClientPayloadError``).
 - ``relay.link.GaveUp``: a wait for the IOP link's permission ended because the caller gave up (stopping).
 - ``relay.shard.Abandon``: stop working on an entry without acknowledging it (stopping, lease lost).
+- ``relay.openapi.parts.UndocumentedRoute``: a route of the ingress that the OpenAPI document does not describe.
+- ``relay.ingress.admin._Refused``: an admin API request answered with a 4xx (its problems, maybe headers).
 - ``relay.ocpi_server.sender.BadRequest``: a query parameter of a Sender interface was unusable (HTTP 400).
 """
 

@@ -97,12 +97,29 @@ class LeaseLoop:
         interval = self.cfg.lease_ttl_s / 3
         self.renewed_at = time.monotonic()
         watchdog = asyncio.create_task(self._watchdog(), name="relay-lease-watchdog")
+        publisher = asyncio.create_task(self._publish_link_changes(), name="relay-link-publisher")
         try:
             await self._rounds(interval)
         finally:
-            watchdog.cancel()
-            await asyncio.gather(watchdog, return_exceptions=True)
+            for task in (watchdog, publisher):
+                task.cancel()
+            await asyncio.gather(watchdog, publisher, return_exceptions=True)
             await self.handed_back()
+
+    async def _publish_link_changes(self) -> None:
+        """Publish the link state as soon as it changes (`relay status` shows it within a second), not only
+        at the next round (a third of the lease TTL later); the rounds publish it too, in case one is lost."""
+        changed = self.link.changed
+        while not self.stopping.is_set():
+            await changed.wait()
+            changed.clear()
+            if self.stopping.is_set():
+                return  # stop() removes what we published; do not write it back
+            try:
+                await self.sync_link()
+            except StoreUnavailable as exc:
+                metrics.REDIS_ERRORS.labels(op="lease").inc()
+                log.debug("link_publish_failed", error=str(exc))
 
     async def _rounds(self, interval: float) -> None:
         while not self.stopping.is_set():

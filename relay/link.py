@@ -1,4 +1,4 @@
-"""The IOP link as a whole: up, down (probing), auth failed, unknown receiver, or paused.
+"""The IOP link as a whole: up, down (probing), auth failed, unknown receiver, paused, or disabled.
 
 Every attempt passes through ``Link.acquire()``/``release()`` (or ``Link.slot()``). When the IOP
 as a whole fails, sending stops everywhere and one probe goes out on a backoff; after a success the
@@ -18,18 +18,15 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Literal
 
 import structlog
 
 from relay import metrics
 from relay.errors import RelayError
+from relay.states import STOPPED, LinkState
 
 log = structlog.get_logger(__name__)
-State = Literal["up", "down", "auth_failed", "unknown_receiver", "paused", "unconfigured"]
-# States that only resume() ends (an operator's `relay link resume`, a new registration), with no probe
-# meanwhile: the same token (auth_failed) or the same OCPI-to-* party (unknown_receiver) cannot succeed.
-STOPPED: frozenset[str] = frozenset({"auth_failed", "unknown_receiver", "paused"})
+State = LinkState  # the names: relay.states
 
 
 class GaveUp(RelayError):
@@ -66,6 +63,8 @@ class Link:
         self._ramp_ok = 0
         self._waiters: deque[_Waiter] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        # Set on every state change: the lease loop publishes the new state for `relay status` at once.
+        self.changed = asyncio.Event()
         metrics.set_link_state(self.state)
         metrics.INFLIGHT.set_function(lambda: self.inflight)
 
@@ -74,6 +73,7 @@ class Link:
             log.warning("iop_link_state", state=state, previous=self.state, reason=reason)
             self.state, self.reason, self.since = state, reason, time.time()
             metrics.set_link_state(state)
+            self.changed.set()
 
     def _may_send(self) -> bool:
         if self.state == "up":
@@ -229,9 +229,14 @@ class Link:
         self._set("paused", reason)
         self._rearm()
 
+    async def disable(self, reason: str) -> None:
+        """This replica runs no forwarder: nothing is ever sent through this link."""
+        self._set("disabled", reason)
+        self._rearm()
+
     async def resume(self, reason: str = "resumed") -> None:
-        """Back to sending, starting from a ramp of one."""
-        if self.state in STOPPED or self.state == "unconfigured":
+        """Back to sending, starting from a ramp of one (a disabled link stays disabled)."""
+        if self.state in STOPPED:
             self._set("up", reason)
             self.limit, self._ramp_ok = 1, 0
             self._failures = 0

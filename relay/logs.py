@@ -7,7 +7,8 @@ Redaction, in this order, on every value of every event (nested dicts and lists 
 - the value of a key named like a secret (``token``, ``authorization``, ``password``, ``*_token``,
   ``*_secret``… and ``log.redact_fields``) is replaced whole;
 - inside strings: ``Token x``, ``Bearer x``, ``Basic x``, ``token=x``, ``"token": "x"``, and the
-  password of a URL (``rediss://user:x@host``);
+  password of a URL (``rediss://user:x@host``); not the relay's own words: ``token refused``,
+  ``token unknown to the relay``, ``authorization: missing`` are prose, left as they are (``_prose``);
 - inside strings: the secret values themselves (and their base64, as OCPI 2.2.1 sends tokens),
   registered with ``add_secrets()`` from the settings at start, whatever the text around them.
 """
@@ -34,16 +35,49 @@ _DEFAULT_SECRET_KEYS = frozenset(
     }
 )  # fmt: skip
 _SECRET_SUFFIXES = ("_token", "-token", "_secret", "-secret", "_password")
-_AUTH_RE = re.compile(r"(?i)\b(token|bearer|basic)\s+[A-Za-z0-9+/=._~-]{4,}")
+_AUTH_RE = re.compile(r"(?i)\b(token|bearer|basic)\s+([A-Za-z0-9+/=._~-]{4,})")
 # token=…, "token": "…", authorization: … inside a message (a logged URL, a quoted JSON body).
 _PAIR_RE = re.compile(
     r"""(?i)(["']?\b(?:token|token_[abc]|authorization|password|secret|api_key)["']?\s*[:=]\s*["']?)"""
-    r"""(?!(?:token|bearer|basic)\s)[^"'\s,;&}]+"""
+    r"""(?!(?:token|bearer|basic)\s)([^"'\s,;&}]+)"""
 )
 _URL_PASSWORD_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
 _MIN_SECRET_LEN = 6  # shorter values would redact ordinary words
 _secret_values: set[str] = set()
 _secret_re: re.Pattern[str] | None = None
+
+# The relay's own words after "token", "bearer", "basic" or "authorization:" ("http 401: token refused",
+# "token unknown to the relay", "a bearer token", "authorization: missing"): prose, not a credential. A
+# lower-case "token" followed by a lower-case word is prose too ("token expired"); a credential after it has a
+# digit, a capital or a symbol in practice (and the secrets the relay knows are replaced by value anyway,
+# whatever their shape).
+_WORDS = frozenset(
+    {
+        "refused", "rejected", "unknown", "missing", "invalid", "expired", "required", "revoked", "denied",
+        "accepted", "allowed", "blocked", "wrong", "mismatch", "absent", "empty", "unset", "none", "null",
+        "given", "sent", "stored", "spent", "used", "valid", "changed", "rotated", "received",
+        "token", "tokens", "auth", "authentication", "authorization", "credentials", "realm", "scheme", "header",
+    }
+)  # fmt: skip
+_WORD_RE = re.compile(r"[a-z]+")
+
+
+def _prose(scheme: str, value: str) -> bool:
+    """Whether ``value``, after ``scheme`` (token, bearer, basic, or a pair's key), is a word, not a secret."""
+    if value.lower() in _WORDS:
+        return True
+    return scheme == "token" and _WORD_RE.fullmatch(value) is not None  # "token" as written, lower case
+
+
+def _auth_sub(m: re.Match[str]) -> str:
+    scheme = m.group(1)
+    return m.group(0) if _prose(scheme, m.group(2)) else f"{scheme} {REDACTED}"
+
+
+def _pair_sub(m: re.Match[str]) -> str:
+    if m.group(2).lower() in _WORDS and "=" not in m.group(1):  # a query string's value is one whatever it says
+        return m.group(0)
+    return m.group(1) + REDACTED
 
 
 def is_secret_key(key: str, extra: frozenset[str] = frozenset()) -> bool:
@@ -108,9 +142,9 @@ class Redactor:
         if isinstance(value, str):
             if _secret_re is not None:
                 value = _secret_re.sub(REDACTED, value)
-            value = _AUTH_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", value)
+            value = _AUTH_RE.sub(_auth_sub, value)
             value = _URL_PASSWORD_RE.sub(lambda m: f"{m.group(1)}{REDACTED}@", value)
-            return _PAIR_RE.sub(lambda m: m.group(1) + REDACTED, value)
+            return _PAIR_RE.sub(_pair_sub, value)
         if isinstance(value, dict):
             return {k: self._hide(str(k), v) for k, v in value.items()}
         if isinstance(value, list | tuple):

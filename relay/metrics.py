@@ -10,7 +10,8 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
-from typing import Any
+from itertools import product
+from typing import Any, get_args
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info, generate_latest
@@ -20,6 +21,8 @@ from prometheus_client.utils import floatToGoString
 
 from relay import __version__
 from relay.errors import Problem
+from relay.states import CONNECTION_STATES
+from relay.states import LINK_STATES as LINK_STATES
 
 _le: Callable[[float], str] = floatToGoString  # how prometheus_client writes a bucket bound (untyped there)
 
@@ -54,6 +57,12 @@ class HotCounter(Collector):
         if labels not in self._values:
             self._created[labels] = time.time()
         self._values[labels] = self._values.get(labels, 0.0) + n
+
+    def touch(self, *labels: str) -> None:
+        """Export the series of these label values (at 0 if it has no count yet)."""
+        if labels not in self._values:
+            self._created[labels] = time.time()
+            self._values[labels] = 0.0
 
     def value(self, *labels: str) -> float:
         """The current count of one series (0 when never incremented)."""
@@ -91,6 +100,12 @@ class HotHistogram(Collector):
             self._created[labels] = time.time()
         series[bisect_left(self.bounds, value)] += 1  # le semantics: the first bound >= value
         series[-1] += value
+
+    def touch(self, *labels: str) -> None:
+        """Export the series of these label values (empty if it has no observation yet)."""
+        if labels not in self._series:
+            self._series[labels] = [0.0] * (len(self.bounds) + 2)
+            self._created[labels] = time.time()
 
     def count(self, *labels: str) -> float:
         """Observations recorded in one series."""
@@ -137,6 +152,8 @@ REDIS_AOF_SIZE = Gauge("relay_redis_aof_size_bytes", "Redis's append-only file s
 CONSUMERS_REMOVED = Counter(
     "relay_consumers_removed_total", "Consumers of replicas no longer alive, without pending entries, removed"
 )
+# What relay.retention forgets: the label values of relay_retention_removed_total{what}.
+RETENTION_WHAT = ("delivered", "accepted", "dead_last", "session_watermarks", "sessions", "cdrs")
 RETENTION_REMOVED = Counter(
     "relay_retention_removed_total",
     "Old markers, session watermarks and Session/CDR states forgotten by the retention sweeper",
@@ -168,6 +185,11 @@ DEAD_LETTERED = Counter(
 HEALED = Counter("relay_patches_healed_total", "PATCHes the IOP did not know, resent as a PUT of the whole object",
                  ["module"])  # fmt: skip
 REPLAYED = Counter("relay_events_replayed_total", "Dead letters put back on the delivery path", ["module"])
+ADMIN_REQUESTS = Counter(
+    "relay_admin_requests_total",
+    "Requests to the admin API by route (its template) and HTTP status",
+    ["route", "status"],
+)
 DELIVERY_LATENCY = HotHistogram(
     "relay_delivery_latency_seconds",
     "From ingress accept to the IOP's 2xx",
@@ -187,6 +209,7 @@ DLQ_DEPTH = Gauge("relay_dead_letters", "Entries in the dead-letter stream", ["m
 LINK_STATE = Gauge("relay_iop_link_state", "1 for the IOP link's current state", ["state"])
 AUTHORIZATIONS = Counter("relay_authorizations_total", "Real-time authorisations answered to the CSMS",
                          ["decided_by", "allowed"])  # fmt: skip
+AUTHORIZATION_DECIDERS = ("iop", "whitelist", "none")  # relay_authorizations_total{decided_by} (relay.authorize)
 COMMANDS = Counter("relay_commands_total", "Commands from the IOP by type and immediate answer", ["command", "result"])
 COMMAND_RESULTS = Counter("relay_command_results_total", "CommandResults queued for the IOP", ["result"])
 TOKENS_RECEIVED = Counter("relay_tokens_received_total", "Tokens pushed by the IOP", ["method"])
@@ -220,9 +243,69 @@ for _listener in LISTENERS:
     for _reason in CONNECTION_CLOSE_REASONS:
         CONNECTIONS_CLOSED.labels(_listener, _reason)
 
-LINK_STATES = ("up", "down", "auth_failed", "unknown_receiver", "paused", "unconfigured")
-# registered / unregistered: the credentials handshake; static: [iop] url + token; none: nothing to deliver to.
-REGISTRATION_STATES = ("registered", "unregistered", "static", "none")
+# The names and their meaning: relay.states (LINK_STATES is imported from there above).
+REGISTRATION_STATES = CONNECTION_STATES
+# relay_redis_errors_total{op}: the loop whose Redis call failed.
+REDIS_OPS = ("gauges", "consumers", "lease", "read", "deliver", "state", "registration", "commands", "retention")
+# relay_events_not_stored_again_total{kind}: a replayed Idempotency-Key, or the object already was this document.
+NOT_STORED_AGAIN_KINDS = ("idempotency_key", "same_state")
+TOKEN_METHODS = ("PUT", "PATCH")  # relay_tokens_received_total{method}: the token routes that store
+OTHER_COMMAND = "OTHER"  # relay_commands_total{command} of a command type OCPI does not name
+# Series whose label values are not known in advance stay lazy (they appear with their first event):
+# relay_events_accepted_total and relay_events_refused_total (operator, status, rule), relay_events_warnings_total
+# (rule), relay_admin_requests_total (HTTP status). Every other labelled series is exported at 0 from the start:
+# preset() (tests/test_observability.py fails on a labelled metric that is in neither).
+LAZY = ("relay_events_accepted_total", "relay_events_refused_total", "relay_events_warnings_total",
+        "relay_admin_requests_total")  # fmt: skip
+
+
+def preset_series() -> list[tuple[Any, list[tuple[str, ...]]]]:
+    """Per labelled metric whose label values are known in advance, every label tuple it can take (in
+    ``labelnames`` order), from the code's own names: modules, outcome kinds, states, command types…"""
+    from relay.config import MODULES
+    from relay.models.tokens import AllowedType, CommandResponseType, CommandResultType, CommandType
+    from relay.policy import DEAD_LETTER_KINDS
+    from relay.retry import Kind
+
+    mods: list[tuple[str, ...]] = [(m,) for m in MODULES]
+    return [
+        (DELIVERIES, list(product(MODULES, [k.value for k in Kind]))),
+        (DELIVERED, mods),
+        (COMPACTED, mods),
+        (DELIVERY_LATENCY, mods),
+        (IOP_REQUEST, mods),
+        (RETRIED, mods),
+        (HEALED, mods),
+        (REPLAYED, mods),
+        (UNKNOWN_OBJECT, mods),
+        (QUEUE_DEPTH, mods),
+        (OLDEST_AGE, mods),
+        (DLQ_DEPTH, mods),
+        (DEAD_LETTERED, list(product(MODULES, DEAD_LETTER_KINDS))),
+        (DUPLICATES, list(product(MODULES, NOT_STORED_AGAIN_KINDS))),
+        (RETENTION_REMOVED, [(w,) for w in RETENTION_WHAT]),
+        (LINK_STATE, [(s,) for s in LINK_STATES]),
+        (REGISTRATION, [(s,) for s in REGISTRATION_STATES]),
+        (AUTHORIZATIONS, list(product(AUTHORIZATION_DECIDERS, get_args(AllowedType)))),
+        (COMMANDS, list(product([*get_args(CommandType), OTHER_COMMAND], get_args(CommandResponseType)))),
+        (COMMAND_RESULTS, [(r,) for r in get_args(CommandResultType)]),
+        (TOKENS_RECEIVED, [(m,) for m in TOKEN_METHODS]),
+        (REDIS_ERRORS, [(op,) for op in REDIS_OPS]),
+        (CONNECTIONS_OPEN, [(x,) for x in LISTENERS]),
+        (CONNECTIONS_MAX, [(x,) for x in LISTENERS]),
+        (CONNECTIONS_CLOSED, list(product(LISTENERS, CONNECTION_CLOSE_REASONS))),
+    ]
+
+
+def preset() -> None:
+    """Export every series of ``preset_series()`` (at 0 until its first event), so that ``rate()`` and the alert
+    rules see them from the first scrape. Idempotent; create_app() calls it."""
+    for metric, label_sets in preset_series():
+        for labels in label_sets:
+            if isinstance(metric, HotCounter | HotHistogram):
+                metric.touch(*labels)
+            else:
+                child(metric, *labels)  # creates the child at 0; a gauge already set keeps its value
 
 
 @lru_cache(maxsize=256)

@@ -28,6 +28,7 @@ class Attempts:
     last_at: float = 0.0
     last: Outcome | None = None
     heal: bool = False  # the IOP did not know the object: send a PUT of the whole object next
+    request_id: str = ""  # the X-Request-ID of the last attempt ("" before one, or when none was sent)
 
 
 def settled(outcome: Outcome) -> bool:
@@ -133,6 +134,10 @@ def healing(answer: Outcome) -> Outcome:
 def parked_behind(dead_id: str) -> Outcome:
     """The outcome of an event whose key is parked behind the dead letter ``dead_id``: not sent."""
     return Outcome(Kind.PERMANENT, f"parked behind dead letter {dead_id}", parked=True)
+
+
+# The ``kind`` of a dead letter (dead_letter_record(); relay_events_dead_lettered_total{kind}).
+DEAD_LETTER_KINDS = ("permanent", "parked")
 
 
 def dead_letter_record(outcome: Outcome, attempts: Attempts, now: float, replica: str) -> dict[str, Any]:

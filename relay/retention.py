@@ -35,7 +35,7 @@ from relay.store import RetentionStore, Store
 log = structlog.get_logger(__name__)
 
 # The kinds counted (relay_retention_removed_total{what}) and logged, always all of them.
-WHAT = ("delivered", "accepted", "dead_last", "session_watermarks", "sessions", "cdrs")
+WHAT = metrics.RETENTION_WHAT
 JITTER = 0.2  # each wait is sweep_interval_s × (1 ± JITTER): replicas started together do not sweep together
 
 

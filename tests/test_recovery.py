@@ -108,7 +108,7 @@ async def test_after_an_unclean_takeover_only_keys_with_pending_entries_wait(mak
     assert await env.metric("relay_takeover_held_keys") == 2
     result = await cli(env.settings, "status", "--json")
     assert result.exit_code == 0, result.output
-    shown = json.loads(result.output)["holds"][str(shard)]
+    shown = json.loads(result.stdout)["holds"][str(shard)]
     assert shown["keys"] == 2 and 0 < shown["wait_s"] <= hold_s
     text = (await cli(env.settings, "status")).output
     assert f"held shard {shard}: 2 keys until" in text and qkey(busy)[1] in text

@@ -10,17 +10,18 @@ once (``_Events``), the answer of a single event is pre-encoded around its id an
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import structlog
 from aiohttp import web
 
-from relay import logs, metrics
+from relay import logs, metrics, openapi, readiness
 from relay.config import Settings
 from relay.constants import H_CORRELATION, MAX_HEADER_VALUE, header_value_ok
 from relay.errors import InvalidEvent, NotDurable, Problem, StoreFull, StoreUnavailable
 from relay.ingest import Idempotency, Ingest, Ingested, idempotency
+from relay.ingress import admin as admin_routes
 from relay.ingress import roaming as roaming_routes
 from relay.ingress.auth import TokenCheck
 from relay.ingress.responses import (
@@ -313,7 +314,8 @@ async def handle_healthz(request: web.Request) -> web.Response:
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
-    """Readiness: Redis answers, listeners are up, not stopping. The IOP link is reported, not required."""
+    """Readiness: Redis answers, listeners are up, not stopping. The IOP link, the connection and each module's
+    readiness (relay.readiness) are reported, not required."""
     health = request.app[HEALTH]
     redis_ok = await request.app[STORE].ping()
     ready = redis_ok and health.listeners_up and not health.stopping and not health.storage_down
@@ -323,8 +325,26 @@ async def handle_readyz(request: web.Request) -> web.Response:
         "stopping": health.stopping,
         "persistence": health.persistence,
         "iop_link": health.link(),
+        **await readiness.report(request.app[STORE], health, redis_ok),
     }
     return web.json_response(body, status=200 if ready else 503)
+
+
+def openapi_of(app: web.Application) -> openapi.Ingress:
+    """What relay.openapi describes: this application's route table and the batch route's types."""
+    return openapi.Ingress(PREFIX, openapi.routes(app), Batch, BatchOperation, ItemResult)
+
+
+async def handle_openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document of this listener (no token: it describes, it holds no data)."""
+    return web.Response(body=openapi.document_bytes(openapi_of(request.app)), content_type="application/json")
+
+
+def openapi_document() -> bytes:
+    """The document of the ingress ``relay serve`` runs (roaming routes on): ``relay openapi``, docs/openapi.json.
+    The application is built, never run (no store): only its route table is read."""
+    none: Any = None
+    return openapi.document_bytes(openapi_of(create_app(Settings(), none, Health(), RoamingDeps(none, none, none))))
 
 
 async def handle_unrouted(request: web.Request) -> web.Response:
@@ -345,6 +365,7 @@ async def handle_unrouted(request: web.Request) -> web.Response:
 def create_app(settings: Settings, store: Store, health: Health, roaming: RoamingDeps | None = None) -> web.Application:
     """The ingress application; the caller owns the store and the runner. Routes under PREFIX need the token."""
     app = web.Application(client_max_size=settings.ingress.max_body_bytes * 64)
+    metrics.preset()  # every series whose label values are known, at 0 from the first scrape
     app[SETTINGS] = settings
     app[STORE] = store
     app[INGEST] = ingest = Ingest(store, settings)
@@ -354,10 +375,12 @@ def create_app(settings: Settings, store: Store, health: Health, roaming: Roamin
     app.router.add_post(f"{PREFIX}/batch", check.checks(events.batch))
     if roaming is not None:
         roaming_routes.setup(app, PREFIX, roaming, check)
-    app.router.add_route("*", PREFIX + "/{tail:.*}", check.checks(events.event))
+    app.router.add_route("*", PREFIX + "/{tail:(?s:.*)}", check.checks(events.event))
+    admin_routes.setup(app)  # /admin/…, behind [admin] token (relay.ingress.admin)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", metrics.handle_metrics)
-    app.router.add_route("*", "/{path:.*}", handle_unrouted)  # last: only what nothing above took
+    app.router.add_get("/ingress/openapi.json", handle_openapi)  # no token: it describes, holds no data
+    app.router.add_route("*", "/{path:(?s:.*)}", handle_unrouted)  # last: what nothing above took (a %0A too)
     check.verify(app, PREFIX)
     return app

@@ -178,6 +178,17 @@ class Store(Connection):
                 break
         return out
 
+    async def peek_entries(self, module: str, count: int) -> list[tuple[str, str, dict[str, bytes]]]:
+        """The first ``count`` entries of a module as stored: (stream key, stream id, every field), shard by shard."""
+        out: list[tuple[str, str, dict[str, bytes]]] = []
+        for shard in range(self.shards):
+            stream = K.stream_key(module, shard)
+            rows = await self.redis.xrange(stream, count=count - len(out))
+            out += [(stream, text(sid), {text(k): v for k, v in fields.items()}) for sid, fields in cast(Rows, rows)]
+            if len(out) >= count:
+                break
+        return out
+
 
 def _committed(result: Any, write: StateWrite) -> str:
     """commit.lua's reply: the stream id; "" for a duplicate; Conflict; Replayed with the key's stored answer."""

@@ -34,8 +34,9 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
-from relay.config import RedisSettings, sentinel_address
+from relay.config import RedisSettings
 from relay.errors import NoGroup, NotDurable, StoreError, StoreFull, StoreUnavailable
+from relay.redis_url import sentinel_address
 from relay.store import scripts
 from relay.store.durability import AckPolicy
 from relay.store.durability import resolve as resolve_ack
@@ -233,6 +234,36 @@ class Connection:
         except RedisError:
             return {}
         return {text(k): text(v) for k, v in raw.items() if text(k) in {"appendonly", "appendfsync"}}
+
+    def _targets(self) -> list[dict[str, Any]]:
+        """Keyword arguments addressing each server: none for one server, each primary of a Cluster (whose
+        client sends CONFIG GET and INFO to one random node unless told)."""
+        if not self.cluster:
+            return [{}]
+        return [{"target_nodes": node} for node in cast(RedisCluster, self.redis).get_primaries()]
+
+    async def answer(self) -> None:
+        """PING; StoreUnavailable, with Redis's or the socket's words, when it does not answer."""
+        await self.redis.ping()
+
+    async def server_settings(self) -> tuple[list[dict[str, str]], str]:
+        """Per server (one, or each primary of a Cluster): its ``append*`` and ``maxmemory*`` settings; and why
+        CONFIG was refused ("" if it was not: a managed Redis refuses it)."""
+        servers: list[dict[str, str]] = []
+        try:
+            for target in self._targets():
+                raw: dict[Any, Any] = await self.redis.config_get("append*", **target)
+                raw.update(await self.redis.config_get("maxmemory*", **target))
+                servers.append({text(k): text(v) for k, v in raw.items()})
+        except ResponseError as exc:  # NOPERM, unknown command
+            return [], str(exc)
+        return servers, ""
+
+    async def aof_enabled(self) -> bool | None:
+        """Whether the (first) server runs an append-only file, from INFO (None if it does not say)."""
+        info: dict[str, Any] = await self.redis.info("persistence", **self._targets()[0])
+        aof = info.get("aof_enabled")
+        return None if aof is None else bool(int(aof))
 
     async def configure_ack(self, *, sentinel: bool) -> AckPolicy:
         """Resolve ``[redis] ack_*`` against the server's persistence (relay.store.durability) and use it.

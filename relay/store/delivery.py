@@ -156,3 +156,61 @@ class DeliveryStore(Leases, DeadLetters):
             firsts = [id_tuple(text(rows[0][0]))[0] for rows in res[i * n : (i + 1) * n] if rows]
             out[module] = min(firsts) / 1000 if firsts else None
         return out
+
+    async def unreadable_shards(self) -> dict[str, list[int]]:
+        """Per module, the shards whose stream or consumer group is missing (the ingress cannot append
+        there, or the forwarder cannot read: Redis lost its data, or someone deleted the key). /readyz."""
+        n = self.store.shards
+        streams = [K.stream_key(module, shard) for module in MODULES for shard in range(n)]
+        res = await pipelined(self.redis, lambda pipe: [pipe.xinfo_groups(s) for s in streams], raise_on_error=False)
+        group = K.GROUP.encode()
+        out: dict[str, list[int]] = {}
+        for i, module in enumerate(MODULES):
+            out[module] = []
+            for shard, reply in enumerate(res[i * n : (i + 1) * n]):
+                if isinstance(reply, Exception):
+                    if "no such key" not in str(reply).lower():
+                        raise reply
+                    out[module].append(shard)
+                elif not any(g.get("name") in (group, K.GROUP) for g in reply):
+                    out[module].append(shard)
+        return out
+
+    async def shard_gauges(self) -> dict[tuple[str, int], tuple[int, float | None, int]]:
+        """Per (module, shard): entries queued, the oldest one's ingress time (epoch s) or None, dead letters
+        (one pipeline; `relay status` and GET /admin/status)."""
+        pairs = [(module, shard) for module in MODULES for shard in range(self.store.shards)]
+
+        def queue(pipe: Any) -> list[object]:
+            out: list[object] = []
+            for module, shard in pairs:
+                out += [pipe.xlen(K.stream_key(module, shard)), pipe.xrange(K.stream_key(module, shard), count=1),
+                        pipe.xlen(K.dlq_key(module, shard))]  # fmt: skip
+            return out
+
+        res = await pipelined(self.redis, queue)
+        return {
+            pair: (
+                int(res[3 * i]),
+                id_tuple(text(first[0][0]))[0] / 1000 if (first := res[3 * i + 1]) else None,
+                int(res[3 * i + 2]),
+            )  # fmt: skip
+            for i, pair in enumerate(pairs)
+        }
+
+    async def parked_sample(self, first: int) -> dict[int, tuple[int, dict[str, str]]]:
+        """Per shard with parked keys: how many, and up to about ``first`` of them (``module|key`` → the dead
+        letter that parked it; one HSCAN page, so a shard with thousands costs no more than one with ten)."""
+        n = self.store.shards
+
+        def queue(pipe: Any) -> list[object]:
+            return [c for shard in range(n) for c in (pipe.hlen(K.parked_key(shard)),
+                                                        pipe.hscan(K.parked_key(shard), 0, count=first))]  # fmt: skip
+
+        res = await pipelined(self.redis, queue)
+        out: dict[int, tuple[int, dict[str, str]]] = {}
+        for shard in range(n):
+            count, (_, fields) = int(res[2 * shard]), res[2 * shard + 1]
+            if count:
+                out[shard] = (count, {text(k): text(v) for k, v in fields.items()})
+        return out

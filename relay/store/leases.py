@@ -62,8 +62,9 @@ class Leases(Part):
         return removed
 
     async def leave(self, me: str) -> None:
-        """Remove this replica from the live set (graceful stop)."""
-        await self.redis.zrem(K.REPLICAS_KEY, me)
+        """Remove this replica from the live set and its published link state (graceful stop): `relay status`
+        stops listing it at once."""
+        await pipelined(self.redis, lambda pipe: [pipe.zrem(K.REPLICAS_KEY, me), pipe.delete(K.link_key(me))])
 
     async def link_sync(self, me: str, state: str, reason: str, since: float) -> float | None:
         """Publish a replica's link state; returns when an operator last asked to resume, if ever."""
