@@ -22,6 +22,7 @@ A replay never leaves the IOP on older state than the relay's (docs/delivery.md,
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ def parse_since(value: str) -> float:
     return parse_datetime(value).timestamp()
 
 
+_STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+
+
 # Where a paged listing stopped: the last dead letter's module, shard and id (select's ``after``).
 Position = tuple[str, int, str]
 
@@ -104,7 +108,16 @@ async def select(
 
 
 async def find(ds: DeliveryStore, ident: str) -> DeadLetter | None:
-    """A dead letter by its dead-letter id or its event id."""
+    """A dead letter by its dead-letter id (one XRANGE per module and shard) or its event id (a scan)."""
+    if _STREAM_ID.match(ident):
+        ms, seq = id_tuple(ident)
+        if ms < 2**64 and seq < 2**64:
+            for module in MODULES:
+                for shard in range(ds.store.shards):
+                    rows = await ds.dead_letters(module, shard, ident, 1)
+                    if rows and rows[0].id == ident:
+                        return rows[0]
+        return None  # an event id never has the shape of a stream id (relay.events: hex)
     async for dead in select(ds, Filter(ids=frozenset({ident}))):
         return dead
     return None

@@ -47,10 +47,9 @@ _secret_values: set[str] = set()
 _secret_re: re.Pattern[str] | None = None
 
 # The relay's own words after "token", "bearer", "basic" or "authorization:" ("http 401: token refused",
-# "token unknown to the relay", "a bearer token", "authorization: missing"): prose, not a credential. A
-# lower-case "token" followed by a lower-case word is prose too ("token expired"); a credential after it has a
-# digit, a capital or a symbol in practice (and the secrets the relay knows are replaced by value anyway,
-# whatever their shape).
+# "token unknown to the relay", "a bearer token", "authorization: missing"): prose, not a credential. Only the
+# words listed: anything else after a scheme is redacted, also a value of lower-case letters alone (and the
+# secrets the relay knows are replaced by value anyway, whatever their shape).
 _WORDS = frozenset(
     {
         "refused", "rejected", "unknown", "missing", "invalid", "expired", "required", "revoked", "denied",
@@ -59,14 +58,12 @@ _WORDS = frozenset(
         "token", "tokens", "auth", "authentication", "authorization", "credentials", "realm", "scheme", "header",
     }
 )  # fmt: skip
-_WORD_RE = re.compile(r"[a-z]+")
 
 
 def _prose(scheme: str, value: str) -> bool:
     """Whether ``value``, after ``scheme`` (token, bearer, basic, or a pair's key), is a word, not a secret."""
-    if value.lower() in _WORDS:
-        return True
-    return scheme == "token" and _WORD_RE.fullmatch(value) is not None  # "token" as written, lower case
+    # Only the listed words: a credential may be lower-case letters too (a passphrase, a rotated peer token).
+    return value.lower() in _WORDS
 
 
 def _auth_sub(m: re.Match[str]) -> str:

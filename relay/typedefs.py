@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -28,6 +29,9 @@ class Health:
     # forwarder): per-module readiness in /readyz (relay.readiness).
     connection_of: Callable[[], str] | None = None
     shards_owned_of: Callable[[], int] | None = None
+    # What relay.readiness read from Redis last, and when (monotonic s): reused for READINESS_TTL_S, so that a
+    # probe every second costs one read of every stream per interval, not one per probe.
+    readiness: tuple[float, dict[str, Any]] | None = None
 
     def link(self) -> str:
         """The IOP link state as of now."""

@@ -29,7 +29,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay import metrics, retention
+from relay import metrics, readiness, retention
 from relay.config import MODULES, Settings
 from relay.models.tokens import AllowedType, CommandResponseType, CommandResultType, CommandType
 from relay.policy import DEAD_LETTER_KINDS
@@ -327,7 +327,10 @@ async def readyz(env: Env) -> tuple[int, dict[str, Any]]:
         return r.status, body
 
 
-async def test_readyz_reports_each_modules_readiness_and_keeps_its_status(envs: Callable[..., Any]) -> None:
+async def test_readyz_reports_each_modules_readiness_and_keeps_its_status(
+    envs: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(readiness, "READINESS_TTL_S", 0.0)  # each probe reads Redis again
     env: Env = await envs(RELAY_IOP_URL="", RELAY_IOP_TOKEN="")  # nothing to deliver to
     shards = env.store.shards
     await wait_until(lambda: env.relay.forwarder is not None and len(env.relay.forwarder.shards) == shards,
@@ -361,7 +364,10 @@ async def test_readyz_says_which_modules_this_replica_delivers(envs: Callable[..
     assert (status, body["iop_link"], body["connection"]) == (200, "up", "static")
 
 
-async def test_readyz_without_a_forwarder_says_disabled_and_names_a_lost_stream(envs: Callable[..., Any]) -> None:
+async def test_readyz_without_a_forwarder_says_disabled_and_names_a_lost_stream(
+    envs: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(readiness, "READINESS_TTL_S", 0.0)  # each probe reads Redis again
     env: Env = await envs(RELAY_FORWARDER_ENABLED="false")
     status, body = await readyz(env)
     assert (status, body["iop_link"], body["connection"]) == (200, "disabled", "static"), body
@@ -434,3 +440,20 @@ async def test_a_replica_that_stopped_cleanly_leaves_relay_status_at_once(
 async def _has(listed: Callable[[], Any], want: set[str]) -> bool:
     got: set[str] = await listed()
     return want <= got
+
+
+async def test_readyz_reads_the_streams_once_per_interval(envs: Callable[..., Any]) -> None:
+    """Probes in a row reuse one read of every stream for readiness.READINESS_TTL_S (a probe every second
+    with 1,024 shards would otherwise read 20,480 streams a second on the serving loop)."""
+    env: Env = await envs(RELAY_FORWARDER_ENABLED="false")
+    await readyz(env)
+    calls = await _commands(env, "xlen")
+    for _ in range(5):
+        status, _ = await readyz(env)
+        assert status == 200
+    assert await _commands(env, "xlen") == calls
+
+
+async def _commands(env: Env, name: str) -> int:
+    stats: dict[str, Any] = await env.store.redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))

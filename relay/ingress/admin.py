@@ -74,6 +74,7 @@ Key = Annotated[str, msgspec.Meta(min_length=1, max_length=255, description="exa
 Since = Annotated[
     str, msgspec.Meta(min_length=1, max_length=64, description="dead since: 30m, 2h, 7d ago, or an ISO date/time")
 ]
+_U64 = 2**64 - 1
 _CURSOR = re.compile(r"^(" + "|".join(MODULES) + r"):([0-9]{1,4}):([0-9]{1,20}-[0-9]{1,20})$")
 
 
@@ -310,7 +311,9 @@ def _after(value: str | None, shards: int) -> Position | None:
     if value is None:
         return None
     m = _CURSOR.match(value)
-    if m is None or int(m.group(2)) >= shards:
+    ms, _, seq = m.group(3).partition("-") if m else ("", "", "")
+    # A stream id is two 64-bit numbers; the listing resumes at seq + 1, so the last seq cannot be a cursor.
+    if m is None or int(m.group(2)) >= shards or int(ms) > _U64 or int(seq) >= _U64:
         raise _bad("after", "cursor", "not a `next` of this listing")
     return m.group(1), int(m.group(2)), m.group(3)
 

@@ -126,14 +126,6 @@ def link_fields(state: str, reason: str, since: float) -> dict[str, str | float]
     return {"state": state, "reason": reason, "since": since}
 
 
-LINK_KEY_PATTERN = link_key("*")  # SCAN match for every replica's link hash
-
-
-def replica_of_link_key(key: str) -> str:
-    """The replica id of a link_key()."""
-    return key.split(":", 2)[2]
-
-
 # -- registration with the IOP -----------------------------------------------------------------------
 
 # The keys that a script or a MULTI touches together share the hash tag ``{g}`` (one slot on a Cluster).

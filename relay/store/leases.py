@@ -94,9 +94,11 @@ class Leases(Part):
         await scripts.run(self.redis, scripts.RESUME, [K.LINK_KEY], [K.RESUME_FIELD, repr(now)])
 
     async def link_states(self) -> dict[str, dict[str, str]]:
-        """Link state as each live replica last published it."""
-        out: dict[str, dict[str, str]] = {}
-        async for key in self.redis.scan_iter(match=K.LINK_KEY_PATTERN, count=100):
-            raw = await self.redis.hgetall(key)
-            out[K.replica_of_link_key(text(key))] = {text(k): text(v) for k, v in raw.items()}
-        return out
+        """Link state as each live replica last published it.
+
+        The live replicas from their heartbeats, then their link hashes in one pipeline: never a SCAN, which
+        would walk every key of the database (millions of idempotency keys) on each `relay status` or poll
+        of GET /admin/status."""
+        replicas = await self.alive()
+        raws = await pipelined(self.redis, lambda pipe: [pipe.hgetall(K.link_key(r)) for r in replicas])
+        return {r: {text(k): text(v) for k, v in raw.items()} for r, raw in zip(replicas, raws, strict=True) if raw}
