@@ -391,7 +391,9 @@ class _Doctor:
             return Check("clock", "skip", "no answer from the IOP to compare with")
         date = answer.headers.get("Date", "")
         try:
-            theirs = email.utils.parsedate_to_datetime(date).timestamp()
+            when = email.utils.parsedate_to_datetime(date)
+            # HTTP dates are GMT; a "-0000" or a missing zone parses as naive: GMT too, never the host's zone.
+            theirs = (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
         except (TypeError, ValueError):
             return Check("clock", "warn", f"the IOP's answer has no usable Date header ({date!r}): skew not measured",
                          "check the host clock is synchronised (chrony, systemd-timesyncd)")  # fmt: skip

@@ -271,6 +271,22 @@ async def test_clock_skew_against_the_iop_date(relay: Relay, iop: FakeIop) -> No
     assert "behind the IOP's Date header (more than 5 s)" in said(data, "clock")
 
 
+async def test_a_date_without_a_zone_is_gmt_not_the_hosts_time(
+    relay: Relay, iop: FakeIop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-0000`` (RFC 5322: no zone information) parses as a naive datetime: read as GMT, as HTTP dates are,
+    never as the host's local time (here nine hours off)."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        iop.script = lambda _: Reply(headers={"Date": email.utils.formatdate(time.time()).replace("+0000", "-0000")})
+        res, data = await doctor(relay.settings, RELAY_IOP_URL=iop.url, RELAY_IOP_TOKEN="iop-token-0123456789")
+        assert status(data, "clock") == "ok", res.output
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
 # -- the public URL -----------------------------------------------------------------------------------
 
 
