@@ -270,6 +270,12 @@ class Connection:
 
         ValueError when the settings ask what the server cannot give."""
         found = await self.persistence()
+        if self.cluster:  # every primary: the policy holds for the weakest of them
+            servers, _ = await self.server_settings()
+            if servers:
+                aof = "no" if any(c.get("appendonly") == "no" for c in servers) else "yes"
+                always = all(c.get("appendfsync") == "always" for c in servers)
+                found = {"appendonly": aof, "appendfsync": "always" if always else "everysec"}
         if not found:  # CONFIG refused (a managed Redis): INFO still says whether AOF is on
             per: dict[str, Any] = await self.redis.info("persistence")
             if "aof_enabled" in per:

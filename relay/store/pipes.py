@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import hiredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -34,10 +36,15 @@ class RawPipe:
     """
 
     def __init__(
-        self, kwargs: dict[str, Any], timeout_s: float, address: Callable[[], Awaitable[tuple[str, int]]] | None = None
+        self,
+        kwargs: dict[str, Any],
+        timeout_s: float,
+        address: Callable[[], Awaitable[tuple[str, int]]] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.kw = kwargs
         self.timeout_s = timeout_s
+        self.tls = tls  # rediss:// (a Cluster's nodes): the same context redis-py's own connections use
         # Sentinel: the primary's address is asked of the sentinels at every (re)connect, so a failover
         # is followed by the next pipeline after the old primary's connection broke or turned read-only.
         self.address = address
@@ -51,7 +58,11 @@ class RawPipe:
         else:
             where = self.address() if self.address else None
             host, port = await where if where else (self.kw.get("host", "localhost"), self.kw.get("port", 6379))
-            r, w = await asyncio.open_connection(host, port)
+            if self.tls is not None:
+                name = host if self.tls.check_hostname else None
+                r, w = await asyncio.open_connection(host, port, ssl=self.tls, server_hostname=name)
+            else:
+                r, w = await asyncio.open_connection(host, port)
         self._reader, self._writer, self._parser = r, w, hiredis.Reader()
         init: list[tuple[Any, ...]] = []
         if self.kw.get("password"):
@@ -132,13 +143,17 @@ class NodePipes:
         self.cluster = cluster
         self.timeout_s = timeout_s
         self._pipes: dict[str, RawPipe] = {}
+        kw = cluster.get_connection_kwargs()
+        # rediss://: TLS with the context redis-py builds from the URL's options (never plain text, never a
+        # password in clear).
+        self._tls = _tls_context(kw)
 
     def _pipe(self, address: str) -> RawPipe:
         pipe = self._pipes.get(address)
         if pipe is None:
             host, _, port = address.rpartition(":")
             kw = {**self.cluster.get_connection_kwargs(), "host": host, "port": int(port), "db": 0}
-            pipe = self._pipes[address] = RawPipe(kw, self.timeout_s)
+            pipe = self._pipes[address] = RawPipe(kw, self.timeout_s, tls=self._tls)
         return pipe
 
     def close(self) -> None:
@@ -161,6 +176,7 @@ class NodePipes:
                 *(self._send(a, [batch[i] for i in g], ack, confirm) for a, g in groups.items()), return_exceptions=True
             )
             moved: list[int] = []
+            asked: dict[str, list[int]] = {}
             for group, replies in zip(groups.values(), sent, strict=True):
                 if isinstance(replies, BaseException) and not isinstance(replies, Exception):
                     raise replies
@@ -171,8 +187,10 @@ class NodePipes:
                         out[i] = reply
                     elif redirect[0] == "MOVED":
                         moved.append(i)
-                    else:  # ASK: this one command, once, at the target after ASKING
-                        out[i] = (await self._pipe(redirect[1]).execute([("ASKING",), batch[i].args]))[1]
+                    else:  # ASK: once, at the target after ASKING (a migrating slot), confirmed there
+                        asked.setdefault(redirect[1], []).append(i)
+            if asked:
+                await self._asked(batch, asked, ack, confirm, out)
             if moved or any(isinstance(r, (ConnectionError, OSError)) for r in out):
                 with contextlib.suppress(RedisError, OSError):
                     await self.cluster.nodes_manager.initialize()  # a node left or slots moved: ask the cluster
@@ -180,6 +198,27 @@ class NodePipes:
                 break
             todo = moved
         return out
+
+    async def _asked(
+        self,
+        batch: list[Pending],
+        asked: dict[str, list[int]],
+        ack: tuple[Any, ...] | None,
+        confirm: Callable[[list[Pending], list[Any], Any], None],
+        out: list[Any],
+    ) -> None:
+        """Send the ASK-redirected commands to their targets (each after ASKING, the ack command after them);
+        a target that fails fails its own commands only."""
+        sent = await asyncio.gather(
+            *(self._send(t, [batch[i] for i in g], ack, confirm, asking=True) for t, g in asked.items()),
+            return_exceptions=True,
+        )
+        for group, replies in zip(asked.values(), sent, strict=True):
+            if isinstance(replies, BaseException) and not isinstance(replies, Exception):
+                raise replies
+            each = replies if isinstance(replies, list) else [replies] * len(group)
+            for i, reply in zip(group, each, strict=True):
+                out[i] = reply
 
     def _route(self, batch: list[Pending], todo: list[int], out: list[Any]) -> dict[str, list[int]]:
         """The batch's commands ``todo`` by primary ("host:port"); a slot nobody serves fails its command."""
@@ -199,15 +238,32 @@ class NodePipes:
         items: list[Pending],
         ack: tuple[Any, ...] | None,
         confirm: Callable[[list[Pending], list[Any], Any], None],
+        *,
+        asking: bool = False,
     ) -> list[Any]:
-        commands = [item.args for item in items]
+        commands: list[tuple[Any, ...]] = []
+        for item in items:
+            commands += [("ASKING",), item.args] if asking else [item.args]
         wait = ack is not None and any(item.durable for item in items)
         if wait:
             commands.append(ack)  # type: ignore[arg-type]
         replies = await self._pipe(address).execute(commands)
+        ack_reply = replies.pop() if wait else None
+        if asking:
+            replies = replies[1::2]  # each command's reply, not its ASKING's OK
         if wait:
-            confirm(items, replies, replies.pop())
+            confirm(items, replies, ack_reply)
         return replies
+
+
+def _tls_context(kw: dict[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context of a rediss:// cluster's connections, as redis-py builds it from the URL's options."""
+    cls = kw.get("connection_class")
+    if cls is None or not issubclass(cls, SSLConnection):
+        return None
+    options: dict[str, Any] = {k: v for k, v in kw.items() if k.startswith("ssl_")}
+    context: ssl.SSLContext = SSLConnection(**options).ssl_context.get()
+    return context
 
 
 def _encode(key: Any) -> bytes:

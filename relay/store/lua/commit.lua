@@ -14,7 +14,12 @@
 local mode = ARGV[4]
 if ARGV[11] ~= '' then
   local prior = redis.call('GET', KEYS[6])
-  if prior then return {'replay', prior} end
+  if prior then
+    -- A write that changes nothing, but is replicated and fsynced after the first request's: the WAIT/WAITAOF
+    -- that follows on this connection then covers the event stored by that request on another connection.
+    redis.call('SET', KEYS[6], prior, 'KEEPTTL')
+    return {'replay', prior}
+  end
 end
 local ver = 0
 local cur = redis.call('HGET', KEYS[3], ARGV[5])
@@ -24,6 +29,7 @@ if (mode == 'put' or mode == 'cas') and cur and ARGV[13] ~= '1' then
   local bar = string.find(cur, '|', 1, true)
   if bar and string.sub(cur, bar + 1) == ARGV[7] then
     if ARGV[11] ~= '' then redis.call('SET', KEYS[6], 'd' .. ARGV[11], 'NX', 'EX', ARGV[12]) end
+    redis.call('HSET', KEYS[3], ARGV[5], cur)  -- unchanged, but a replicated write: as for a replay above
     return {'dup'}
   end
 end
