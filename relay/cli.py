@@ -117,6 +117,7 @@ def choose_loop(choice: str | None = None) -> tuple[str, Callable[[], asyncio.Ab
 @click.option("--parent-pid", type=int, hidden=True)
 @click.option("--ready-fd", type=int, hidden=True)
 @click.option("--embedded-url", default="", hidden=True)
+@click.option("--metrics-dir", type=click.Path(path_type=Path), hidden=True)  # the workers' metrics sockets
 @config_option
 def serve(
     workers: int,
@@ -124,6 +125,7 @@ def serve(
     parent_pid: int | None,
     ready_fd: int | None,
     embedded_url: str,
+    metrics_dir: Path | None,
     config_path: Path | None,
 ) -> None:
     """Run the relay until SIGTERM/SIGINT.
@@ -145,7 +147,8 @@ def serve(
       RELAY_REDIS_URL=redis://redis:6379/0 RELAY_INGRESS_TOKEN_FILE=/run/secrets/token relay serve
     \b
     Endpoints on the ingress port: /healthz (alive), /readyz (Redis reachable), /metrics (Prometheus);
-    with several workers, each answers for the worker that took the connection.
+    with several workers, /healthz and /readyz answer for the worker that took the connection, /metrics
+    for every worker (each series labelled worker="<index>").
     Exit codes: 0 after a graceful stop, 1 cannot start (port in use, another relay on the data dir) or
     workers that kept dying, 2 configuration error, 3 Redis unreachable at start or the embedded server
     failing (one line on stderr).
@@ -186,7 +189,10 @@ def serve(
         _serving(settings, lambda: _run_relay(lambda: Relay(settings).run()))
     else:
         assert parent_pid is not None and ready_fd is not None
-        relay = Relay(settings, worker=worker_index, parent_embedded_url=embedded_url)
+        from relay.worker_metrics import WorkerMetrics
+
+        peers = WorkerMetrics(metrics_dir, worker_index, workers) if metrics_dir is not None else None
+        relay = Relay(settings, worker=worker_index, parent_embedded_url=embedded_url, worker_metrics=peers)
         deadline_s = supervisor.stop_timeout_s(settings)
         _serving(settings, lambda: _run_relay(lambda: supervisor.run_worker(relay, parent_pid, ready_fd, deadline_s)))
 

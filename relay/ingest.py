@@ -165,7 +165,9 @@ class Ingest:
             stream_id = await self.store.commit(acc.event, w)
         except Replayed as exc:
             assert idem is not None  # only a write with a key is answered so
-            return _replayed(exc.answer, idem)
+            done = _replayed(exc.answer, idem)  # a 422 (another body) writes nothing
+            await self.store.confirm_replay(acc.event, w)
+            return done
         return Ingested(stream_id, unknown, warnings, duplicate=not stream_id)
 
     async def _merge(

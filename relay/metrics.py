@@ -225,6 +225,12 @@ TAKEOVER_HELD_KEYS = Gauge(
     "relay_takeover_held_keys",
     "Ordering keys held after an unclean takeover until the old owner's requests cannot land",
 )
+# relay serve --workers N (relay.worker_metrics): in no registry, added to the merged /metrics answer only.
+WORKER_SCRAPE_ERRORS = Gauge(
+    "relay_worker_scrape_errors",
+    "Workers (relay serve --workers N) whose series this /metrics answer lacks: no answer on their socket in 1 s",
+    registry=None,
+)
 # Both listeners' connections (relay.listeners): open now, and closed on a limit by reason.
 LISTENERS = ("ingress", "ocpi")
 CONNECTION_CLOSE_REASONS = ("max_connections_per_ip", "header_timeout", "idle_timeout", "accept_error")

@@ -41,6 +41,7 @@ from relay.retention import Sweeper
 from relay.states import connection_state
 from relay.store import DeliveryStore, RegistrationStore, RoamingStore, StateReader, Store, connect, keys
 from relay.typedefs import Health
+from relay.worker_metrics import WorkerMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -130,13 +131,22 @@ async def keep_embedded_up(embedded: EmbeddedRedis, down: Callable[[str], None])
 class Relay:
     """One relay process: start() brings every part up in order, stop() takes it down in reverse."""
 
-    def __init__(self, settings: Settings, *, worker: int | None = None, parent_embedded_url: str = "") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        worker: int | None = None,
+        parent_embedded_url: str = "",
+        worker_metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.settings = settings
         # Under `relay serve --workers N` (relay.supervisor): this worker's index (its listeners share the
         # ports with SO_REUSEPORT), and the URL of the embedded server the supervisor runs and watches (this
         # process then neither locks the data directory nor starts nor watches a server).
         self.worker = worker
         self.parent_embedded_url = parent_embedded_url
+        # A worker's private metrics socket, and its /metrics answering for every worker (relay.worker_metrics).
+        self.worker_metrics = worker_metrics
         logs.add_secrets(logs.settings_secrets(settings))  # never logged, whatever the message
         self.health = Health()
         self.embedded: EmbeddedRedis | None = None
@@ -240,9 +250,14 @@ class Relay:
         self.commands = Commands(s, self.store, roaming, state, self.csms)
         deps = RoamingDeps(Authorizer(s, self.client, state, roaming), self.commands, roaming)
         ingress = Guard("ingress", ingress_limits(s))
+        merged = None
+        if self.worker_metrics is not None:  # first: its siblings may ask as soon as this worker serves
+            self._runners.append(await self.worker_metrics.serve())
+            merged = self.worker_metrics.handle
         self.ingress_port = await self._listen(
-            create_app(s, self.store, self.health, deps), s.ingress.listen, s.ingress.shutdown_timeout_s, ingress
-        )
+            create_app(s, self.store, self.health, deps, merged), s.ingress.listen, s.ingress.shutdown_timeout_s,
+            ingress,
+        )  # fmt: skip
         tls = server_ssl_context(s)
         ocpi_app = create_ocpi_app(s, self.registry, state, (self.commands, roaming, self.csms))
         ocpi = Guard("ocpi", ocpi_limits(s, self._ocpi_cap(soft_limit)), tls)
@@ -433,6 +448,8 @@ class Relay:
         for runner in reversed(self._runners):
             await runner.cleanup()  # stops the site, waits shutdown_timeout for handlers, then cancels
         self._runners.clear()
+        if self.worker_metrics is not None:
+            self.worker_metrics.unlink()
         if self.forwarder is not None:
             await self.forwarder.stop()
             self.forwarder = None

@@ -16,6 +16,9 @@ The parent (``Supervisor``) serves nothing itself:
   start the first time (a port in use, Redis unreachable) stops everything with that worker's exit code;
 - SIGTERM or SIGINT is forwarded to every worker; the parent waits for them (the shutdown timeouts of the
   configuration, plus a margin), SIGKILLs what is left, then stops the embedded server and exits 0;
+- it creates a private directory (0700, relay.worker_metrics.make_socket_dir) where each worker serves its
+  own metrics on ``worker-<i>.sock``, so that the /metrics of any worker answers for all of them; it removes
+  the directory once the workers have stopped (after a kill -9 of the parent, the last worker out does);
 - a worker dies with the parent even after a kill -9 of it: PR_SET_PDEATHSIG sends it SIGTERM (a graceful
   stop), and it also watches its parent pid, with a hard deadline (SIGALRM) once the parent is gone.
 """
@@ -26,6 +29,7 @@ import asyncio
 import ctypes
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +44,7 @@ import structlog
 
 from relay.config import Settings
 from relay.embedded_redis import EmbeddedRedis, EmbeddedRedisLost
+from relay.worker_metrics import make_socket_dir
 
 if TYPE_CHECKING:
     from relay.service import Relay
@@ -165,6 +170,7 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(workers)]
         self.config_path = config_path.resolve() if config_path is not None else None
         self.embedded: EmbeddedRedis | None = None
+        self.metrics_dir: Path | None = None  # the workers' metrics sockets (relay.worker_metrics)
         self.budget = CrashBudget()
         self.stop_timeout_s = stop_timeout_s(settings)
         self._stop = asyncio.Event()
@@ -178,6 +184,9 @@ class Supervisor:
         if self.config_path is not None:  # else RELAY_CONFIG, or none: the environment is inherited
             argv += ["--config", str(self.config_path)]
         argv += ["--worker-index", str(worker.index), "--parent-pid", str(os.getpid()), "--ready-fd", str(ready_fd)]
+        argv += ["--workers", str(len(self.workers))]
+        if self.metrics_dir is not None:
+            argv += ["--metrics-dir", str(self.metrics_dir)]
         if self.embedded is not None:
             argv += ["--embedded-url", self.embedded.url]
         return argv
@@ -218,10 +227,12 @@ class Supervisor:
 
                 watch = asyncio.create_task(keep_embedded_up(self.embedded, _storage_down), name="relay-embedded")
             if not self._stop.is_set():
+                self.metrics_dir = make_socket_dir()
                 for worker in self.workers:
                     self._spawn(worker)
                 redis = self.settings.redis.url or f"embedded ({self.embedded.url if self.embedded else ''})"
-                log.info("supervisor_started", workers=len(self.workers), pid=os.getpid(), redis=redis)
+                log.info("supervisor_started", workers=len(self.workers), pid=os.getpid(), redis=redis,
+                         metrics_dir=str(self.metrics_dir))  # fmt: skip
                 await self._supervise(watch)
         finally:
             if watch is not None:
@@ -229,6 +240,8 @@ class Supervisor:
                 with suppress(asyncio.CancelledError):
                     await watch
             await self._stop_workers()
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
             if self.embedded is not None:
                 await self.embedded.stop()  # last: the workers have all exited
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -326,6 +339,18 @@ def die_with_parent(parent_pid: int) -> None:
         sys.exit(1)
 
 
+def parent_gone(parent_pid: int) -> bool:
+    """The parent has exited (or is exiting: a kill -9 reparents this worker to one of its threads that may
+    live a little longer than its main thread, whose state is then zombie)."""
+    if os.getppid() != parent_pid:
+        return True
+    try:
+        stat = Path(f"/proc/{parent_pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
 async def _watch_parent(parent_pid: int, stop: Callable[[], None], deadline_s: float) -> None:
     """Stop when the parent is gone (on a platform without PDEATHSIG too), and exit by SIGALRM after deadline_s."""
     while os.getppid() == parent_pid:  # noqa: ASYNC110 - nothing but the PDEATHSIG signals a reparenting
@@ -352,3 +377,5 @@ async def run_worker(relay: Relay, parent_pid: int, ready_fd: int, deadline_s: f
         watch.cancel()
         with suppress(asyncio.CancelledError):
             await watch
+        if relay.worker_metrics is not None and parent_gone(parent_pid):  # nobody left to remove it
+            relay.worker_metrics.unlink(directory=True)

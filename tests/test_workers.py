@@ -28,8 +28,14 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from click.testing import CliRunner
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge, Histogram, Info, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 
+from relay import worker_metrics
 from relay.cli import main
+from relay.metrics import HotCounter, HotHistogram
 from relay.store import keys as K
 from relay.supervisor import CrashBudget
 from tests.conftest import REPO, TOKEN, gireve_location
@@ -385,6 +391,8 @@ async def test_sigterm_to_the_parent_stops_everything_and_frees_the_data_dir(tre
 
         await wait_until(ready, 30, lambda: f"a new relay on the data dir:\n{tree.log()[-4000:]}")
     assert [pid for pid, cmd in children(tree.pid) if b"--worker-index" in cmd] == []  # no parent: one process
+    one = list(text_string_to_metric_families(await scrape(tree.base)))  # its own registry, as before: no label
+    assert one and not [s for f in one for s in f.samples if "worker" in s.labels or f.name.startswith("relay_worker")]
     tree.proc.send_signal(signal.SIGTERM)
     assert await tree.wait_exit(STOP_S) == 0
 
@@ -401,6 +409,9 @@ async def test_kill_9_of_the_parent_leaves_no_process_behind(tree: Supervised) -
     await wait_until(lambda: not any(alive(pid) for pid in [*pids, redis_pid]), STOP_S, "no process left")
     events = [e for e in tree.log_events() if e.get("event") == "relay_stopped"]
     assert {e["worker"] for e in events} == {0, 1}
+    # Nor the metrics sockets' directory: the last worker out removes it.
+    started = next(e for e in tree.log_events() if e.get("event") == "supervisor_started")
+    assert socket_dir(Path(started["metrics_dir"])) is None, tree.log()[-5000:]
 
 
 @pytest.mark.slow
@@ -476,3 +487,154 @@ def test_the_crash_budget_backs_off_then_gives_up() -> None:
     assert CrashBudget(limit=10, backoff_max_s=3, clock=lambda: 0.0).crashed() == 0.0
     capped = CrashBudget(limit=10, backoff_max_s=3, clock=lambda: 0.0)
     assert [capped.crashed() for _ in range(6)] == [0.0, 0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+# -- /metrics for every worker (relay.worker_metrics) ---------------------------------------------------------
+
+
+def one_workers_registry(n: int) -> CollectorRegistry:
+    """What a worker's registry holds: the hot collectors, prometheus_client's kinds, n events of each."""
+    reg = CollectorRegistry()
+    hot = HotCounter("relay_events_accepted_total", "Events durably accepted", ["module", "operator"], registry=reg)
+    lat = HotHistogram("relay_delivery_latency_seconds", "Latency", ["module"], buckets=(0.1, 1), registry=reg)
+    plain = PromCounter("relay_delivery_retries", "Retries", ["module"], registry=reg)
+    rtt = Histogram("relay_redis_roundtrip_seconds", "PING", buckets=(0.01, 0.1), registry=reg)
+    depth = Gauge("relay_queue_depth", 'Undelivered "events"\nfrom Redis', ["module"], registry=reg)
+    Info("relay_build", "Version", registry=reg).info({"version": "0.1.0"})
+    HotCounter("relay_events_warnings_total", "Warnings (none yet: HELP and TYPE only)", ["rule"], registry=reg)
+    for i in range(n):
+        hot.inc("locations", "FR/AB1")
+        lat.observe(0.05 * (i + 1), "locations")
+        plain.labels("locations").inc()
+        rtt.observe(0.001)
+    depth.labels("locations").set(7)  # from Redis: the same in every worker
+    return reg
+
+
+def samples_of(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+
+
+def test_merged_metrics_keep_every_sample_of_every_worker_with_its_label() -> None:
+    texts = {i: generate_latest(one_workers_registry(i + 2)).decode() for i in range(3)}
+    merged = worker_metrics.render(worker_metrics.merge({i: worker_metrics.parse(t) for i, t in texts.items()}))
+    text = merged.decode()
+    got = samples_of(text)  # prometheus_client's parser reads it back: a valid exposition
+    want = {
+        (name, labels | {("worker", str(i))}): v
+        for i, t in texts.items()
+        for (name, labels), v in samples_of(t).items()
+    }
+    assert got == want
+    names = {name for name, _ in got}
+    for suffix in ("_total", "_created", "_bucket", "_sum", "_count"):
+        assert any(n.endswith(suffix) for n in names), suffix
+    assert {"relay_events_accepted_total", "relay_events_accepted_created", "relay_delivery_latency_seconds_bucket",
+            "relay_delivery_latency_seconds_sum", "relay_delivery_latency_seconds_count",
+            "relay_delivery_latency_seconds_created", "relay_delivery_retries_total", "relay_delivery_retries_created",
+            "relay_redis_roundtrip_seconds_bucket", "relay_build_info", "relay_queue_depth"} <= names  # fmt: skip
+    assert got[("relay_events_accepted_total", frozenset({("module", "locations"), ("operator", "FR/AB1"),
+                                                          ("worker", "2")}))] == 4  # fmt: skip
+    assert got[("relay_delivery_latency_seconds_bucket", frozenset({("module", "locations"), ("le", "+Inf"),
+                                                                    ("worker", "1")}))] == 3  # fmt: skip
+    # HELP and TYPE once per family, as one worker writes them (types, and the escaped help, kept).
+    helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")]
+    types = [" ".join(line.split()[2:]) for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(helps) == len(set(helps)) and len(types) == len(set(types))
+    assert types == [" ".join(line.split()[2:]) for line in texts[0].splitlines() if line.startswith("# TYPE ")]
+    assert '# HELP relay_queue_depth Undelivered "events"\\nfrom Redis' in text
+    assert "# TYPE relay_events_warnings_total counter" in text  # a family without samples yet keeps its header
+    # The label goes on every sample line.
+    assert all('worker="' in line for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def socket_dir(path: Path) -> tuple[int, list[str]] | None:
+    """The mode and the entries of the workers' metrics directory, None when it is gone."""
+    if not path.exists():
+        return None
+    return path.stat().st_mode & 0o777, sorted(p.name for p in path.iterdir())
+
+
+async def scrape(base: str) -> str:
+    """GET /metrics on a connection of its own (whichever worker the kernel gives it to)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        async with http.get(f"{base}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
+            assert r.status == 200 and r.content_type == "text/plain"
+            return await r.text()
+
+
+def accepted_by_worker(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "relay_events_accepted_total":
+                out[s.labels["worker"]] = out.get(s.labels["worker"], 0.0) + s.value
+    return out
+
+
+def scrape_errors(text: str) -> float:
+    [value] = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "relay_worker_scrape_errors"]  # fmt: skip
+    assert "worker" not in [s.labels for f in text_string_to_metric_families(text) for s in f.samples
+                            if s.name == "relay_worker_scrape_errors"][0]  # fmt: skip
+    return value
+
+
+@pytest.mark.slow
+async def test_metrics_of_any_worker_answer_for_every_worker(tree: Supervised) -> None:
+    tree.start()
+    pids = await tree.ready()
+    started = next(e for e in tree.log_events() if e.get("event") == "supervisor_started")
+    sockets = Path(started["metrics_dir"])
+    assert socket_dir(sockets) == (0o700, ["worker-0.sock", "worker-1.sock"])
+    owners: list[int | None] = []
+    for i in range(30):
+        path = f"/ingress/2.2.1/locations/FR/AB1/M{i:02d}"
+        status, owner = await request_on_new_connection(
+            tree.ingress_port, "PUT", path, location_body(f"M{i:02d}"), pids
+        )
+        assert status == 202
+        owners.append(owner)
+    assert set(owners) == set(pids), owners  # both workers accepted some
+    # One scrape: both workers' counters, labelled, summing to the 202s; any later scrape says the same.
+    totals = []
+    for _ in range(8):
+        text = await scrape(tree.base)
+        by_worker = accepted_by_worker(text)
+        assert set(by_worker) == {"0", "1"} and all(v > 0 for v in by_worker.values()), by_worker
+        assert sum(by_worker.values()) == 30, by_worker
+        assert scrape_errors(text) == 0
+        totals.append(by_worker)
+        families = list(text_string_to_metric_families(text))  # a valid exposition, each family once
+        assert len({f.name for f in families}) == len(families)
+        names = {s.name for f in families for s in f.samples}
+        assert {"relay_events_accepted_created", "relay_delivery_latency_seconds_bucket",
+                "relay_delivery_latency_seconds_sum", "relay_delivery_latency_seconds_count",
+                "relay_delivery_attempts_total", "process_cpu_seconds_total"} <= names  # fmt: skip
+        depth = {s.labels["worker"] for f in families for s in f.samples
+                 if s.name == "relay_queue_depth" and s.labels["module"] == "locations"}  # fmt: skip
+        assert depth == {"0", "1"}  # a gauge from Redis: once per worker (max over them, never sum)
+    assert all(t == totals[0] for t in totals), totals
+    # A worker that does not answer (stopped) is left out and counted; the other answers alone.
+    victim, survivor = pids
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        text = ""
+        for _ in range(20):  # a connection the kernel queues on the stopped worker gets no answer: another
+            with suppress(TimeoutError, aiohttp.ClientError):
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+                    async with http.get(f"{tree.base}/metrics", timeout=aiohttp.ClientTimeout(total=3)) as r:
+                        text = await r.text()
+                        break
+        assert text, "no worker answered /metrics"
+        assert scrape_errors(text) == 1
+        index = {e["pid"]: e["worker"] for e in tree.log_events() if e.get("event") == "worker_started"}
+        assert set(accepted_by_worker(text)) == {str(index[survivor])}
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    # After SIGTERM the directory is gone with the workers.
+    assert tree.proc is not None
+    tree.proc.send_signal(signal.SIGTERM)
+    assert await tree.wait_exit(STOP_S + 15) == 0, tree.log()
+    assert socket_dir(sockets) is None

@@ -10,6 +10,7 @@ once (``_Events``), the answer of a single event is pre-encoded around its id an
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import msgspec
@@ -362,8 +363,14 @@ async def handle_unrouted(request: web.Request) -> web.Response:
     return refused(InvalidEvent([Problem(field="url", rule="route", message=exc.reason)], exc.status))
 
 
-def create_app(settings: Settings, store: Store, health: Health, roaming: RoamingDeps | None = None) -> web.Application:
-    """The ingress application; the caller owns the store and the runner. Routes under PREFIX need the token."""
+def create_app(
+    settings: Settings, store: Store, health: Health, roaming: RoamingDeps | None = None,
+    metrics_handler: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
+) -> web.Application:  # fmt: skip
+    """The ingress application; the caller owns the store and the runner. Routes under PREFIX need the token.
+
+    ``metrics_handler``: GET /metrics, this process's registry by default (a worker of ``relay serve --workers
+    N`` answers for every worker: relay.worker_metrics)."""
     app = web.Application(client_max_size=settings.ingress.max_body_bytes * 64)
     metrics.preset()  # every series whose label values are known, at 0 from the first scrape
     app[SETTINGS] = settings
@@ -379,7 +386,7 @@ def create_app(settings: Settings, store: Store, health: Health, roaming: Roamin
     admin_routes.setup(app)  # /admin/…, behind [admin] token (relay.ingress.admin)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
-    app.router.add_get("/metrics", metrics.handle_metrics)
+    app.router.add_get("/metrics", metrics_handler or metrics.handle_metrics)
     app.router.add_get("/ingress/openapi.json", handle_openapi)  # no token: it describes, holds no data
     app.router.add_route("*", "/{path:(?s:.*)}", handle_unrouted)  # last: what nothing above took (a %0A too)
     check.verify(app, PREFIX)

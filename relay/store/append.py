@@ -138,6 +138,15 @@ class Store(Connection):
         """
         return _committed(await self.call(*self._commit_args(event, write), durable=True), write)
 
+    async def confirm_replay(self, event: Event, write: StateWrite) -> None:
+        """Before a replayed Idempotency-Key's 202: make the ack policy (relay.store.durability) cover the event
+        its first attempt stored, maybe on another connection whose WAIT timed out (touch.lua: an unchanged,
+        replicated write, then this lane's WAIT). NotDurable when it falls short; nothing to do without a policy."""
+        if self.ack.command is None or not write.idem:
+            return
+        key = K.idempotency_key(shard_of(event.key, self.shards), write.idem)
+        await self.call("EVALSHA", scripts.TOUCH.sha, 1, key, durable=True)
+
     async def commit_many(self, items: Sequence[tuple[Event, StateWrite]]) -> list[str | StoreUnavailable]:
         """commit() for a batch of unconditional writes, in one pipeline."""
         futures = [self.call(*self._commit_args(ev, w), durable=True) for ev, w in items]

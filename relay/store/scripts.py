@@ -48,6 +48,7 @@ def _script(name: str) -> Script:
 APPEND_SESSION = _script("append_session")
 APPEND_CDR = _script("append_cdr")
 COMMIT = _script("commit")
+TOUCH = _script("touch")
 # Delivery: finishing an entry, leases, replay.
 FINISH = _script("finish")
 DEAD_LETTER = _script("dead_letter")
@@ -72,7 +73,7 @@ SET_TOKEN_A = _script("set_token_a")
 # `relay link resume` (allowed at maxmemory).
 RESUME = _script("resume")
 
-INGRESS = (APPEND_SESSION, APPEND_CDR, COMMIT)
+INGRESS = (APPEND_SESSION, APPEND_CDR, COMMIT, TOUCH)
 DELIVERY = (FINISH, DEAD_LETTER, LEASE_ACQUIRE, LEASE_RENEW, LEASE_RELEASE, REPLAY, PURGE, COMPACT_DEAD)
 REPLICAS = (HEARTBEAT, REAP_CONSUMERS)
 RETENTION = (TRIM_MARKERS, TRIM_WATERMARKS, TRIM_STATE)
