@@ -18,7 +18,6 @@ import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from relay.ocpi_server.app import server_ssl_context
 from tests.conftest import REPO, TOKEN
 from tests.loopback import free_port
 from tests.test_dlq import Env, _wait_dead, env  # noqa: F401  (the fixture, used by name)
+from tests.waiting import wait_until_sync
 
 SHIPPED = REPO / "config" / "relay.toml"
 Completed = subprocess.CompletedProcess[str]
@@ -175,7 +175,7 @@ def test_serve_finds_its_config_logs_it_and_says_when_there_is_none(redis_url: s
         proc = subprocess.Popen([sys.executable, "-m", "relay", "serve"], cwd=tmp_path, env=environ,
                                 stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)  # fmt: skip
     try:
-        wait_until_sync(lambda: '"relay_started"' in log.read_text(), 30, log)
+        wait_until_sync(lambda: '"relay_started"' in log.read_text(), 30, log.read_text)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
@@ -183,15 +183,6 @@ def test_serve_finds_its_config_logs_it_and_says_when_there_is_none(redis_url: s
     [found] = [line for line in lines if line["event"] == "config_file"]
     assert found["path"] == str(tmp_path / "config" / "relay.toml") and found["source"] == "./config/relay.toml"
     assert found["level"] == "info"
-
-
-def wait_until_sync(check: Callable[[], bool], timeout_s: float, log: Path) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
 
 
 # -- 2. relative paths, from the config file's directory ------------------------------------------------------

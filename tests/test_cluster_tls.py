@@ -24,6 +24,7 @@ from relay.store import Store, connect
 from relay.store import keys as K
 from tests.loopback import free_port
 from tests.topologies import HOST, ValkeyProcess
+from tests.waiting import wait_until
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -62,10 +63,12 @@ class TlsNode:
         client = self.node.client()
         try:
             await client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)  # type: ignore[no-untyped-call]
-            for _ in range(100):
-                if b"cluster_state:ok" in await client.execute_command("CLUSTER", "INFO"):  # type: ignore[no-untyped-call]
-                    break
-                await asyncio.sleep(0.1)
+
+            async def formed() -> bool:
+                info = await client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+                return b"cluster_state:ok" in info
+
+            await wait_until(formed, 10, "the one-node cluster says cluster_state:ok")
         finally:
             await client.aclose()
 

@@ -13,7 +13,6 @@ Real servers: a primary and a replica (tests/topologies.ValkeyProcess); the repl
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -30,6 +29,7 @@ from relay.store import Store, connect
 from relay.typedefs import Health
 from tests.conftest import AUTH, gireve_location
 from tests.topologies import HOST, ValkeyProcess
+from tests.waiting import wait_until
 
 LOC = "/ingress/2.2.1/locations/FR/AB1/LOC1"
 
@@ -44,10 +44,11 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[ValkeyProcess, ValkeyProce
         await replica.start()
         client = replica.client(decode_responses=True)
         try:
-            for _ in range(200):
-                if (await client.info("replication")).get("master_link_status") == "up":
-                    break
-                await asyncio.sleep(0.05)
+
+            async def in_sync() -> bool:
+                return bool((await client.info("replication")).get("master_link_status") == "up")
+
+            await wait_until(in_sync, 10, "the replica in sync with its primary")
         finally:
             await client.aclose()
         yield primary, replica

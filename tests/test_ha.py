@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from relay.config import MODULES
 from relay.store import keys as K
 from tests.conftest import TOKEN
 from tests.fake_iop import FakeIop
-from tests.test_crash import LOC_PREFIX, TIMEOUTS, Producer, Tally, World, check, check_sessions
+from tests.test_crash import LOC_PREFIX, TIMEOUTS, Producer, Tally, World, check, check_sessions, requests_since
 from tests.topologies import SentinelSet, ValkeyCluster, sentinel_set_fixture, valkey_cluster_fixture
 from tests.waiting import wait_until
 
@@ -94,14 +93,6 @@ class TimedProducer(Producer):
         return {(p.rsplit("/", 1)[1], n) for t, p, n in self.sent_at if t > at and p.startswith("/locations/")}
 
 
-@pytest.fixture
-async def iop() -> AsyncIterator[FakeIop]:
-    fake = FakeIop()
-    await fake.start()
-    yield fake
-    await fake.close()
-
-
 @pytest.mark.parametrize("sentinel_set", [{"replicas": 2, "down_after_ms": 5000}], indirect=True)
 async def test_sentinel_failover_under_load_loses_nothing(
     sentinel_set: SentinelSet, iop: FakeIop, tmp_path: Path
@@ -139,7 +130,7 @@ async def test_sentinel_failover_under_load_loses_nothing(
 
         await wait_until(lambda: resumed() is not None, 30, "delivery resuming after the failover")
         delivery_s = (resumed() or 0.0) - killed_at
-        await asyncio.sleep(2)  # steady load on the new primary
+        await requests_since(iop, 200, timeout=30)  # steady load on the new primary
         producer.stop.set()
         await asyncio.wait_for(run, 15)
         tally = Tally(iop)
@@ -188,7 +179,7 @@ async def test_cluster_two_relays_kill_9_of_one_loses_nothing(
         await iop.wait_for(lambda: len(iop.received) >= 600, timeout=40)  # the survivor takes b's shards
         b.start()
         await b.ready(http)
-        await asyncio.sleep(1)
+        await requests_since(iop, 100, timeout=30)  # both relays again, under load
         producer.stop.set()
         await asyncio.wait_for(run, 15)
         tally = Tally(iop)

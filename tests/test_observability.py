@@ -15,7 +15,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from itertools import product
 from pathlib import Path
@@ -30,16 +30,17 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import metrics, readiness, retention
-from relay.config import MODULES, Settings
+from relay.config import MODULES
 from relay.models.tokens import AllowedType, CommandResponseType, CommandResultType, CommandType
 from relay.policy import DEAD_LETTER_KINDS
 from relay.retry import Kind
 from relay.states import CONNECTION_STATES, LINK_STATES, connection_state
 from relay.store import keys
 from tests.conftest import REPO, TOKEN
-from tests.fake_iop import FakeIop, Reply
+from tests.fake_iop import Reply
 from tests.loopback import free_port
-from tests.test_forwarder import FAST, Env
+from tests.test_forwarder import Env
+from tests.test_metrics import relay_env  # noqa: F401  (the fixture envs uses)
 from tests.waiting import wait_until
 
 README = (REPO / "README.md").read_text()
@@ -299,26 +300,9 @@ def test_readme_docs_and_deploy_name_the_states_of_the_code() -> None:
 
 
 @pytest.fixture
-async def envs(make_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
-    made: list[Env] = []
-    http = aiohttp.ClientSession()
-
-    async def make(iop: FakeIop | None = None, **env: str) -> Env:
-        if iop is None:
-            iop = FakeIop()
-            await iop.start()
-        e = Env(make_settings(**{"RELAY_IOP_URL": iop.url, **FAST, **env}), iop, http)
-        made.append(e)
-        await e.relay.start()
-        return e
-
-    yield make
-    for e in made:
-        await e.relay.stop()
-        await e.iop.close()
-        await e.redis.aclose()
-        await e.store.close()
-    await http.close()
+def envs(relay_env: Callable[..., Any]) -> Callable[..., Any]:  # noqa: F811  (the fixture, by name)
+    """tests.test_metrics' relay_env (a started relay + fake IOP, stopped afterwards), by the name used here."""
+    return relay_env
 
 
 async def readyz(env: Env) -> tuple[int, dict[str, Any]]:

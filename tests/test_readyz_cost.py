@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tests.test_metrics import relay_env  # noqa: F401  (the fixture envs uses)
 from tests.test_observability import envs, readyz  # noqa: F401  (the fixture)
 
 

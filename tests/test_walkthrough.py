@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.loopback import free_port
+from tests.waiting import wait_until_sync
 
 README = REPO / "README.md"
 SERVE = "RELAY_INGRESS_TOKEN=dev-token relay serve --config config/relay.toml"
@@ -94,10 +94,8 @@ def test_the_readme_walkthrough_answers_what_the_readme_shows(clone: Path) -> No
         proc = subprocess.Popen(["sh", "-c", f"exec env {SERVE}"], cwd=clone, env=served, stdin=subprocess.DEVNULL,
                                 stdout=sink, stderr=sink)  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while '"relay_started"' not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_until_sync(lambda: '"relay_started"' in log.read_text() or proc.poll() is not None, 30, log.read_text)
+        assert proc.poll() is None, log.read_text()
         printed: list[list[str]] = []
         for step in steps:
             command = step.command.replace("127.0.0.1:8780", f"127.0.0.1:{port}")

@@ -1,4 +1,4 @@
-"""The one polling helper of the tests: wait until a condition holds, or fail saying what was awaited."""
+"""The polling helpers of the tests: wait until a condition holds, or fail saying what was awaited."""
 
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ async def wait_until(
         else:
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, 0.1)
+
+
+def wait_until_sync(cond: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
+    """wait_until for code with no event loop (a subprocess's log): poll ``cond`` with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what()}: not met within {timeout}s"
+        time.sleep(0.05)
 
 
 async def stays_false(cond: Callable[[], bool], seconds: float) -> None:

@@ -431,8 +431,7 @@ class _Admin:
     async def replay(self, request: web.Request) -> web.StreamResponse:
         req: ReplayRequest = await _body(request, ReplayRequest)
         flt = _selection(req, "replay")
-        ds = DeliveryStore(self.store)
-        await ds.load_scripts()
+        ds = DeliveryStore(self.store)  # a lost script is loaded again on NOSCRIPT (scripts.run)
         chosen, more = await _chosen(ds, flt, req.limit)
         results: list[Outcome] = []
         unparked = 0
@@ -451,8 +450,7 @@ class _Admin:
     async def purge(self, request: web.Request) -> web.StreamResponse:
         req: PurgeRequest = await _body(request, PurgeRequest)
         flt = _selection(req, "purge")
-        ds = DeliveryStore(self.store)
-        await ds.load_scripts()
+        ds = DeliveryStore(self.store)  # a lost script is loaded again on NOSCRIPT (scripts.run)
         chosen, more = await _chosen(ds, flt, req.limit)
         results: list[Outcome] = []
 

@@ -156,16 +156,16 @@ def command_key(command_id: str) -> str:
     return f"{GLOBAL}:command:{command_id}"
 
 
+OLD_COMMANDS_DUE_KEY = f"{PREFIX}:commands:due"  # the older name of COMMANDS_DUE_KEY: its members are ids
 # Older name → current name, renamed by RegistrationStore.rename_old_keys() at start (a relay upgraded in place).
 RENAMED_KEYS = {
     f"{PREFIX}:registration": REGISTRATION_KEY,
     f"{PREFIX}:token-a": TOKEN_A_KEY,
     f"{PREFIX}:token-a-used": TOKEN_A_USED_KEY,
-    f"{PREFIX}:commands:due": COMMANDS_DUE_KEY,
+    OLD_COMMANDS_DUE_KEY: COMMANDS_DUE_KEY,
 }
-OLD_COMMAND_PATTERN = f"{PREFIX}:command:*"  # commands awaiting a result under the older name
 
 
-def renamed_command_key(old: str) -> str:
-    """The current name of an OLD_COMMAND_PATTERN key."""
-    return command_key(old.split(":", 2)[2])
+def old_command_key(command_id: str) -> str:
+    """The older name of command_key(): renamed at start for each command still due under the older names."""
+    return f"{PREFIX}:command:{command_id}"

@@ -43,13 +43,19 @@ class RegistrationStore(Part):
         where the older names never existed (the cluster mode came with the new names)."""
         if self.store.cluster:
             return 0
-        moves = dict(K.RENAMED_KEYS)
-        async for key in self.redis.scan_iter(match=K.OLD_COMMAND_PATTERN, count=500):
-            moves[text(key)] = K.renamed_command_key(text(key))
-        done = 0
-        for old, new in moves.items():
-            done += int(await self.redis.renamenx(old, new)) if await self.redis.exists(old) else 0
-        return done
+        # One round trip in the common case (nothing of an older version left): which older names exist, and the
+        # commands still due under them (never a SCAN: every start and every CLI call runs this).
+        olds = list(K.RENAMED_KEYS)
+        *found, due = await pipelined(
+            self.redis, lambda pipe: [*(pipe.exists(k) for k in olds), pipe.zrange(K.OLD_COMMANDS_DUE_KEY, 0, -1)]
+        )
+        moves = {old: K.RENAMED_KEYS[old] for old, n in zip(olds, found, strict=True) if n}
+        moves |= {K.old_command_key(text(c)): K.command_key(text(c)) for c in due}
+        if not moves:
+            return 0
+        done = await pipelined(self.redis, lambda pipe: [pipe.renamenx(old, new) for old, new in moves.items()],
+                               raise_on_error=False)  # fmt: skip
+        return sum(1 for r in done if r is True or r == 1)  # an older command key gone meanwhile: not renamed
 
     async def load(self) -> tuple[bytes | None, str | None, set[str]]:
         """(registration JSON or None, the pending token A's digest or None, digests of used A tokens).
